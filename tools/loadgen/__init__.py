@@ -1,0 +1,1 @@
+"""wirehub load generator (installed as wirehub.loadgen)."""
