@@ -1,0 +1,197 @@
+# cython: freethreading_compatible = True
+"""The receive path: picows frames in, whole validated messages out.
+
+``FrameListener`` owns everything RFC 6455 leaves to the application on top
+of picows (which parses frames, unmasks, checks opcodes/lengths and answers
+PINGs): fragment reassembly with limits, UTF-8 validation of text, reserved
+bits, the closing handshake, and the per-connection token buckets. What a
+message *means* is decided upstairs, by the ``sink`` it calls
+(``wirehub.connection.Connection``). Reference twin:
+``wirehub._pure.listener``.
+"""
+
+import logging
+
+from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from wirehub._ext.bucket cimport TokenBucket
+from wirehub._ext.fanout cimport Flusher, OutBatch
+from wirehub._ext.frame cimport Utf8Validator
+
+logger = logging.getLogger("wirehub.connection")
+
+
+cdef inline double _monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class FrameListener(WSListener):
+    """Reassemble, validate and rate-limit messages; send through an ``OutBatch``.
+
+    Args:
+        flusher: the loop-wide ``Flusher`` shared by all connections.
+        limits: any object with the attributes ``max_payload_bytes``,
+            ``max_fragments``, ``high_water_bytes``, ``rate_limit_messages_per_s``,
+            ``rate_limit_burst_messages``, ``rate_limit_bytes_per_s``,
+            ``rate_limit_burst_bytes``, ``rate_limit_violations_per_s``,
+            ``rate_limit_burst_violations`` and ``close_timeout_s``
+            (``wirehub.config.Config`` is one).
+        sink: the object told what happens, through ``on_open()``,
+            ``on_text(payload)``, ``on_binary(payload)``, ``on_refused(binary)``
+            (a message the rate limit dropped), ``on_slow_consumer()``,
+            ``on_closing(code)`` (we are sending CLOSE) and ``on_close()``.
+            Payloads are ``bytes`` the sink may keep.
+    """
+
+    def __init__(self, Flusher flusher, limits, sink):
+        self._flusher = flusher
+        self._sink = sink
+        self._utf8 = Utf8Validator()
+        self._fragments = bytearray()
+        self.max_message_bytes = limits.max_payload_bytes
+        self._max_fragments = limits.max_fragments
+        self._high_water_bytes = limits.high_water_bytes
+        self._close_timeout_s = limits.close_timeout_s
+        now = _monotonic()
+        self._messages = TokenBucket(limits.rate_limit_messages_per_s,
+                                     limits.rate_limit_burst_messages, now)
+        self._bytes = TokenBucket(limits.rate_limit_bytes_per_s,
+                                  limits.rate_limit_burst_bytes, now)
+        self._violations = TokenBucket(limits.rate_limit_violations_per_s,
+                                       limits.rate_limit_burst_violations, now)
+
+    # -- picows callbacks ---------------------------------------------------
+
+    cpdef on_ws_connected(self, WSTransport transport):
+        self.transport = transport
+        self.batch = OutBatch(self._flusher, transport.underlying_transport,
+                              self._high_water_bytes, self._on_overflow)
+        self._sink.on_open()
+
+    cpdef on_ws_disconnected(self, WSTransport transport):
+        if self.batch is not None:
+            self.batch.close()
+        self._sink.on_close()
+
+    cpdef pause_writing(self):
+        self.batch.pause()
+
+    cpdef resume_writing(self):
+        self.batch.resume()
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef WSMsgType opcode = frame.msg_type
+        if self._close_received:
+            return  # RFC 6455 §5.5.1: no data is processed after a CLOSE.
+        if opcode == WSMsgType.CLOSE:
+            self._on_close_frame(frame)
+            return
+        if opcode == WSMsgType.PING or opcode == WSMsgType.PONG:
+            return  # picows answers PINGs; an unsolicited PONG needs no answer (§5.5.3).
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+            return
+        if opcode == WSMsgType.CONTINUATION:
+            if self._fragmented_opcode == 0:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+                return
+            self._add_fragment(frame)
+            return
+        # TEXT or BINARY (picows already refused reserved opcodes).
+        if self._fragmented_opcode != 0:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "new message started before the fragmented one finished")
+            return
+        if not frame.fin:
+            self._fragmented_opcode = opcode
+            self._fragment_count = 0
+            self._add_fragment(frame)
+            return
+        if opcode == WSMsgType.TEXT:
+            if not self._utf8.feed_ptr(<const unsigned char*>frame.payload_ptr, frame.payload_size) \
+                    or not self._utf8.finish():
+                self._utf8.reset()
+                self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+                return
+        self._deliver(opcode, frame.get_payload_as_bytes())
+
+    # -- message assembly ---------------------------------------------------
+
+    cdef _add_fragment(self, WSFrame frame):
+        self._fragment_count += 1
+        if self._fragment_count > self._max_fragments:
+            self.close(WSCloseCode.POLICY_VIOLATION, "message has too many fragments")
+            return
+        if len(self._fragments) + frame.payload_size > self.max_message_bytes:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
+            return
+        # Validate text as it arrives so a bad message fails fast (§8.1).
+        if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed_ptr(
+                <const unsigned char*>frame.payload_ptr, frame.payload_size):
+            self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+            return
+        self._fragments += frame.get_payload_as_memoryview()
+        if not frame.fin:
+            return
+        cdef int opcode = self._fragmented_opcode
+        self._fragmented_opcode = 0
+        if opcode == WSMsgType.TEXT and not self._utf8.finish():
+            self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+            return
+        payload = bytes(self._fragments)
+        # Give back a large reassembly buffer instead of keeping its peak size.
+        self._fragments = bytearray()
+        self._deliver(opcode, payload)
+
+    cdef _deliver(self, int opcode, bytes payload):
+        cdef double now = _monotonic()
+        if not (self._messages.consume(1.0, now) and self._bytes.consume(len(payload), now)):
+            if not self._violations.consume(1.0, now):
+                self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
+                return
+            self._sink.on_refused(opcode == WSMsgType.BINARY)
+            return
+        if opcode == WSMsgType.TEXT:
+            self._sink.on_text(payload)
+        else:
+            self._sink.on_binary(payload)
+
+    # -- closing ------------------------------------------------------------
+
+    cdef _on_close_frame(self, WSFrame frame):
+        self._close_received = True
+        if not self.transport.is_close_frame_sent:
+            # Echo the peer's code (§5.5.1); an empty CLOSE is answered with 1000.
+            code = frame.get_close_code()
+            self.batch.flush()
+            self.transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+        self.batch.close()
+        # The server closes TCP first (§7.1.1).
+        self.transport.disconnect()
+
+    cpdef close(self, int code, str reason):
+        """Send CLOSE with ``code``/``reason`` and drop the TCP connection soon after.
+
+        Frames already queued are flushed first; nothing is sent after the
+        CLOSE. The connection is aborted if the peer does not answer within
+        ``close_timeout_s``.
+        """
+        if self.transport.is_close_frame_sent or self.transport.is_disconnected:
+            return
+        self._sink.on_closing(code)
+        self.batch.flush()
+        self.batch.close()
+        self.transport.send_close(<WSCloseCode>code, reason.encode())
+        self._flusher.loop.call_later(self._close_timeout_s, self._abort)
+
+    def _abort(self):
+        if not self.transport.is_disconnected:
+            self.transport.disconnect(False)
+
+    def _on_overflow(self):
+        if self.transport.is_close_frame_sent or self.transport.is_disconnected:
+            return
+        self._sink.on_slow_consumer()
+        self.close(WSCloseCode.TRY_AGAIN_LATER, "slow consumer: pending outbound bytes passed high_water_bytes")
