@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -114,3 +118,31 @@ async def json_client(gw: Gateway, path: str = "/ws", **kwargs: Any) -> AsyncIte
         client = JsonClient(ws)
         client.welcome = await client.recv()
         yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_server(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Run ``wirehub serve`` in a subprocess (for RSS and signal tests)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", str(port), *args],
+                            stderr=subprocess.PIPE, text=True)
+    drain = threading.Thread(target=proc.stderr.read, daemon=True)
+    try:
+        line = proc.stderr.readline()
+        assert "listening on" in line, line + proc.stderr.read()
+        # Keep draining stderr so a chatty server never blocks on a full pipe.
+        drain.start()
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if drain.is_alive():
+            drain.join(5)
+        proc.stderr.close()

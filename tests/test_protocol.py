@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -140,7 +141,7 @@ class TestEncode:
 
 
 def test_every_error_has_a_documented_code():
-    with open("docs/protocol.md") as f:
+    with open(Path(__file__).resolve().parent.parent / "docs" / "protocol.md") as f:
         doc = f.read()
     for cls in WirehubError.__subclasses__():
         assert f"`{cls.code}`" in doc, cls

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -149,4 +150,8 @@ def _describe(reason: str, source: Mapping[str, str]) -> str:
         return f"invalid configuration: {reason}"
     key = match.group(1)
     where = source.get(key, "default")
-    return f"invalid configuration: {key} (from {where}): {reason[:match.start()]}"
+    detail = reason[:match.start()]
+    choices = typing.get_args(typing.get_type_hints(Config).get(key))
+    if detail.startswith("Invalid enum value") and choices:
+        detail += f" (choose from: {', '.join(map(str, choices))})"
+    return f"invalid configuration: {key} (from {where}): {detail}"
