@@ -33,8 +33,8 @@ def test_precedence_file_env_flags(tmp_path):
     ({"environ": {}, "overrides": {"log_level": "loud"}},
      "invalid configuration: log_level (from --log-level): Invalid enum value 'loud' "
      "(choose from: debug, info, warning, error)"),
-    ({"environ": {}, "overrides": {"ping_timeout_s": "30"}},
-     "invalid configuration: ping_timeout_s (30.0) must not exceed ping_interval_s (20.0)"),
+    ({"environ": {}, "overrides": {"max_payload_bytes": "8388608"}},
+     "invalid configuration: high_water_bytes (4194304) must exceed max_payload_bytes (8388608)"),
 ])
 def test_errors_name_the_key_and_source(kwargs, message):
     with pytest.raises(ConfigError) as exc:

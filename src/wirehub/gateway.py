@@ -77,6 +77,7 @@ class Gateway:
                        max_subscriptions=self.config.max_subscriptions_per_connection)
         self.flusher: Any = None
         self._server: asyncio.Server | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self.echo_connections: set[EchoConnection] = set()
 
     # -- application API ------------------------------------------------------
@@ -161,13 +162,13 @@ class Gateway:
         self._server = await ws_create_server(
             self._route, cfg.host, cfg.port,
             websocket_handshake_timeout=cfg.handshake_timeout_s,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=cfg.ping_interval_s,
-            auto_ping_reply_timeout=cfg.ping_timeout_s,
+            enable_auto_ping=False,  # one gateway-wide heartbeat timer instead (see _heartbeat)
             max_frame_size=cfg.max_payload_bytes,
             read_buffer_init_size=cfg.read_buffer_bytes,
             logger_name=picows_logger,
+            use_aiofastnet=False,
         )
+        self._heartbeat_task = loop.create_task(self._heartbeat())
         logger.info("listening", extra={"host": cfg.host, "port": self.port,
                                         "implementation": self.impl.name})
 
@@ -177,6 +178,7 @@ class Gateway:
         if self._server is None:
             return
         self._server.close()
+        self._heartbeat_task.cancel()
         listeners = [c.listener for c in self.hub.clients.values()]
         listeners += [c.listener for c in self.echo_connections]
         for listener in listeners:
@@ -191,6 +193,16 @@ class Gateway:
                 listener.transport.disconnect(False)
         await self.broker.close()
         self._server = None
+
+    async def _heartbeat(self) -> None:
+        """Ping idle clients and close those that stop answering (one timer for all)."""
+        interval_s, timeout_s = self.config.ping_interval_s, self.config.ping_timeout_s
+        clock = self.impl.listener.monotonic
+        while True:
+            await asyncio.sleep(max(0.05, min(interval_s, timeout_s) / 2))
+            now = clock()
+            for conn in [*self.hub.clients.values(), *self.echo_connections]:
+                conn.listener.heartbeat(now, interval_s, timeout_s)
 
     async def __aenter__(self) -> Gateway:
         await self.start()

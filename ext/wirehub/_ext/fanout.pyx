@@ -31,7 +31,7 @@ cdef extern from "sys/socket.h" nogil:
     int MSG_DONTWAIT
 
 cdef enum:
-    INITIAL_CAPACITY = 4096     # bytes; first allocation of a connection's buffer
+    INITIAL_CAPACITY = 256      # bytes; first allocation (idle connections hold only this)
     SHRINK_ABOVE = 65536        # bytes; a buffer grown past this is freed after a flush
     SHARE_ABOVE = 16384         # bytes; frames this large are queued by reference
 

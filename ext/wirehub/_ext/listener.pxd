@@ -22,8 +22,11 @@ cdef class FrameListener(WSListener):
     cdef Py_ssize_t _high_water_bytes
     cdef double _close_timeout_s
     cdef bint _close_received
+    cdef double _last_seen
+    cdef double _ping_sent_at
 
     cdef _add_fragment(self, WSFrame frame)
     cdef _deliver(self, int opcode, bytes payload)
     cdef _on_close_frame(self, WSFrame frame)
     cpdef close(self, int code, str reason)
+    cpdef int heartbeat(self, double now, double interval_s, double timeout_s)

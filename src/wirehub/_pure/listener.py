@@ -15,6 +15,9 @@ from .frame import Utf8Validator
 logger = logging.getLogger("wirehub.connection")
 
 
+monotonic = time.monotonic
+
+
 class FrameListener(WSListener):  # type: ignore[misc]
     """Reassemble, validate and rate-limit messages; send through an ``OutBatch``.
 
@@ -29,6 +32,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._fragmented_opcode = 0
         self._fragment_count = 0
         self._close_received = False
+        self._last_seen = self._ping_sent_at = 0.0
         self.max_message_bytes = limits.max_payload_bytes
         self._max_fragments = limits.max_fragments
         self._high_water_bytes = limits.high_water_bytes
@@ -43,6 +47,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        self._last_seen = time.monotonic()
         self.batch = OutBatch(self._flusher, transport.underlying_transport,
                               self._high_water_bytes, self._on_overflow)
         self._sink.on_open()
@@ -60,6 +65,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         opcode = frame.msg_type
+        self._last_seen = time.monotonic()
         if self._close_received:
             return  # RFC 6455 §5.5.1
         if opcode == WSMsgType.CLOSE:
@@ -110,7 +116,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._deliver(opcode, payload)
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
-        now = time.monotonic()
+        now = self._last_seen
         if not (self._messages.consume(1.0, now) and self._bytes.consume(len(payload), now)):
             if not self._violations.consume(1.0, now):
                 self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
@@ -140,6 +146,24 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self.batch.close()
         self.transport.send_close(WSCloseCode(code), reason.encode())
         self._flusher.loop.call_later(self._close_timeout_s, self._abort)
+
+    def heartbeat(self, now: float, interval_s: float, timeout_s: float) -> int:
+        """Ping an idle peer; close one that did not answer in time (1001)."""
+        if self.transport is None or self.transport.is_close_frame_sent:
+            return 0
+        if self._ping_sent_at:
+            if self._last_seen >= self._ping_sent_at:
+                self._ping_sent_at = 0.0
+            elif now - self._ping_sent_at >= timeout_s:
+                self.close(WSCloseCode.GOING_AWAY, "no answer to ping")
+                return 2
+            else:
+                return 0
+        if now - self._last_seen >= interval_s:
+            self.transport.send_ping()
+            self._ping_sent_at = now
+            return 1
+        return 0
 
     def _abort(self) -> None:
         if not self.transport.is_disconnected:
