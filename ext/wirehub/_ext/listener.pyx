@@ -93,6 +93,11 @@ cdef class FrameListener(WSListener):
         self._last_seen = _monotonic()
         if self._close_received:
             return  # RFC 6455 §5.5.1: no data is processed after a CLOSE.
+        if self.transport.is_close_frame_sent and opcode != WSMsgType.CLOSE:
+            # We (or picows's parser, on a protocol error) already sent CLOSE:
+            # only the peer's CLOSE still matters, and nothing may follow ours.
+            self.batch.close()
+            return
         if opcode == WSMsgType.CLOSE:
             self._on_close_frame(frame)
             return

@@ -68,6 +68,9 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._last_seen = time.monotonic()
         if self._close_received:
             return  # RFC 6455 §5.5.1
+        if self.transport.is_close_frame_sent and opcode != WSMsgType.CLOSE:
+            self.batch.close()  # nothing may follow our CLOSE
+            return
         if opcode == WSMsgType.CLOSE:
             self._on_close_frame(frame)
         elif opcode in (WSMsgType.PING, WSMsgType.PONG):
