@@ -27,7 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
-from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import WSProtocol
 
 from . import _speedups
 from .__version__ import __version__
@@ -159,15 +160,26 @@ class Gateway:
         # picows logs every accept at INFO and makes a child logger per
         # connection for a plain Logger; an adapter avoids both costs.
         picows_logger = logging.LoggerAdapter(logging.getLogger("wirehub.picows"), {})
-        self._server = await ws_create_server(
-            self._route, cfg.host, cfg.port,
-            websocket_handshake_timeout=cfg.handshake_timeout_s,
-            enable_auto_ping=False,  # one gateway-wide heartbeat timer instead (see _heartbeat)
-            max_frame_size=cfg.max_payload_bytes,
-            read_buffer_init_size=cfg.read_buffer_bytes,
-            logger_name=picows_logger,
-            use_aiofastnet=False,
-        )
+        guard = self.impl.readahead.ReadAheadGuard
+
+        def protocol_factory() -> Any:
+            # What picows.ws_create_server builds, behind the read-ahead guard.
+            # uvloop's own transports (not aiofastnet's) cost ~5 KiB less per
+            # idle connection; one gateway-wide timer replaces picows's
+            # per-connection auto-ping task (see _heartbeat).
+            inner = WSProtocol(
+                None, None, False, self._route, picows_logger,
+                True,                          # disconnect_on_exception
+                cfg.handshake_timeout_s,
+                False, 0, 0, WSAutoPingStrategy.PING_WHEN_IDLE,  # picows auto-ping off
+                True,                          # enable_auto_pong
+                cfg.max_payload_bytes,         # max_frame_size
+                None,                          # extra_headers
+                cfg.read_buffer_bytes,
+            )
+            return guard(inner, cfg.max_payload_bytes)
+
+        self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port)
         self._heartbeat_task = loop.create_task(self._heartbeat())
         logger.info("listening", extra={"host": cfg.host, "port": self.port,
                                         "implementation": self.impl.name})
