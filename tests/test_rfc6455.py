@@ -151,6 +151,13 @@ class TestFraming:
             c.writer.write(close_frame(3000, b"done"))
             assert await c.close_code() == 3000
 
+    @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000])
+    async def test_forbidden_close_codes_are_answered_1002(self, impl_name, code):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(close_frame(code))
+            assert await c.close_code() == 1002
+
     async def test_empty_close_is_answered_1000(self, impl_name):
         async with running_gateway(impl_name, echo=True) as gw:
             c = await echo_client(gw)

@@ -31,7 +31,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ws_path: str = "/ws"
     echo: bool = False
     max_payload_bytes: Annotated[int, Positive] = 1 * MiB
-    max_fragments: Annotated[int, Positive] = 1024
+    max_fragments: Annotated[int, Positive] = 131_072
     max_subscriptions_per_connection: Annotated[int, Positive] = 128
     max_channel_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 255
     ping_interval_s: Annotated[float, Positive] = 20.0

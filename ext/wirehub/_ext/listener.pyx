@@ -28,6 +28,11 @@ cdef inline double _monotonic() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline bint _is_valid_close_code(int code) noexcept:
+    # RFC 6455 §7.4.1/§7.4.2 and the IANA registry: codes a peer may send.
+    return (1000 <= code <= 1003 or 1007 <= code <= 1014) or 3000 <= code <= 4999
+
+
 def monotonic() -> float:
     """The clock ``heartbeat`` expects (CLOCK_MONOTONIC, seconds)."""
     return _monotonic()
@@ -173,12 +178,19 @@ cdef class FrameListener(WSListener):
     # -- closing ------------------------------------------------------------
 
     cdef _on_close_frame(self, WSFrame frame):
+        cdef int code = WSCloseCode.OK
         self._close_received = True
+        if frame.payload_size >= 2:
+            code = frame.get_close_code()
+            if not _is_valid_close_code(code):
+                # picows lets 0, 1005 and 1006 through; §7.4.1 forbids them on the wire.
+                self.close(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+                self.transport.disconnect()  # the peer has already closed its side
+                return
         if not self.transport.is_close_frame_sent:
             # Echo the peer's code (§5.5.1); an empty CLOSE is answered with 1000.
-            code = frame.get_close_code()
             self.batch.flush()
-            self.transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+            self.transport.send_close(<WSCloseCode>code)
         self.batch.close()
         # The server closes TCP first (§7.1.1).
         self.transport.disconnect()

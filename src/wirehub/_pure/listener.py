@@ -18,6 +18,11 @@ logger = logging.getLogger("wirehub.connection")
 monotonic = time.monotonic
 
 
+def _is_valid_close_code(code: int) -> bool:
+    """RFC 6455 §7.4.1/§7.4.2: the codes a peer may put on the wire."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
 class FrameListener(WSListener):  # type: ignore[misc]
     """Reassemble, validate and rate-limit messages; send through an ``OutBatch``.
 
@@ -133,10 +138,16 @@ class FrameListener(WSListener):  # type: ignore[misc]
 
     def _on_close_frame(self, frame: WSFrame) -> None:
         self._close_received = True
-        if not self.transport.is_close_frame_sent:
+        code = WSCloseCode.OK
+        if frame.payload_size >= 2:
             code = frame.get_close_code()
+            if not _is_valid_close_code(code):
+                self.close(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+                self.transport.disconnect()
+                return
+        if not self.transport.is_close_frame_sent:
             self.batch.flush()
-            self.transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+            self.transport.send_close(code)
         self.batch.close()
         self.transport.disconnect()
 
