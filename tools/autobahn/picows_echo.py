@@ -62,8 +62,13 @@ class EchoListener(WSListener):
         self._parts: list[bytes] = []
         self._size = 0
         self._utf8 = None
+        self._closed = False
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self._closed:
+            # §5.5.1: after sending a close frame, send no more data frames;
+            # §1.4: everything received after the peer's close is ignored.
+            return
         try:
             self._on_frame(transport, frame)
         except ProtocolViolation as exc:
@@ -71,21 +76,32 @@ class EchoListener(WSListener):
 
     def _fail(self, transport: WSTransport, code: WSCloseCode, reason: str) -> None:
         # RFC 6455 §7.1.7: send a close frame, then drop the connection.
+        self._closed = True
         transport.send_close(code, reason.encode()[:120])
         transport.disconnect()
 
     def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
         if msg_type == WSMsgType.CLOSE:
-            # §5.5.1: echo the close. picows already validated the code and
-            # the reason's UTF-8; send the payload back raw, since
-            # send_close() would turn "no code" into a literal code 0.
-            transport.send(WSMsgType.CLOSE, frame.get_payload_as_bytes())
+            # §5.5.1: echo the close. picows validated the reason's UTF-8 and
+            # most codes, but lets 0 and 1006 through (§7.4.1: 1005/1006/1015
+            # "MUST NOT be set"), so check the code here.
+            payload = frame.get_payload_as_bytes()
+            if len(payload) >= 2 and not _valid_close_code(int.from_bytes(payload[:2], "big")):
+                raise ProtocolViolation(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+            self._closed = True
+            # Send the payload back raw: send_close() would turn "no code"
+            # into a literal code 0.
+            transport.send(WSMsgType.CLOSE, payload)
             transport.disconnect()
             return
         if msg_type == WSMsgType.PONG:
             return
-        # PING is answered by picows (enable_auto_pong).
+        if msg_type == WSMsgType.PING:
+            # Answered here rather than by picows's auto-pong, which would
+            # also answer pings that arrive after our close frame.
+            transport.send(WSMsgType.PONG, frame.get_payload_as_bytes())
+            return
 
         # §5.2: RSV bits must be 0 unless an extension defines them. RFC 7692
         # §6 gives RSV1 to permessage-deflate, on the first frame only.
@@ -141,6 +157,11 @@ class EchoListener(WSListener):
             transport.send(msg_type, message)
 
 
+def _valid_close_code(code: int) -> bool:
+    # RFC 6455 §7.4.1/§7.4.2 and the IANA registry (1012-1014 added since).
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
 def _make_factory(deflate: bool, pure: bool):
     if not deflate:
         return lambda request: EchoListener()
@@ -183,7 +204,7 @@ async def _serve(host: str, port: int, deflate: bool, pure: bool) -> None:
         _make_factory(deflate, pure),
         host,
         port,
-        enable_auto_pong=True,
+        enable_auto_pong=False,
         max_frame_size=MAX_MESSAGE_BYTES,
         websocket_handshake_timeout=10,
     )
