@@ -247,7 +247,10 @@ class Gateway:
             await asyncio.sleep(max(0.05, min(interval_s, timeout_s) / 2))
             now = clock()
             for conn in [*self.hub.clients.values(), *self.echo_connections]:
-                conn.listener.heartbeat(now, interval_s, timeout_s)
+                try:
+                    conn.listener.heartbeat(now, interval_s, timeout_s)
+                except Exception:  # one broken connection must not stop the sweep
+                    logger.exception("heartbeat failed")
 
     async def __aenter__(self) -> Gateway:
         await self.start()
