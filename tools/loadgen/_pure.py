@@ -261,6 +261,8 @@ class Sender(_Conn):
         return [self.sent // k + (1 if i < self.sent % k else 0) for i in range(k)]
 
     def _fill(self) -> None:
+        if self.transport is None:
+            return
         while self.running and self.in_flight < self.window and not self.disconnected:
             self._send_one(time.monotonic_ns())
 

@@ -123,7 +123,7 @@ def wirehub_subscribe(channel: str, codec: str) -> tuple[bytes, bool]:
     if codec == "tlv":
         payload, _ = _tlv([(TLV_TYPE, b"subscribe"), (TLV_CHANNEL, channel.encode())])
         return payload, True
-    return json.dumps({"type": "subscribe", "channel": channel}).encode(), False
+    return json.dumps({"type": "subscribe", "channel": channel}, separators=(",", ":")).encode(), False
 
 
 def decode_control(payload: bytes, binary: bool) -> dict[str, object]:

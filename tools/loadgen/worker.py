@@ -192,7 +192,7 @@ class Worker:
         async with self.sem:
             t0 = time.monotonic()
             try:
-                await asyncio.wait_for(
+                transport, _ = await asyncio.wait_for(
                     ws_connect(lambda: listener, cfg.url, enable_auto_pong=True,
                                websocket_handshake_timeout=cfg.connect_timeout_s),
                     cfg.connect_timeout_s)
@@ -212,6 +212,10 @@ class Worker:
                 self.error(f"connect_{type(exc).__name__}", f"connect: {exc}")
                 return None
             elapsed = time.monotonic() - t0
+        if transport.is_disconnected:
+            # picows returns normally when the peer resets during the upgrade.
+            self.error("connect_reset", "connection reset during the handshake")
+            return None
         self.open += 1
         listener.lost = self._on_lost
         if session is None:

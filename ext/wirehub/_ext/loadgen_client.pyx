@@ -18,10 +18,10 @@ Payload header (ASCII, so it fits text frames and JSON strings), 40 bytes::
     [publisher id: 8 hex][sequence: 16 hex][timestamp: 16 hex, CLOCK_MONOTONIC ns]
 """
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp, memset
+from libc.string cimport memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
@@ -46,6 +46,7 @@ cdef enum:
     MAX_SHIFT = 33             # largest value ~2**41 ns = 36 min
     N_BUCKETS = (MAX_SHIFT + 1) * SUB_HALF + SUB_COUNT
     HEADER_SIZE = 40
+    HEADROOM = 14              # picows writes the frame header in front of the payload
     WINDOW_BITS = 64           # duplicate / late-arrival detection window
 
 cdef enum Kind:
@@ -465,7 +466,8 @@ cdef class Sender(_Conn):
     cdef readonly double rate
     cdef readonly bint running
     cdef readonly bint record_latency
-    cdef bytearray _buf
+    cdef bytes _template
+    cdef bytearray _buf                    # HEADROOM + template, masked in place by picows
     cdef WSMsgType _msg_type
     cdef Py_ssize_t _hdr_off, _id_off, _chan_off
     cdef uint64_t _chan_first, _chan_step, _chan_count
@@ -485,7 +487,8 @@ cdef class Sender(_Conn):
         if window < 1 and rate <= 0:
             raise ValueError("window must be >= 1")
         self.pub_id = pub_id
-        self._buf = bytearray(template)
+        self._template = template
+        self._buf = bytearray(HEADROOM + len(template))
         self._msg_type = WSMsgType.BINARY if binary else WSMsgType.TEXT
         self._hdr_off = header_offset
         self._id_off = id_offset
@@ -532,12 +535,19 @@ cdef class Sender(_Conn):
         return [self.sent // k + (1 if i < self.sent % k else 0) for i in range(k)]
 
     cdef inline void _fill(self) except *:
+        if self.transport is None:
+            return
         while self.running and self.in_flight < self.window and not self.disconnected:
             self._send_one(now_ns())
 
     cdef void _send_one(self, uint64_t ts) except *:
-        cdef char* buf = PyByteArray_AS_STRING(self._buf)
+        # picows masks the client payload in place and writes the frame header
+        # into the HEADROOM bytes before it, so the template is copied afresh
+        # for every message (a memcpy of at most a few KiB).
+        cdef Py_ssize_t size = len(self._template)
+        cdef char* buf = PyByteArray_AS_STRING(self._buf) + HEADROOM
         cdef char* h = buf + self._hdr_off
+        memcpy(buf, <const char*>self._template, size)
         cdef uint64_t seq = self.sent + 1
         cdef uint64_t chan
         cdef int i
@@ -551,8 +561,7 @@ cdef class Sender(_Conn):
             for i in range(5, -1, -1):
                 buf[self._chan_off + i] = <char>(c'0' + chan % 10)
                 chan //= 10
-        self.transport.send_reuse_external_buffer(
-            self._msg_type, buf, PyByteArray_GET_SIZE(self._buf))
+        self.transport.send_reuse_external_buffer(self._msg_type, buf, size)
         self.sent += 1
         self.in_flight += 1
         self.recorder.sent += 1
