@@ -104,8 +104,14 @@ def aggregate(cfg: Config, reports: dict[int, dict[str, Any]],
     result["errors"] = dict(errors)
     result["error_count"] = sum(errors.values())
     result["error_samples"] = samples[:10]
-    result["client"] = {"processes": cpu,
-                        "saturated": any(c["cpu_percent"] >= SATURATED_CPU_PERCENT for c in cpu)}
+    busy_s = sum(c["user_s"] + c["sys_s"] for c in cpu)
+    events = delta["received"] + delta["acked"] + delta["other_received"]
+    result["client"] = {
+        "processes": cpu,
+        "saturated": any(c["cpu_percent"] >= SATURATED_CPU_PERCENT for c in cpu),
+        # Frames the client handled per second of its own CPU: its ceiling per core.
+        "frames_per_cpu_s": round(events / busy_s) if busy_s > 0 else 0,
+    }
     result["ok"] = result["error_count"] <= cfg.max_errors
     return result
 
@@ -142,6 +148,7 @@ def format_text(result: dict[str, Any]) -> str:
                      f"({lat['count']:,} samples)")
     procs = result["client"]["processes"]
     lines.append("  client cpu " + "  ".join(f"{p['cpu_percent']:.0f}%" for p in procs)
+                 + f"  ({result['client']['frames_per_cpu_s']:,} frames per client cpu-second)"
                  + ("  (SATURATED: the client may be the bottleneck)"
                     if result["client"]["saturated"] else ""))
     if result["errors"]:
