@@ -36,10 +36,19 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The loadgen's argument parser (also used by ``wirehub loadgen``)."""
+def _examples(mode: str) -> str:
+    """The EXAMPLES entries of one mode (comment line + command)."""
+    lines = EXAMPLES.splitlines()
+    picked = [line for i, line in enumerate(lines[1:], 1)
+              if f"%(prog)s {mode} " in line or (i + 1 < len(lines)
+                                               and f"%(prog)s {mode} " in lines[i + 1])]
+    return "examples:\n" + "\n".join(picked).replace("%(prog)s " + mode, "%(prog)s") + "\n"
+
+
+def build_parser(prog: str = "python -m tools.loadgen") -> argparse.ArgumentParser:
+    """The loadgen's argument parser; ``wirehub loadgen`` passes its own ``prog``."""
     parser = argparse.ArgumentParser(
-        prog="python -m tools.loadgen",
+        prog=prog,
         description="WebSocket load generator for wirehub and plain echo/broadcast servers.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -74,12 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "error replies, missing/duplicate/out-of-order messages) exceed this")
 
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
-    echo = sub.add_parser("echo", parents=[common], help="round trips on N connections",
+    echo = sub.add_parser("echo", parents=[common], epilog=_examples("echo"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, help="round trips on N connections",
                           description="N connections send K messages each and wait for them to "
                                       "come back (wirehub: ping/pong; raw: any echo server).")
     echo.add_argument("--connections", type=int, default=100)
     echo.add_argument("--inflight", type=int, default=1, help="round trips in flight per connection")
-    fan = sub.add_parser("fanout", parents=[common], help="P publishers -> N subscribers",
+    fan = sub.add_parser("fanout", parents=[common], epilog=_examples("fanout"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, help="P publishers -> N subscribers",
                          description="P publishers publish on C channels; N subscribers (one "
                                      "channel each) count deliveries and check offsets. With "
                                      "--protocol raw, every connection gets every message.")
@@ -90,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="publications in flight per publisher, until acked (wirehub: "
                           "'published' reply; raw: own message received back)")
     fan.add_argument("--channel-prefix", help="channel name prefix (default: random per run)")
-    conn = sub.add_parser("connect", parents=[common], help="handshake rate and idle connections",
+    conn = sub.add_parser("connect", parents=[common], epilog=_examples("connect"),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, help="handshake rate and idle connections",
                           description="Open N connections at --concurrency, then hold them.")
     conn.add_argument("--connections", type=int, default=1000)
     conn.add_argument("--hold", type=float, default=0.0, help="seconds to keep them open")

@@ -280,7 +280,6 @@ class Worker:
         for t in times:
             if t is not None:
                 self.recorder.record_ns(int(t * 1e9))
-        self.send("connected", self.index, {"established": self.open, "connect_s": connect_s})
         await asyncio.sleep(cfg.hold_s)
         return {"connect_s": connect_s}
 
