@@ -101,7 +101,7 @@ class _Conn(WSListener):  # type: ignore[misc]
             else:
                 self.recorder.malformed += 1
         elif t == WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code())
+            self.close_code = int(frame.get_close_code())  # type: ignore[call-overload]
             self.recorder.server_closes += 1
             transport.send_close(frame.get_close_code())
             transport.disconnect()

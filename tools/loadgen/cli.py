@@ -12,8 +12,8 @@ import sys
 
 from .config import CODECS, PROTOCOLS, Config
 from .payload import min_size
-from .runner import Runner
 from .report import format_text
+from .runner import Runner
 
 EXAMPLES = """\
 examples:

@@ -44,7 +44,7 @@ def bucket_high(index: int) -> int:
 class Histogram:
     """Counts per bucket plus exact count/min/max/sum."""
 
-    __slots__ = ("counts", "total", "min", "max", "sum")
+    __slots__ = ("counts", "max", "min", "sum", "total")
 
     def __init__(self) -> None:
         self.counts = array("Q", bytes(8 * N_BUCKETS))

@@ -136,7 +136,7 @@ def decode_control(payload: bytes, binary: bool) -> dict[str, object]:
         return msg if isinstance(msg, dict) else {}
     names = {TLV_TYPE: "type", TLV_CHANNEL: "channel", 0x07: "code", 0x08: "error",
              0x09: "client_id", TLV_ID: "id"}
-    msg: dict[str, object] = {}
+    fields: dict[str, object] = {}
     pos = 0
     while pos + 5 <= len(payload):
         tag, length = struct.unpack_from(">BI", payload, pos)
@@ -144,6 +144,6 @@ def decode_control(payload: bytes, binary: bool) -> dict[str, object]:
         if len(value) != length:
             return {}
         if tag in names:
-            msg[names[tag]] = value.decode("utf-8", "replace")
+            fields[names[tag]] = value.decode("utf-8", "replace")
         pos += 5 + length
-    return msg if pos == len(payload) else {}
+    return fields if pos == len(payload) else {}

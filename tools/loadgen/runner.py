@@ -42,7 +42,8 @@ class Runner:
         ctx = multiprocessing.get_context(method)
         for i in range(self.cfg.procs):
             parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(self.cfg, i, child_end), daemon=True)
+            proc = ctx.Process(  # type: ignore[attr-defined]
+                target=worker_main, args=(self.cfg, i, child_end), daemon=True)
             proc.start()
             child_end.close()
             self.pipes[i], self.procs[i] = parent_end, proc
@@ -107,10 +108,10 @@ class Runner:
                     self.procs[i].kill()
                     self._lose(i, f"no {phase!r} within {timeout_s:.0f} s")
                 break
-            for pipe in wait(list(self.pipes.values()), timeout=min(remaining, 0.5)):
-                index = next(i for i, p in self.pipes.items() if p is pipe)
+            for ready in wait(list(self.pipes.values()), timeout=min(remaining, 0.5)):
+                index = next(i for i, p in self.pipes.items() if p is ready)
                 try:
-                    msg = pipe.recv()
+                    msg: tuple[Any, ...] = self.pipes[index].recv()
                 except (EOFError, OSError):
                     self._lose(index, "exited")
                     continue

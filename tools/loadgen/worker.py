@@ -82,7 +82,7 @@ def worker_main(cfg: Config, index: int, pipe: Connection) -> None:
 class _Session:
     """Handles the rare frames of one wirehub connection (welcome, subscribed, error)."""
 
-    __slots__ = ("worker", "welcome", "subscribed", "count_errors")
+    __slots__ = ("count_errors", "subscribed", "welcome", "worker")
 
     def __init__(self, worker: Worker, count_errors: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -202,7 +202,7 @@ class Worker:
             except ConnectionResetError as exc:
                 self.error("connect_reset", f"connect: {exc}")
                 return None
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 self.error("connect_timeout", "connect: timed out")
                 return None
             except WSError as exc:
@@ -229,7 +229,7 @@ class Worker:
                                                  cfg.connect_timeout_s)
                 if problem is not None:
                     return None
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             if not listener.disconnected:
                 self.error("setup_timeout", "no welcome/subscribed reply in time")
             return None
