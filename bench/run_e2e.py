@@ -97,7 +97,10 @@ def servers(python: str) -> list[Server]:
     picows = [python, str(SERVERS / "picows_server.py"), "--port", "{port}", "--mode"]
     wsockets = [python, str(SERVERS / "websockets_server.py"), "--port", "{port}", "--mode"]
     node = ["node", str(SERVERS / "ws_server.js"), "--port", "{port}", "--mode"]
-    wirehub = [str(Path(python).parent / "wirehub"), "serve", "--port", "{port}"]
+    # Rate limits off: the peers have none, and a window-mode publisher exceeds
+    # the default 10k messages/s per connection.
+    wirehub = [str(Path(python).parent / "wirehub"), "serve", "--port", "{port}",
+               "--rate-limit-messages-per-s", "0", "--rate-limit-bytes-per-s", "0"]
     return [
         Server("wirehub", "wirehub", {"echo": wirehub, "broadcast": wirehub}, "/ws"),
         Server("picows-batched", "raw", {"echo": picows + ["echo"],

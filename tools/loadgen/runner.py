@@ -108,7 +108,9 @@ class Runner:
                     self.procs[i].kill()
                     self._lose(i, f"no {phase!r} within {timeout_s:.0f} s")
                 break
-            for ready in wait(list(self.pipes.values()), timeout=min(remaining, 0.5)):
+            # A worker that already answered may exit (EOF): only wait on the others.
+            waiting = [p for i, p in self.pipes.items() if i not in got]
+            for ready in wait(waiting, timeout=min(remaining, 0.5)):
                 index = next(i for i, p in self.pipes.items() if p is ready)
                 try:
                     msg: tuple[Any, ...] = self.pipes[index].recv()
