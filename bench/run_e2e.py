@@ -1,0 +1,420 @@
+"""End-to-end benchmark: wirehub and its peers driven by the same load generator.
+
+Each server (wirehub, raw picows naive and batched, Python ``websockets`` on
+uvloop, Node ``ws``) is started in turn on 127.0.0.1, pinned to its own
+core(s), and driven by ``python -m tools.loadgen`` pinned to the others. Every
+scenario runs ``--repeat`` times; the median is reported together with its
+ratio to ``ws`` measured in the same run (ratio > 1 means better than ws, for
+latencies and memory too).
+
+    python bench/run_e2e.py --quick                  # a few minutes
+    python bench/run_e2e.py --scenario fanout-1k     # substring filter
+    python bench/run_e2e.py --check bench/baseline.json --tolerance 0.3
+
+See docs/benchmarks.md for how to read the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ROOT / "bench" / "servers"
+NODE_CACHE = ROOT / ".cache" / "bench-node"
+REFERENCE = "ws"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One loadgen invocation and the figures taken from its result."""
+
+    name: str
+    kind: str                          # echo | fanout | idle | handshake
+    args: tuple[str, ...]
+    metrics: tuple[str, ...]
+    quick: bool = True
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    protocol: str                      # wirehub | raw
+    # command per server mode ("echo" / "broadcast"), {port} substituted
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    path: str = "/"
+
+
+# Metric name -> (path in the loadgen result, higher_is_better)
+METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "round_trips_per_s": (("throughput", "round_trips_per_s"), True),
+    "deliveries_per_s": (("throughput", "deliveries_per_s"), True),
+    "p50_us": (("latency_us", "p50"), False),
+    "p99_us": (("latency_us", "p99"), False),
+    "handshakes_per_s": (("connect", "handshakes_per_s"), True),
+    "rss_kib_per_conn": ((), False),          # measured here, from /proc
+}
+
+
+def scenarios() -> list[Scenario]:
+    out = [Scenario("echo-100", "echo", ("echo", "--connections", "100", "--inflight", "1"),
+                    ("round_trips_per_s", "p50_us", "p99_us"))]
+    for subs, label in ((100, "100"), (1000, "1k"), (10000, "10k")):
+        for size, slabel in ((64, "64"), (1024, "1k")):
+            out.append(Scenario(
+                f"fanout-{label}-{slabel}", "fanout",
+                ("fanout", "--publishers", "1", "--subscribers", str(subs), "--size", str(size),
+                 "--window", "4" if subs >= 10000 else "16"),
+                ("deliveries_per_s", "p50_us", "p99_us"),
+                quick=not (subs == 10000 and size == 1024)))
+    # Window mode above measures capacity, so its latency is mostly queueing; this
+    # one compares latency at a load every peer sustains (20 publications/s x 1000).
+    out.append(Scenario("latency-1k-r20", "fanout",
+                        ("fanout", "--publishers", "1", "--subscribers", "1000", "--rate", "20"),
+                        ("p50_us", "p99_us")))
+    out.append(Scenario("idle-10k", "idle", ("connect", "--connections", "10000",
+                                             "--concurrency", "500", "--hold", "2"),
+                        ("rss_kib_per_conn",)))
+    out.append(Scenario("handshake-2k", "handshake", ("connect", "--connections", "2000",
+                                                      "--concurrency", "100"),
+                        ("handshakes_per_s",)))
+    return out
+
+
+def servers(python: str) -> list[Server]:
+    picows = [python, str(SERVERS / "picows_server.py"), "--port", "{port}", "--mode"]
+    wsockets = [python, str(SERVERS / "websockets_server.py"), "--port", "{port}", "--mode"]
+    node = ["node", str(SERVERS / "ws_server.js"), "--port", "{port}", "--mode"]
+    # Rate limits off: the peers have none, and a window-mode publisher exceeds
+    # the default 10k messages/s per connection.
+    wirehub = [str(Path(python).parent / "wirehub"), "serve", "--port", "{port}",
+               "--rate-limit-messages-per-s", "0", "--rate-limit-bytes-per-s", "0"]
+    return [
+        Server("wirehub", "wirehub", {"echo": wirehub, "broadcast": wirehub}, "/ws"),
+        Server("picows-batched", "raw", {"echo": picows + ["echo"],
+                                         "broadcast": picows + ["broadcast-batched"]}),
+        Server("picows-naive", "raw", {"echo": picows + ["echo"],
+                                       "broadcast": picows + ["broadcast"]}),
+        Server("websockets", "raw", {"echo": wsockets + ["echo"],
+                                     "broadcast": wsockets + ["broadcast"]}),
+        Server(REFERENCE, "raw", {"echo": node + ["echo"], "broadcast": node + ["broadcast"]}),
+    ]
+
+
+# -- environment ------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def split_cores() -> tuple[set[int] | None, set[int] | None]:
+    """Server gets one core, the client the rest; no pinning on a 1-core machine."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    return {cores[0]}, set(cores[1:])
+
+
+def ensure_node() -> str | None:
+    """npm-install ``ws`` into .cache/bench-node; return why Node is unusable, or None."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not found"
+    if not (NODE_CACHE / "node_modules" / "ws").is_dir():
+        NODE_CACHE.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SERVERS / "package.json", NODE_CACHE / "package.json")
+        proc = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent"],
+                              cwd=NODE_CACHE, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            return f"npm install failed: {proc.stderr.strip()[-200:]}"
+    return None
+
+
+def wirehub_available(server: Server) -> str | None:
+    exe = server.commands["echo"][0]
+    if not Path(exe).exists():
+        return f"{exe} not installed"
+    proc = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return "`wirehub serve` does not exist yet (skipped until the server lands)"
+    return None
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` plus its children (a server may fork workers)."""
+    total = 0
+    pids = [pid] + [int(p) for p in _children(pid)]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+class Running:
+    """A started server process, pinned and reachable."""
+
+    def __init__(self, cmd: list[str], cores: set[int] | None) -> None:
+        self.port = free_port()
+        argv = [part.replace("{port}", str(self.port)) for part in cmd]
+        env = dict(os.environ, NODE_PATH=str(NODE_CACHE / "node_modules"))
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+        deadline = time.monotonic() + 15
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                err = self.proc.stderr.read().decode()[-400:] if self.proc.stderr else ""
+                self.stop()
+                raise RuntimeError(f"server {argv[:3]} did not start: {err}")
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the server settle (e.g. Node JIT warm-up of startup code)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- running ----------------------------------------------------------------
+
+def run_loadgen(args: list[str], cores: set[int] | None, timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "tools.loadgen", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                          timeout=timeout_s,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+
+
+def measure(server: Server, sc: Scenario, opts: argparse.Namespace,
+            cores: tuple[set[int] | None, set[int] | None]) -> dict[str, Any]:
+    """Run one scenario ``opts.repeat`` times against a fresh server; medians."""
+    server_cores, client_cores = cores
+    mode = "broadcast" if sc.kind == "fanout" else "echo"
+    procs = len(client_cores) if client_cores else 1
+    runs: list[dict[str, float]] = []
+    errors: list[dict[str, int]] = []
+    for _ in range(opts.repeat):
+        srv = Running(server.commands[mode], server_cores)
+        try:
+            args = [*sc.args, "--url", f"ws://127.0.0.1:{srv.port}{server.path}",
+                    "--protocol", server.protocol, "--procs", str(procs), "--json",
+                    "--no-progress", "--max-errors", "1000000000"]
+            if sc.kind in ("echo", "fanout"):
+                args += ["--duration", str(opts.duration), "--warmup", str(opts.warmup)]
+            base = rss_kib(srv.proc.pid)
+            peak = [base]
+            if sc.kind == "idle":
+                result = _with_rss_sampling(srv, args, client_cores, peak)
+            else:
+                result = run_loadgen(args, client_cores, timeout_s=600)
+            figures = {}
+            for metric in sc.metrics:
+                if metric == "rss_kib_per_conn":
+                    n = max(result["connect"]["established"], 1)
+                    figures[metric] = (peak[0] - base) / n
+                else:
+                    path = METRICS[metric][0]
+                    value: Any = result
+                    for key in path:
+                        value = value.get(key, 0) if isinstance(value, dict) else 0
+                    figures[metric] = float(value or 0)
+            figures["client_cpu_max"] = max(
+                (p["cpu_percent"] for p in result["client"]["processes"]), default=0.0)
+            runs.append(figures)
+            errors.append(result["errors"])
+        finally:
+            srv.stop()
+    keys = runs[0].keys() if runs else []
+    return {"median": {k: statistics.median(r[k] for r in runs) for k in keys},
+            "runs": runs, "errors": errors}
+
+
+def _with_rss_sampling(srv: Running, args: list[str], cores: set[int] | None,
+                       peak: list[int]) -> dict[str, Any]:
+    """Run the loadgen in the background and keep the server's peak VmRSS."""
+    cmd = [sys.executable, "-m", "tools.loadgen", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    while proc.poll() is None:
+        peak[0] = max(peak[0], rss_kib(srv.proc.pid))
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.strip()[-400:]}")
+
+
+def with_ratios(table: dict[str, dict[str, Any]]) -> None:
+    """Add, per scenario and server, each figure's ratio to ws (> 1: better)."""
+    for per_server in table.values():
+        ref = per_server.get(REFERENCE, {}).get("median")
+        for entry in per_server.values():
+            entry["ratio"] = {}
+            if not ref or "median" not in entry:
+                continue
+            for metric, value in entry["median"].items():
+                if metric not in METRICS or not ref.get(metric) or not value:
+                    continue
+                higher_better = METRICS[metric][1]
+                ratio = value / ref[metric] if higher_better else ref[metric] / value
+                entry["ratio"][metric] = round(ratio, 3)
+
+
+def format_table(table: dict[str, dict[str, Any]], names: list[str]) -> str:
+    header = f"{'scenario':<16}{'metric':<19}" + "".join(f"{n:>22}" for n in names)
+    lines = [header, "-" * len(header)]
+    for sc, per_server in table.items():
+        metrics = next((list(e["median"]) for e in per_server.values() if "median" in e), [])
+        for metric in (m for m in metrics if m in METRICS):
+            row = f"{sc:<16}{metric:<19}"
+            for n in names:
+                e = per_server.get(n, {})
+                if "median" not in e:
+                    row += f"{'skipped' if e else '-':>22}"
+                    continue
+                v, r = e["median"][metric], e["ratio"].get(metric)
+                cell = f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+                row += f"{cell + (f' ({r:.2f}x)' if r else ''):>22}"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def check(table: dict[str, dict[str, Any]], baseline_path: Path, tolerance: float) -> list[str]:
+    """Ratios that fell more than ``tolerance`` below the committed baseline."""
+    baseline = json.loads(baseline_path.read_text())["ratios"]
+    failures = []
+    for sc, per_server in baseline.items():
+        for name, ratios in per_server.items():
+            now = table.get(sc, {}).get(name, {}).get("ratio", {})
+            for metric, base in ratios.items():
+                if metric in now and now[metric] < base * (1 - tolerance):
+                    failures.append(f"{sc} {name} {metric}: ratio {now[metric]:.2f} < "
+                                    f"baseline {base:.2f} - {tolerance:.0%}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter runs, 1 repeat, skips fanout-10k-1k (a few minutes)")
+    parser.add_argument("--scenario", action="append", default=[],
+                        help="run scenarios whose name contains this (repeatable)")
+    parser.add_argument("--server", action="append", default=[],
+                        help="run only these servers (repeatable; ws is always kept for ratios)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-e2e.json")
+    parser.add_argument("--check", type=Path, help="baseline JSON to compare ratios against")
+    parser.add_argument("--tolerance", type=float, default=0.3)
+    parser.add_argument("--write-baseline", type=Path,
+                        help="save this run's ratios into a baseline file (per scenario)")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.repeat, opts.duration, opts.warmup = 1, 2.0, 0.5
+
+    raise_nofile()
+    cores = split_cores()
+    chosen = [s for s in scenarios() if (not opts.quick or s.quick)
+              and (not opts.scenario or any(f in s.name for f in opts.scenario))]
+    all_servers = servers(sys.executable)
+    if opts.server:
+        all_servers = [s for s in all_servers if s.name in opts.server or s.name == REFERENCE]
+    skipped: dict[str, str] = {}
+    for srv in all_servers:
+        why = (ensure_node() if srv.name == REFERENCE
+               else wirehub_available(srv) if srv.name == "wirehub" else None)
+        if why:
+            skipped[srv.name] = why
+            print(f"skipping {srv.name}: {why}", file=sys.stderr)
+
+    table: dict[str, dict[str, Any]] = {}
+    for sc in chosen:
+        table[sc.name] = {}
+        for srv in all_servers:
+            if srv.name in skipped:
+                table[sc.name][srv.name] = {"skipped": skipped[srv.name]}
+                continue
+            print(f"{sc.name:<16} {srv.name:<16}", end=" ", file=sys.stderr, flush=True)
+            try:
+                table[sc.name][srv.name] = measure(srv, sc, opts, cores)
+                print(json.dumps({k: round(v, 1) for k, v in
+                                  table[sc.name][srv.name]["median"].items()}), file=sys.stderr)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                table[sc.name][srv.name] = {"skipped": "failed", "error": str(exc)}
+                print(f"failed: {exc}", file=sys.stderr)
+    with_ratios(table)
+    names = [s.name for s in all_servers]
+    print(format_table(table, names))
+
+    machine = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+               "server_cores": sorted(cores[0] or []), "client_cores": sorted(cores[1] or []),
+               "platform": platform.platform(), "python": platform.python_version()}
+    report = {"machine": machine, "options": {k: str(v) for k, v in vars(opts).items()},
+              "scenarios": table,
+              "ratios": {sc: {n: e["ratio"] for n, e in per.items() if e.get("ratio")}
+                         for sc, per in table.items()}}
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {opts.out}", file=sys.stderr)
+    if opts.write_baseline:
+        # Merge per scenario, so a --scenario run refreshes only its own entries.
+        ratios = (json.loads(opts.write_baseline.read_text())["ratios"]
+                  if opts.write_baseline.exists() else {})
+        ratios.update(report["ratios"])
+        opts.write_baseline.write_text(json.dumps(
+            {"machine": machine, "ratios": ratios}, indent=2) + "\n")
+    if opts.check:
+        failures = check(table, opts.check, opts.tolerance)
+        for f in failures:
+            print(f"REGRESSION {f}", file=sys.stderr)
+        return 1 if failures else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Load generator: counting, order checks and failure handling.
+
+Unit tests feed frames straight into the listeners (picows's
+``_make_test_ws_frame``) and run once per implementation, Cython and pure
+Python. The end-to-end tests drive real servers on 127.0.0.1 started as
+subprocesses: the picows peer server and the mock wirehub server with its
+fault injection (``bench/servers/``), and ``wirehub serve`` once it exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from picows import WSMsgType
+from picows.picows import _make_test_ws_frame
+
+from tools.loadgen import _pure
+from tools.loadgen.cli import main
+from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_index
+from tools.loadgen.payload import header
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ROOT / "bench" / "servers"
+FAST = ["--warmup", "0.1", "--duration", "0.4", "--drain", "1", "--no-progress", "--json"]
+
+try:
+    from wirehub._ext import loadgen_client as _cython
+except ImportError:  # extension not built: only the pure-Python twin is tested
+    _cython = None
+
+IMPLEMENTATIONS = [pytest.param(_pure, id="python"),
+                   pytest.param(_cython, id="cython", marks=pytest.mark.skipif(
+                       _cython is None, reason="wirehub._ext.loadgen_client not built"))]
+
+
+# -- histogram -------------------------------------------------------------
+
+def test_bucket_bounds_cover_values() -> None:
+    for value in [0, 1, 255, 256, 257, 511, 512, 1000, 10**6, 10**9, 2**40]:
+        index = bucket_index(value)
+        assert bucket_high(index) >= value
+        assert bucket_high(index) <= value * 1.008 + 1
+
+
+def test_histogram_percentiles_and_merge() -> None:
+    a, b = Histogram(), Histogram()
+    for v in range(1, 1001):
+        (a if v % 2 else b).record(v * 1000)
+    a.merge(b)
+    assert a.total == 1000
+    assert a.max == 1_000_000
+    assert a.value_at(50) == pytest.approx(500_000, rel=0.01)
+    assert a.value_at(99) == pytest.approx(990_000, rel=0.01)
+    assert a.value_at(100) == 1_000_000
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_recorder_matches_histogram_layout(impl) -> None:
+    rec, ref = impl.Recorder(), Histogram()
+    for v in [0, 3, 256, 999, 123_456, 10**9, 2**45]:
+        rec.record_ns(v)
+        ref.record(v)
+    assert impl.HISTOGRAM_BUCKETS == N_BUCKETS
+    assert rec.histogram_counts() == ref.counts.tobytes()
+
+
+# -- subscriber bookkeeping ------------------------------------------------
+
+def _message(offset: int, seq: int = 1, ts: int | None = None) -> bytes:
+    ts = time.monotonic_ns() if ts is None else ts
+    data = header(0, seq, ts).decode() + "xx"
+    return ('{"type":"message","channel":"c","offset":%d,"data":"%s"}' % (offset, data)).encode()
+
+
+def _feed(listener, payload: bytes, msg_type: WSMsgType = WSMsgType.TEXT) -> None:
+    listener.on_ws_frame(None, _make_test_ws_frame(msg_type, payload, True, False))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_subscriber_counts_gap_duplicate_and_late_arrival(impl) -> None:
+    rec = impl.Recorder()
+    sub = impl.Subscriber(impl.KIND_WIREHUB_JSON, rec, 1)
+    for offset in [1, 2, 4, 4, 3, 5, 2]:
+        _feed(sub, _message(offset))
+    # 3 was skipped then arrived late (missing back to 0); 4 and 2 repeated.
+    assert (sub.received, sub.missing, sub.duplicates, sub.out_of_order) == (7, 0, 2, 1)
+    sub.finish([8])
+    assert sub.missing == 3 and sub.highest(0) == 8
+    assert rec.received == 7 and rec.hist_total == 7
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_subscriber_raw_streams_and_malformed(impl) -> None:
+    rec = impl.Recorder()
+    sub = impl.Subscriber(impl.KIND_RAW, rec, 2)
+    now = time.monotonic_ns()
+    for pub, seq in [(0, 1), (1, 1), (1, 2), (0, 3)]:
+        _feed(sub, header(pub, seq, now) + b"pad", WSMsgType.BINARY)
+    _feed(sub, b"not a header at all, but long enough to look like one")
+    _feed(sub, header(7, 1, now))  # publisher 7 does not exist
+    assert (sub.received, sub.missing, rec.malformed) == (4, 1, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_tlv_message_and_control_frames(impl) -> None:
+    import struct
+
+    rec = impl.Recorder()
+    sub = impl.Subscriber(impl.KIND_WIREHUB_TLV, rec, 1)
+    seen = []
+    sub.control = lambda _l, t, p: seen.append(p)
+    data = header(0, 1, time.monotonic_ns())
+    msg = (struct.pack(">BI", 1, 7) + b"message" + struct.pack(">BI", 5, 8)
+           + struct.pack(">Q", 1) + struct.pack(">BI", 3, len(data)) + data)
+    _feed(sub, msg, WSMsgType.BINARY)
+    _feed(sub, b'{"type":"welcome"}')
+    _feed(sub, b"\x01\x00\x00\x00\x09mess", WSMsgType.BINARY)  # truncated record
+    assert (sub.received, rec.malformed, seen) == (1, 1, [b'{"type":"welcome"}'])
+
+
+# -- end to end --------------------------------------------------------------
+
+def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, str(SERVERS / script), "--port", "0", *args],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("READY "), line
+    return proc, int(line.split()[1])
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, int]]:
+    specs = {"echo": ("picows_server.py", "--mode", "echo"),
+             "broadcast": ("picows_server.py", "--mode", "broadcast"),
+             "mock": ("mock_wirehub.py",),
+             "faulty": ("mock_wirehub.py", "--skip-offset", "5", "--dup-offset", "9"),
+             "slow": ("mock_wirehub.py", "--close-after", "3"),
+             "reset": ("mock_wirehub.py", "--reset")}
+    started = {name: _start(*spec) for name, spec in specs.items()}
+    yield {name: port for name, (_, port) in started.items()}
+    for proc, _ in started.values():
+        proc.terminate()
+        proc.wait()
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
+    code = main([*argv, *FAST])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_echo_raw(servers, capsys) -> None:
+    code, res = _run(capsys, "echo", "--protocol", "raw", "--binary", "--connections", "4",
+                     "--inflight", "2", "--url", f"ws://127.0.0.1:{servers['echo']}/")
+    assert code == 0 and res["ok"]
+    assert res["throughput"]["round_trips_per_s"] > 0
+    assert res["latency_us"]["count"] > 0 and res["latency_us"]["p50"] > 0
+    assert res["client"]["processes"][0]["cpu_percent"] >= 0
+
+
+def test_fanout_raw_broadcast_counts_every_delivery(servers, capsys) -> None:
+    code, res = _run(capsys, "fanout", "--protocol", "raw", "--publishers", "2",
+                     "--subscribers", "5", "--procs", "2",
+                     "--url", f"ws://127.0.0.1:{servers['broadcast']}/")
+    d = res["delivery"]
+    assert code == 0, res["errors"]
+    assert d["published"] > 0
+    assert d["received"] == d["published"] * 5
+    assert (d["missing"], d["duplicates"], d["out_of_order"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("codec", ["json", "tlv"])
+def test_fanout_wirehub_counts(servers, capsys, codec) -> None:
+    code, res = _run(capsys, "fanout", "--codec", codec, "--publishers", "2", "--channels", "3",
+                     "--subscribers", "6", "--rate", "300",
+                     "--url", f"ws://127.0.0.1:{servers['mock']}/ws")
+    d = res["delivery"]
+    assert code == 0, res["errors"]
+    # 6 subscribers over 3 channels: each publication reaches exactly 2 of them.
+    assert d["received"] == d["published"] * 2 > 0
+    assert res["throughput"]["published_per_s"] == pytest.approx(300, rel=0.2)
+
+
+def test_fanout_detects_injected_gap_and_duplicate(servers, capsys) -> None:
+    code, res = _run(capsys, "fanout", "--subscribers", "3", "--rate", "100",
+                     "--url", f"ws://127.0.0.1:{servers['faulty']}/ws")
+    d = res["delivery"]
+    assert code == 1 and not res["ok"]
+    assert (d["missing"], d["duplicates"], d["subscribers_with_anomalies"]) == (3, 3, 3)
+    assert res["errors"]["missing"] == 3 and res["errors"]["duplicates"] == 3
+
+
+def test_server_close_is_counted(servers, capsys) -> None:
+    code, res = _run(capsys, "fanout", "--subscribers", "2", "--rate", "100",
+                     "--url", f"ws://127.0.0.1:{servers['slow']}/ws")
+    assert code == 1
+    assert res["errors"]["closed_by_server_1013"] == 2
+
+
+@pytest.mark.parametrize("target", ["refused", "reset"])
+def test_refused_and_reset_connections(servers, capsys, target) -> None:
+    if target == "refused":
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    else:
+        port = servers["reset"]
+    code, res = _run(capsys, "echo", "--connections", "3", "--max-errors", "5",
+                     "--url", f"ws://127.0.0.1:{port}/ws")
+    assert code == 0  # 3 errors <= --max-errors 5
+    assert res["errors"] == {f"connect_{target}": 3}
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_connect_mode_reports_handshakes(servers, capsys) -> None:
+    code, res = _run(capsys, "connect", "--connections", "50", "--concurrency", "10",
+                     "--url", f"ws://127.0.0.1:{servers['mock']}/ws")
+    assert code == 0
+    assert res["connect"]["established"] == 50
+    assert res["connect"]["handshakes_per_s"] > 0
+
+
+def test_help_lists_examples_for_every_mode(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for mode in ("echo", "fanout", "connect"):
+        assert f"%s {mode} " % "python -m tools.loadgen" in out
+
+
+def _has_wirehub_serve() -> bool:
+    if importlib.util.find_spec("wirehub.gateway") is None:
+        return False
+    probe = subprocess.run([sys.executable, "-m", "wirehub", "serve", "--help"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _has_wirehub_serve(), reason="wirehub serve does not exist yet")
+@pytest.mark.parametrize("codec", ["json", "tlv"])
+def test_fanout_against_wirehub_serve(capsys, codec) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", str(port)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline, "wirehub serve did not start"
+            time.sleep(0.05)
+        code, res = _run(capsys, "fanout", "--subscribers", "10", "--channels", "2",
+                         "--rate", "500", "--codec", codec, "--url", f"ws://127.0.0.1:{port}/ws")
+        assert code == 0, res["errors"]
+        # 10 subscribers over 2 channels: each publication reaches 5 of them.
+        assert res["delivery"]["received"] == res["delivery"]["published"] * 5 > 0
+    finally:
+        proc.terminate()
+        proc.wait()
