@@ -136,15 +136,15 @@ def _stamp(python2: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def ensure_venv(python2: str) -> Path:
-    """Build .cache/autobahn-venv unless it exists for these pins; return its wstest."""
-    wstest = VENV / "bin" / "wstest"
-    stamp_file = VENV / ".wirehub-stamp"
+def ensure_venv(python2: str, venv: Path) -> Path:
+    """Build the py2 venv unless it exists for these pins; return its wstest."""
+    wstest = venv / "bin" / "wstest"
+    stamp_file = venv / ".wirehub-stamp"
     stamp = _stamp(python2)
     if wstest.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         return wstest
 
-    log(f"building {VENV.relative_to(ROOT)} with {python2} (once; about a minute)")
+    log(f"building {venv} with {python2} (once; about a minute)")
     CACHE.mkdir(exist_ok=True)
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_PYTHON_VERSION_WARNING="1")
     bootstrap_python = BOOTSTRAP / "bin" / "python"
@@ -155,15 +155,15 @@ def ensure_venv(python2: str) -> Path:
             [str(bootstrap_python), "-m", "pip", "install", "-q", "--no-deps", *BOOTSTRAP_PINS], env
         )
         (BOOTSTRAP / ".done").write_text("\n".join(BOOTSTRAP_PINS))
-    shutil.rmtree(VENV, ignore_errors=True)
+    shutil.rmtree(venv, ignore_errors=True)
     _check_call(
-        [str(bootstrap_python), "-m", "virtualenv", "-q", "--no-download", "-p", python2, str(VENV)],
+        [str(bootstrap_python), "-m", "virtualenv", "-q", "--no-download", "-p", python2, str(venv)],
         env,
     )
     _check_call(
-        [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], env
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)], env
     )
-    _check_call([str(VENV / "bin" / "python"), "-m", "pip", "check"], env)
+    _check_call([str(venv / "bin" / "python"), "-m", "pip", "check"], env)
     stamp_file.write_text(stamp)
     return wstest
 
@@ -293,7 +293,7 @@ def run_wstest(wstest: Path, spec: Path, workdir: Path, progress: bool) -> tuple
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
-    with open(log_path, "w") as out:
+    with open(log_path, "w", buffering=1) as out:  # line-buffered: tail -f works
         proc = subprocess.Popen(
             cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -469,6 +469,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exclude-cases", default="", help="comma-separated case patterns to skip")
     parser.add_argument("--python2", help="Python 2.7 interpreter (default: $WIREHUB_PYTHON2, PATH, pyenv)")
     parser.add_argument("--reports", default=str(ROOT / "reports"), help="report directory (default reports/)")
+    parser.add_argument(
+        "--venv",
+        default=os.environ.get("WIREHUB_AUTOBAHN_VENV", str(VENV)),
+        help="where the pinned py2 virtualenv lives (default: $WIREHUB_AUTOBAHN_VENV or "
+        ".cache/autobahn-venv); share one between clones to build it once",
+    )
     parser.add_argument("--strict", action="store_true", help="UNIMPLEMENTED cases also fail the run")
     parser.add_argument("--write-summary", metavar="PATH", help="write the counts and non-OK cases into PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
@@ -493,7 +499,7 @@ def _split(patterns: str) -> list[str]:
 
 
 def _run(args: argparse.Namespace, python2: str) -> int:
-    wstest = ensure_venv(python2)
+    wstest = ensure_venv(python2, Path(args.venv).resolve())
     reports = Path(args.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)
     outdir = reports / "servers"
