@@ -1,0 +1,49 @@
+cimport cython
+
+
+cdef class Flusher:
+    cdef list _dirty
+    cdef bint _scheduled
+    cdef object _call_soon
+    cdef object _run
+    cdef readonly object loop
+
+    cdef void mark(self, OutBatch batch) except *
+    cpdef flush(self)
+
+
+@cython.final
+cdef class OutBatch:
+    cdef char* _buf
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _cap
+    cdef list _segments
+    cdef readonly Py_ssize_t pending_bytes
+    cdef readonly Py_ssize_t high_water_bytes
+    cdef readonly bint paused
+    cdef readonly bint closed
+    cdef readonly bint overflowed
+    cdef bint _dirty
+    cdef int _fd
+    cdef Flusher _flusher
+    cdef object _write
+    cdef object _writelines
+    cdef object _transport_buffered
+    cdef object _on_overflow
+    cdef object _call_soon
+
+    cdef bint _push(self, bytes frame) except -1
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef int _seal(self) except -1
+    cdef int _write_out(self, char* ptr, Py_ssize_t n) except -1
+    cdef void _release(self) noexcept
+    cdef int _overflow(self) except -1
+    cpdef bint push(self, bytes frame)
+    cpdef bint push_frame(self, int opcode, object payload)
+    cpdef flush(self)
+    cpdef pause(self)
+    cpdef resume(self)
+    cpdef close(self)
+
+
+cpdef Py_ssize_t fanout(list batches, bytes frame, OutBatch exclude=*) except -1

@@ -1,0 +1,178 @@
+# cython: freethreading_compatible = True
+"""Keep picows from answering frame N+1 before frame N is delivered.
+
+picows's parser reads one frame ahead: after parsing frame N it parses the
+header of frame N+1 before calling the listener with N. When N+1 is a
+protocol error (reserved opcode, unmasked or oversized frame, a bad or second
+CLOSE), picows sends CLOSE 1002/1009 first and the reply to N arrives after
+it, or never (Autobahn 4.1.3–4.2.4, 5.x, 7.1.x).
+
+``ReadAheadGuard`` sits between the event loop and picows's ``WSProtocol``.
+The loop still reads straight into picows's buffer (zero copy); the guard
+scans the frame headers of each read and, when a frame picows might refuse
+starts *after* other bytes of the same read, splits the read there: picows
+gets the bytes before it, the listener's outbound batch is flushed, then the
+rest is fed as a second read. Reads without such a frame pass through
+untouched, so the guard costs one header scan per read.
+
+Reference twin: ``wirehub._pure.readahead``.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport uint8_t, uint64_t
+from libc.string cimport memcpy
+
+
+cdef class ReadAheadGuard:
+    """The loop's protocol; forwards everything to ``inner`` (a picows WSProtocol).
+
+    Args:
+        inner: the picows ``WSProtocol`` for this connection.
+        max_frame_size: picows's ``max_frame_size`` (a larger frame is one it refuses).
+    """
+
+    cdef object _inner
+    cdef object _view
+    cdef uint64_t _skip          # payload bytes of the current frame still to come
+    cdef uint8_t _header[14]     # a header split across reads
+    cdef int _header_len
+    cdef uint64_t _max_frame_size
+    cdef bint _upgraded
+
+    def __init__(self, inner, uint64_t max_frame_size):
+        self._inner = inner
+        self._max_frame_size = max_frame_size
+
+    # asyncio protocol interface, forwarded
+    def connection_made(self, transport):
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc):
+        self._inner.connection_lost(exc)
+
+    def eof_received(self):
+        return self._inner.eof_received()
+
+    def pause_writing(self):
+        self._inner.pause_writing()
+
+    def resume_writing(self):
+        self._inner.resume_writing()
+
+    def get_buffer(self, Py_ssize_t size_hint):
+        self._view = self._inner.get_buffer(size_hint)
+        return self._view
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if not self._upgraded:
+            # The HTTP upgrade request: picows's concern alone.
+            self._inner.buffer_updated(nbytes)
+            self._upgraded = self._inner.listener is not None
+            return
+        self._feed(nbytes)
+
+    cdef _feed(self, Py_ssize_t nbytes):
+        cdef Py_buffer view
+        cdef Py_ssize_t split
+        cdef bytes tail
+        while True:
+            PyObject_GetBuffer(self._view, &view, PyBUF_SIMPLE)
+            try:
+                split = self._find_split(<const uint8_t*>view.buf, nbytes)
+                if split <= 0:
+                    tail = None
+                else:
+                    tail = (<char*>view.buf)[split:nbytes]
+            finally:
+                PyBuffer_Release(&view)
+            if tail is None:
+                self._inner.buffer_updated(nbytes)
+                return
+            self._inner.buffer_updated(split)
+            self._flush_listener()
+            self._view = self._inner.get_buffer(-1)
+            nbytes = len(tail)
+            PyObject_GetBuffer(self._view, &view, PyBUF_SIMPLE)
+            try:
+                if view.len < nbytes:  # cannot happen: the tail fit before
+                    raise RuntimeError("picows read buffer shrank below the unread tail")
+                memcpy(view.buf, <char*>tail, nbytes)
+            finally:
+                PyBuffer_Release(&view)
+
+    cdef _flush_listener(self):
+        listener = self._inner.listener
+        batch = getattr(listener, "batch", None)
+        if batch is not None:
+            batch.flush()
+
+    cdef Py_ssize_t _find_split(self, const uint8_t* p, Py_ssize_t n):
+        """Scan headers in ``p[0:n]``; return where a risky frame starts (> 0), else 0.
+
+        State carried across reads: ``_skip`` (payload still to pass) and a
+        partial header. A returned split leaves the state at that frame's
+        start, which is where the re-fed tail begins.
+        """
+        cdef Py_ssize_t pos = 0, take, header_start
+        cdef int need, flag, i
+        cdef uint64_t length
+        cdef uint8_t b0, b1, opcode
+        while pos < n:
+            if self._skip:
+                take = <Py_ssize_t>min(<uint64_t>(n - pos), self._skip)
+                pos += take
+                self._skip -= take
+                continue
+            header_start = pos - self._header_len
+            # Collect the 2-byte base header.
+            while self._header_len < 2 and pos < n:
+                self._header[self._header_len] = p[pos]
+                self._header_len += 1
+                pos += 1
+            if self._header_len < 2:
+                return 0
+            b0 = self._header[0]
+            b1 = self._header[1]
+            opcode = b0 & 0x0F
+            flag = b1 & 0x7F
+            if self._risky_start(b0, b1) and header_start > 0:
+                return self._split_at(header_start)
+            need = 2 + (2 if flag == 126 else 8 if flag == 127 else 0) + (4 if b1 & 0x80 else 0)
+            while self._header_len < need and pos < n:
+                self._header[self._header_len] = p[pos]
+                self._header_len += 1
+                pos += 1
+            if self._header_len < need:
+                return 0
+            if flag == 126:
+                length = (<uint64_t>self._header[2] << 8) | self._header[3]
+                if length < 126 and header_start > 0:
+                    return self._split_at(header_start)
+            elif flag == 127:
+                length = 0
+                for i in range(8):
+                    length = (length << 8) | self._header[2 + i]
+                if (length >> 63 or length < 65536) and header_start > 0:
+                    return self._split_at(header_start)
+            else:
+                length = flag
+            if length > self._max_frame_size and opcode < 8 and header_start > 0:
+                return self._split_at(header_start)
+            self._header_len = 0
+            self._skip = length
+        return 0
+
+    cdef inline bint _risky_start(self, uint8_t b0, uint8_t b1) noexcept:
+        cdef uint8_t opcode = b0 & 0x0F
+        if not (b1 & 0x80):
+            return True  # unmasked client frame (RFC 6455 §5.1)
+        if opcode == 0 or opcode == 1 or opcode == 2:
+            return False
+        if opcode == 9 or opcode == 10:
+            return not (b0 & 0x80) or (b1 & 0x7F) > 125
+        return True  # CLOSE (maybe invalid or a second one) or a reserved opcode
+
+    cdef inline Py_ssize_t _split_at(self, Py_ssize_t header_start) noexcept:
+        self._header_len = 0
+        self._skip = 0
+        return header_start

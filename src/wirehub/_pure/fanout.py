@@ -1,0 +1,133 @@
+"""Outbound batching (reference of ``_ext.fanout``).
+
+Same behaviour as the compiled module, written for reading: frames go into a
+per-connection ``bytearray`` (or a segment list for large frames) and the
+loop-wide ``Flusher`` writes each dirty batch once per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .frame import build_frame
+
+SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
+
+logger = logging.getLogger("wirehub.fanout")
+
+
+class Flusher:
+    """Write every dirty ``OutBatch`` once, on the next event-loop iteration."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._dirty: list[OutBatch] = []
+        self._scheduled = False
+
+    def mark(self, batch: OutBatch) -> None:
+        self._dirty.append(batch)
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for batch in dirty:
+            batch._dirty = False
+            try:
+                batch.flush()
+            except Exception:
+                logger.exception("flush failed; closing that connection's batch")
+                batch.close()
+
+
+class OutBatch:
+    """One connection's outbound frames, written at most once per tick."""
+
+    def __init__(self, flusher: Flusher, transport: Any, high_water_bytes: int,
+                 on_overflow: Callable[[], object]) -> None:
+        self._flusher = flusher
+        self._transport = transport
+        self._on_overflow = on_overflow
+        self.high_water_bytes = high_water_bytes
+        self._buf = bytearray()
+        self._segments: list[bytes] = []
+        self.pending_bytes = 0
+        self.paused = self.closed = self.overflowed = False
+        self._dirty = False
+
+    def _queue(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if self.pending_bytes + len(frame) > self.high_water_bytes:
+            self._overflow()
+            return False
+        if len(frame) >= SHARE_ABOVE:
+            self._seal()
+            self._segments.append(frame)
+        else:
+            self._buf += frame
+        self.pending_bytes += len(frame)
+        if not self._dirty and not self.paused:
+            self._dirty = True
+            self._flusher.mark(self)
+        return True
+
+    def push(self, frame: bytes) -> bool:
+        """Queue a complete frame; return False if the batch refused it."""
+        return self._queue(frame)
+
+    def push_frame(self, opcode: int, payload: bytes | bytearray | memoryview) -> bool:
+        """Frame ``payload`` and queue it (for per-connection replies)."""
+        return self._queue(build_frame(opcode, payload))
+
+    def _seal(self) -> None:
+        if self._buf:
+            self._segments.append(bytes(self._buf))
+            self._buf = bytearray()
+
+    def flush(self) -> None:
+        """Write everything pending now, unless paused or closed."""
+        if self.closed or self.paused or not self.pending_bytes:
+            return
+        if self._segments:
+            self._seal()
+            segments, self._segments = self._segments, []
+            self._transport.writelines(segments)
+        else:
+            self._transport.write(bytes(self._buf))
+            self._buf = bytearray()
+        self.pending_bytes = 0
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.pending_bytes and not self._dirty and not self.closed:
+            self._dirty = True
+            self._flusher.mark(self)
+
+    def close(self) -> None:
+        """Drop pending frames and refuse new ones."""
+        self.closed = True
+        self._release()
+
+    def _release(self) -> None:
+        self._buf = bytearray()
+        self._segments = []
+        self.pending_bytes = 0
+
+    def _overflow(self) -> None:
+        self.overflowed = self.closed = True
+        self._release()
+        self._flusher.loop.call_soon(self._on_overflow)
+
+
+def fanout(batches: list[OutBatch], frame: bytes, exclude: OutBatch | None = None) -> int:
+    """Queue ``frame`` on every batch except ``exclude``; return how many took it."""
+    return sum(1 for batch in batches if batch is not exclude and batch.push(frame))

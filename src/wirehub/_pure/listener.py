@@ -1,0 +1,190 @@
+"""The receive path (reference of ``_ext.listener``): frames in, messages out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from .bucket import TokenBucket
+from .fanout import Flusher, OutBatch
+from .frame import Utf8Validator
+
+logger = logging.getLogger("wirehub.connection")
+
+
+monotonic = time.monotonic
+
+
+def _is_valid_close_code(code: int) -> bool:
+    """RFC 6455 §7.4.1/§7.4.2: the codes a peer may put on the wire."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class FrameListener(WSListener):  # type: ignore[misc]
+    """Reassemble, validate and rate-limit messages; send through an ``OutBatch``.
+
+    See ``wirehub._ext.listener.FrameListener`` for the contract.
+    """
+
+    def __init__(self, flusher: Flusher, limits: Any, sink: Any) -> None:
+        self._flusher = flusher
+        self._sink = sink
+        self._utf8 = Utf8Validator()
+        self._fragments = bytearray()
+        self._fragmented_opcode = 0
+        self._fragment_count = 0
+        self._close_received = False
+        self._last_seen = self._ping_sent_at = 0.0
+        self.max_message_bytes = limits.max_payload_bytes
+        self._max_fragments = limits.max_fragments
+        self._high_water_bytes = limits.high_water_bytes
+        self._close_timeout_s = limits.close_timeout_s
+        now = time.monotonic()
+        self._messages = TokenBucket(limits.rate_limit_messages_per_s, limits.rate_limit_burst_messages, now)
+        self._bytes = TokenBucket(limits.rate_limit_bytes_per_s, limits.rate_limit_burst_bytes, now)
+        self._violations = TokenBucket(
+            limits.rate_limit_violations_per_s, limits.rate_limit_burst_violations, now)
+        self.transport: WSTransport | None = None
+        self.batch: OutBatch | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self._last_seen = time.monotonic()
+        self.batch = OutBatch(self._flusher, transport.underlying_transport,
+                              self._high_water_bytes, self._on_overflow)
+        self._sink.on_open()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.batch is not None:
+            self.batch.close()
+        self._sink.on_close()
+
+    def pause_writing(self) -> None:
+        self.batch.pause()
+
+    def resume_writing(self) -> None:
+        self.batch.resume()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        opcode = frame.msg_type
+        self._last_seen = time.monotonic()
+        if self._close_received:
+            return  # RFC 6455 §5.5.1
+        if self.transport.is_close_frame_sent and opcode != WSMsgType.CLOSE:
+            self.batch.close()  # nothing may follow our CLOSE
+            return
+        if opcode == WSMsgType.CLOSE:
+            self._on_close_frame(frame)
+        elif opcode in (WSMsgType.PING, WSMsgType.PONG):
+            return
+        elif frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+        elif opcode == WSMsgType.CONTINUATION:
+            if not self._fragmented_opcode:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+            else:
+                self._add_fragment(frame)
+        elif self._fragmented_opcode:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "new message started before the fragmented one finished")
+        elif not frame.fin:
+            self._fragmented_opcode = opcode
+            self._fragment_count = 0
+            self._add_fragment(frame)
+        else:
+            payload = frame.get_payload_as_bytes()
+            if opcode == WSMsgType.TEXT and not (self._utf8.feed(payload) and self._utf8.finish()):
+                self._utf8.reset()
+                self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+                return
+            self._deliver(opcode, payload)
+
+    def _add_fragment(self, frame: WSFrame) -> None:
+        self._fragment_count += 1
+        if self._fragment_count > self._max_fragments:
+            self.close(WSCloseCode.POLICY_VIOLATION, "message has too many fragments")
+            return
+        if len(self._fragments) + frame.payload_size > self.max_message_bytes:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
+            return
+        chunk = frame.get_payload_as_bytes()
+        if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed(chunk):
+            self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+            return
+        self._fragments += chunk
+        if not frame.fin:
+            return
+        opcode, self._fragmented_opcode = self._fragmented_opcode, 0
+        if opcode == WSMsgType.TEXT and not self._utf8.finish():
+            self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+            return
+        payload, self._fragments = bytes(self._fragments), bytearray()
+        self._deliver(opcode, payload)
+
+    def _deliver(self, opcode: int, payload: bytes) -> None:
+        now = self._last_seen
+        if not (self._messages.consume(1.0, now) and self._bytes.consume(len(payload), now)):
+            if not self._violations.consume(1.0, now):
+                self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            else:
+                self._sink.on_refused(opcode == WSMsgType.BINARY)
+            return
+        if opcode == WSMsgType.TEXT:
+            self._sink.on_text(payload)
+        else:
+            self._sink.on_binary(payload)
+
+    def _on_close_frame(self, frame: WSFrame) -> None:
+        self._close_received = True
+        code = WSCloseCode.OK
+        if frame.payload_size >= 2:
+            code = frame.get_close_code()
+            if not _is_valid_close_code(code):
+                self.close(WSCloseCode.PROTOCOL_ERROR, "invalid close code")
+                self.transport.disconnect()
+                return
+        if not self.transport.is_close_frame_sent:
+            self.batch.flush()
+            self.transport.send_close(code)
+        self.batch.close()
+        self.transport.disconnect()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send CLOSE with ``code``/``reason``; abort if the peer does not answer."""
+        if self.transport.is_close_frame_sent or self.transport.is_disconnected:
+            return
+        self._sink.on_closing(code)
+        self.batch.flush()
+        self.batch.close()
+        self.transport.send_close(WSCloseCode(code), reason.encode())
+        self._flusher.loop.call_later(self._close_timeout_s, self._abort)
+
+    def heartbeat(self, now: float, interval_s: float, timeout_s: float) -> int:
+        """Ping an idle peer; close one that did not answer in time (1001)."""
+        if self.transport is None or self.transport.is_close_frame_sent:
+            return 0
+        if self._ping_sent_at:
+            if self._last_seen >= self._ping_sent_at:
+                self._ping_sent_at = 0.0
+            elif now - self._ping_sent_at >= timeout_s:
+                self.close(WSCloseCode.GOING_AWAY, "no answer to ping")
+                return 2
+            else:
+                return 0
+        if now - self._last_seen >= interval_s:
+            self.transport.send_ping()
+            self._ping_sent_at = now
+            return 1
+        return 0
+
+    def _abort(self) -> None:
+        if not self.transport.is_disconnected:
+            self.transport.disconnect(False)
+
+    def _on_overflow(self) -> None:
+        if self.transport.is_close_frame_sent or self.transport.is_disconnected:
+            return
+        self._sink.on_slow_consumer()
+        self.close(WSCloseCode.TRY_AGAIN_LATER, "slow consumer: pending outbound bytes passed high_water_bytes")

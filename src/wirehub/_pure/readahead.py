@@ -1,0 +1,112 @@
+"""Keep picows from answering frame N+1 before frame N is delivered
+(reference of ``_ext.readahead``; see its docstring for the why)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+
+class ReadAheadGuard(asyncio.BufferedProtocol):
+    """The loop's protocol; forwards to ``inner`` and splits reads before risky frames."""
+
+    def __init__(self, inner: Any, max_frame_size: int) -> None:
+        self._inner = inner
+        self._max_frame_size = max_frame_size
+        self._view: memoryview | None = None
+        self._skip = 0
+        self._header = bytearray()
+        self._upgraded = False
+
+    def connection_made(self, transport: Any) -> None:
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._view = self._inner.get_buffer(sizehint)
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._upgraded:
+            self._inner.buffer_updated(nbytes)
+            self._upgraded = self._inner.listener is not None
+            return
+        while True:
+            data = bytes(self._view[:nbytes])
+            split = self._find_split(data)
+            if split <= 0:
+                self._inner.buffer_updated(nbytes)
+                return
+            tail = data[split:]
+            self._inner.buffer_updated(split)
+            batch = getattr(self._inner.listener, "batch", None)
+            if batch is not None:
+                batch.flush()
+            self._view = self._inner.get_buffer(-1)
+            self._view[:len(tail)] = tail
+            nbytes = len(tail)
+
+    def _find_split(self, data: bytes) -> int:
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                take = min(n - pos, self._skip)
+                pos += take
+                self._skip -= take
+                continue
+            header_start = pos - len(self._header)
+            while len(self._header) < 2 and pos < n:
+                self._header.append(data[pos])
+                pos += 1
+            if len(self._header) < 2:
+                return 0
+            b0, b1 = self._header[0], self._header[1]
+            opcode, flag = b0 & 0x0F, b1 & 0x7F
+            if self._risky_start(b0, b1) and header_start > 0:
+                return self._split_at(header_start)
+            need = 2 + {126: 2, 127: 8}.get(flag, 0) + (4 if b1 & 0x80 else 0)
+            while len(self._header) < need and pos < n:
+                self._header.append(data[pos])
+                pos += 1
+            if len(self._header) < need:
+                return 0
+            if flag == 126:
+                length = int.from_bytes(self._header[2:4], "big")
+                invalid = length < 126
+            elif flag == 127:
+                length = int.from_bytes(self._header[2:10], "big")
+                invalid = length >> 63 or length < 65536
+            else:
+                length, invalid = flag, False
+            if (invalid or (length > self._max_frame_size and opcode < 8)) and header_start > 0:
+                return self._split_at(header_start)
+            self._header.clear()
+            self._skip = length
+        return 0
+
+    @staticmethod
+    def _risky_start(b0: int, b1: int) -> bool:
+        opcode = b0 & 0x0F
+        if not b1 & 0x80:
+            return True
+        if opcode in (0, 1, 2):
+            return False
+        if opcode in (9, 10):
+            return not b0 & 0x80 or (b1 & 0x7F) > 125
+        return True
+
+    def _split_at(self, header_start: int) -> int:
+        self._header.clear()
+        self._skip = 0
+        return header_start

@@ -1,0 +1,153 @@
+"""Gateway configuration: one validated Struct, from TOML, environment and flags.
+
+Precedence, lowest first: defaults, the TOML file (``--config``), ``WIREHUB_*``
+environment variables, command-line flags. Every layer is validated by
+msgspec against ``Config``; an error names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+KiB = 1024
+MiB = 1024 * KiB
+
+NonNegative = msgspec.Meta(ge=0)
+Positive = msgspec.Meta(gt=0)
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything ``wirehub serve`` can be told. See ``HELP`` for each field."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    ws_path: str = "/ws"
+    echo: bool = False
+    max_payload_bytes: Annotated[int, Positive] = 1 * MiB
+    max_fragments: Annotated[int, Positive] = 131_072
+    max_subscriptions_per_connection: Annotated[int, Positive] = 128
+    max_channel_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 255
+    ping_interval_s: Annotated[float, Positive] = 20.0
+    ping_timeout_s: Annotated[float, Positive] = 20.0
+    rate_limit_messages_per_s: Annotated[float, NonNegative] = 10_000.0
+    rate_limit_burst_messages: Annotated[float, NonNegative] = 20_000.0
+    rate_limit_bytes_per_s: Annotated[float, NonNegative] = 64.0 * MiB
+    rate_limit_burst_bytes: Annotated[float, NonNegative] = 128.0 * MiB
+    rate_limit_violations_per_s: Annotated[float, NonNegative] = 10.0
+    rate_limit_burst_violations: Annotated[float, NonNegative] = 100.0
+    high_water_bytes: Annotated[int, Positive] = 4 * MiB
+    close_timeout_s: Annotated[float, Positive] = 2.0
+    shutdown_timeout_s: Annotated[float, Positive] = 5.0
+    handshake_timeout_s: Annotated[float, Positive] = 5.0
+    read_buffer_bytes: Annotated[int, msgspec.Meta(ge=2048)] = 2 * KiB
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    log_format: Literal["text", "json"] = "text"
+
+    def __post_init__(self) -> None:
+        if self.high_water_bytes <= self.max_payload_bytes:
+            raise ValueError(
+                f"high_water_bytes ({self.high_water_bytes}) must exceed "
+                f"max_payload_bytes ({self.max_payload_bytes}) so one message always fits")
+        for rate, burst in (("rate_limit_messages_per_s", "rate_limit_burst_messages"),
+                            ("rate_limit_bytes_per_s", "rate_limit_burst_bytes"),
+                            ("rate_limit_violations_per_s", "rate_limit_burst_violations")):
+            if getattr(self, rate) > 0 and getattr(self, burst) <= 0:
+                raise ValueError(f"{burst} must be > 0 when {rate} is set")
+
+
+HELP: dict[str, str] = {
+    "host": "interface to listen on",
+    "port": "TCP port (0 picks a free one)",
+    "ws_path": "path of the WebSocket endpoint",
+    "echo": "enable the /echo diagnostics endpoint (echoes every message through the production path)",
+    "max_payload_bytes": "largest message accepted; larger closes with 1009",
+    "max_fragments": "most frames one fragmented message may have",
+    "max_subscriptions_per_connection": "subscriptions one connection may hold",
+    "max_channel_length": "longest channel name, in characters",
+    "ping_interval_s": "idle seconds before the server pings a client",
+    "ping_timeout_s": "seconds a client has to answer a ping before it is closed with 1001",
+    "rate_limit_messages_per_s": "messages per second per connection (0 = unlimited)",
+    "rate_limit_burst_messages": "message burst per connection",
+    "rate_limit_bytes_per_s": "inbound bytes per second per connection (0 = unlimited)",
+    "rate_limit_burst_bytes": "inbound byte burst per connection",
+    "rate_limit_violations_per_s": "refused messages per second tolerated before closing with 1008",
+    "rate_limit_burst_violations": "refused-message burst tolerated before closing with 1008",
+    "high_water_bytes": "pending outbound bytes past which a slow consumer is closed with 1013",
+    "close_timeout_s": "seconds to wait for the peer's CLOSE before dropping TCP",
+    "shutdown_timeout_s": "seconds SIGTERM/SIGINT waits for clients to close",
+    "handshake_timeout_s": "seconds a new TCP connection has to complete the upgrade",
+    "read_buffer_bytes": "initial per-connection read buffer (grows on demand)",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text or json (one JSON object per line)",
+}
+
+ENV_PREFIX = "WIREHUB_"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and its source."""
+
+
+def field_names() -> tuple[str, ...]:
+    return Config.__struct_fields__
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``WIREHUB_<FIELD>`` variables, keyed by field name."""
+    return {name: environ[ENV_PREFIX + name.upper()]
+            for name in field_names() if ENV_PREFIX + name.upper() in environ}
+
+
+def load(path: str | None = None, *, environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a ``Config`` from a TOML file, the environment and explicit overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value of the wrong type
+            or range; the message says which key and where it was set.
+    """
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                file_values = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key in file_values:
+            if key not in field_names():
+                raise ConfigError(f"config file {path}: unknown key {key!r}")
+            source[key] = f"config file {path}"
+        merged.update(file_values)
+    env_values = from_env(os.environ if environ is None else environ)
+    merged.update(env_values)
+    source.update({k: f"environment variable {ENV_PREFIX}{k.upper()}" for k in env_values})
+    for key, value in (overrides or {}).items():
+        merged[key] = value
+        source[key] = f"--{key.replace('_', '-')}"
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(str(exc), source)) from None
+
+
+def _describe(reason: str, source: Mapping[str, str]) -> str:
+    match = re.search(r" - at `\$\.(\w+)`$", reason)
+    if match is None:
+        return f"invalid configuration: {reason}"
+    key = match.group(1)
+    where = source.get(key, "default")
+    detail = reason[:match.start()]
+    choices = typing.get_args(typing.get_type_hints(Config).get(key))
+    if detail.startswith("Invalid enum value") and choices:
+        detail += f" (choose from: {', '.join(map(str, choices))})"
+    return f"invalid configuration: {key} (from {where}): {detail}"

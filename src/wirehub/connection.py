@@ -1,0 +1,220 @@
+"""One WebSocket client: decoded messages in, replies and publications out.
+
+``Connection`` is the sink of a ``FrameListener`` (the compiled receive path):
+the listener hands it whole, validated, rate-limited messages; it decodes
+them with the codec of the frame they came in, runs the middleware chain and
+dispatches. Everything it sends goes through the connection's ``OutBatch``,
+so replies and publications reach the client in the order they were queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from .hub import OP_BINARY, OP_TEXT
+from .protocol.codec import JsonCodec, TlvCodec
+from .protocol.errors import CloseCode, ErrorCode, WirehubError
+from .protocol.messages import (CustomMessage, Error, Ping, Pong, Publish, Published, Reply,
+                                Subscribe, Subscribed, Unsubscribe, Unsubscribed, Welcome)
+
+if TYPE_CHECKING:
+    from picows import WSUpgradeRequest
+
+    from .gateway import Gateway
+
+logger = logging.getLogger("wirehub.connection")
+
+
+class Connection:
+    """A connected client, as the application sees it (hooks, handlers, middleware).
+
+    Attributes:
+        client_id: unique id, sent to the client in ``welcome``.
+        subscriptions: names of the channels it is subscribed to.
+        request: the HTTP upgrade request (path, headers).
+        remote_address: ``(host, port)`` of the peer.
+    """
+
+    __slots__ = ("client_id", "subscriptions", "request", "remote_address", "listener", "batch",
+                 "_gateway", "_hub", "_json", "_tlv", "_middleware", "_metrics", "__weakref__")
+
+    def __init__(self, gateway: Gateway, request: WSUpgradeRequest) -> None:
+        self.client_id = secrets.token_hex(8)
+        self.subscriptions: set[str] = set()
+        self.request = request
+        self.remote_address: tuple[str, int] | None = None
+        self._gateway = gateway
+        self._hub = gateway.hub
+        self._json: JsonCodec = gateway.json_codec
+        self._tlv: TlvCodec = gateway.tlv_codec
+        self._middleware = gateway.middleware
+        self._metrics = gateway.metrics
+        self.listener = gateway.impl.listener.FrameListener(gateway.flusher, gateway.config, self)
+        self.batch: Any = None
+
+    # -- public API -----------------------------------------------------------
+
+    def send(self, obj: Any) -> bool:
+        """Send ``obj`` (a reply Struct, or anything msgspec encodes) as a JSON text frame."""
+        return self.batch.push_frame(OP_TEXT, self._json.encode_object(obj))
+
+    def send_bytes(self, data: bytes) -> bool:
+        """Send ``data`` as one binary frame."""
+        return self.batch.push_frame(OP_BINARY, data)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake (queued frames are flushed first)."""
+        self.listener.close(code, reason)
+
+    # -- listener sink --------------------------------------------------------
+
+    def on_open(self) -> None:
+        self.batch = self.listener.batch
+        peer = self.listener.transport.underlying_transport.get_extra_info("peername")
+        self.remote_address = tuple(peer[:2]) if peer else None
+        self._hub.clients[self.client_id] = self
+        self._metrics.connections_total += 1
+        self._metrics.connections_current += 1
+        self.send(Welcome(self.client_id, self._gateway.server_name))
+        self._gateway.run_hooks("connect", self)
+
+    def on_close(self) -> None:
+        self._hub.drop(self)
+        self._metrics.connections_current -= 1
+        self._gateway.run_hooks("disconnect", self)
+
+    def on_text(self, payload: bytes) -> None:
+        self._metrics.messages_received_total += 1
+        self._handle(payload, self._json, OP_TEXT)
+
+    def on_binary(self, payload: bytes) -> None:
+        self._metrics.messages_received_total += 1
+        self._handle(payload, self._tlv, OP_BINARY)
+
+    def on_refused(self, binary: bool) -> None:
+        self._metrics.errors_total[ErrorCode.RATE_LIMITED] += 1
+        codec, opcode = (self._tlv, OP_BINARY) if binary else (self._json, OP_TEXT)
+        self.batch.push_frame(opcode, codec.encode(
+            Error(ErrorCode.RATE_LIMITED, "rate limit exceeded; message not processed")))
+
+    def on_slow_consumer(self) -> None:
+        logger.warning("closing slow consumer", extra={"client_id": self.client_id,
+                                                       "remote": self.remote_address})
+
+    def on_closing(self, code: int) -> None:
+        self._metrics.closes_total[code] += 1
+
+    # -- dispatch -------------------------------------------------------------
+
+    def _handle(self, payload: bytes, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        msg: Any = None
+        try:
+            msg = codec.decode(payload)
+            for middleware in self._middleware:
+                middleware(self, msg)
+            kind = type(msg)
+            if kind is Publish:
+                self._publish(msg, codec, opcode)
+            elif kind is Subscribe:
+                self._hub.subscribe(self, msg.channel)
+                self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
+            elif kind is Unsubscribe:
+                self._hub.unsubscribe(self, msg.channel)
+                self._reply(Unsubscribed(msg.channel, msg.id), codec, opcode)
+            elif kind is Ping:
+                self._reply(Pong(msg.id), codec, opcode)
+            else:
+                self._custom(msg, codec, opcode)
+        except WirehubError as exc:
+            msg_id = exc.id if exc.id is not None else getattr(msg, "id", None)
+            self._metrics.errors_total[exc.code] += 1
+            self._reply(Error(exc.code, exc.message, msg_id), codec, opcode)
+
+    def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        self._hub.check_channel(msg.channel)
+        position = self._hub.publish(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
+                                     origin=self.client_id if msg.exclude_self else None)
+        if msg.id is not None:
+            self._reply(Published(msg.channel, position.offset, msg.id), codec, opcode)
+
+    def _reply(self, reply: Reply, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        self.batch.push_frame(opcode, codec.encode(reply))
+
+    def _custom(self, msg: CustomMessage, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        handler = self._gateway.handlers[msg.type]
+        try:
+            result = handler(self, msg.body)
+        except WirehubError:
+            raise
+        except Exception:
+            self._internal_error(msg, codec, opcode)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(lambda t: self._custom_done(t, msg, codec, opcode))
+        elif result is not None:
+            self.send(result)
+
+    def _custom_done(self, task: asyncio.Future, msg: CustomMessage,
+                     codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        if task.cancelled() or self.batch.closed:
+            return
+        exc = task.exception()
+        if isinstance(exc, WirehubError):
+            self._metrics.errors_total[exc.code] += 1
+            self._reply(Error(exc.code, exc.message, msg.id), codec, opcode)
+        elif exc is not None:
+            self._internal_error(msg, codec, opcode, exc)
+        elif task.result() is not None:
+            self.send(task.result())
+
+    def _internal_error(self, msg: CustomMessage, codec: JsonCodec | TlvCodec, opcode: int,
+                        exc: BaseException | None = None) -> None:
+        logger.error("handler for %r failed", msg.type, exc_info=exc or True,
+                     extra={"client_id": self.client_id})
+        self._metrics.errors_total[ErrorCode.INTERNAL_ERROR] += 1
+        self._reply(Error(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", msg.id),
+                    codec, opcode)
+
+
+class EchoConnection:
+    """The ``/echo`` diagnostics endpoint: every message comes back unchanged.
+
+    It runs the production receive and send paths (reassembly, UTF-8 checks,
+    rate limits, outbound batching), which is what a conformance run should
+    exercise.
+    """
+
+    __slots__ = ("listener", "_live", "_metrics", "__weakref__")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._metrics = gateway.metrics
+        self._live = gateway.echo_connections
+        self.listener = gateway.impl.listener.FrameListener(gateway.flusher, gateway.config, self)
+
+    def on_open(self) -> None:
+        self._live.add(self)
+        self._metrics.connections_current += 1
+
+    def on_close(self) -> None:
+        self._live.discard(self)
+        self._metrics.connections_current -= 1
+
+    def on_text(self, payload: bytes) -> None:
+        self.listener.batch.push_frame(OP_TEXT, payload)
+
+    def on_binary(self, payload: bytes) -> None:
+        self.listener.batch.push_frame(OP_BINARY, payload)
+
+    def on_refused(self, binary: bool) -> None:
+        self._metrics.errors_total[ErrorCode.RATE_LIMITED] += 1
+
+    def on_slow_consumer(self) -> None:
+        pass
+
+    def on_closing(self, code: int) -> None:
+        self._metrics.closes_total[code] += 1

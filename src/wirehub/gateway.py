@@ -1,0 +1,247 @@
+"""The embedding API: a gateway inside an existing asyncio program.
+
+::
+
+    gateway = Gateway(Config(port=8080))
+    gateway.use(reject_spam)                 # middleware: raise Rejected to refuse
+
+    @gateway.on("whoami")                    # application message type
+    def whoami(conn, msg):
+        return {"type": "you_are", "client_id": conn.client_id}
+
+    await gateway.start()
+    gateway.publish("prices.btc", {"bid": 101.5})
+    ...
+    await gateway.stop()
+
+``wirehub serve`` is a thin layer over this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import WSProtocol
+
+from . import _speedups
+from .__version__ import __version__
+from .broker.base import Broker
+from .broker.memory import MemoryBroker
+from .config import Config
+from .connection import Connection, EchoConnection
+from .hub import Hub
+from .metrics import Metrics
+from .protocol.codec import JsonCodec, TlvCodec
+from .protocol.errors import CloseCode
+from .protocol.messages import Command, CustomMessage, StreamPosition
+
+logger = logging.getLogger("wirehub.gateway")
+
+Middleware = Callable[[Connection, "Command | CustomMessage"], None]
+Handler = Callable[[Connection, dict[str, Any]], Any]
+Hook = Callable[[Connection], Any]
+
+RESERVED_TYPES = frozenset({"subscribe", "unsubscribe", "publish", "ping", "auth"})
+
+
+class Gateway:
+    """A WebSocket pub/sub gateway.
+
+    Args:
+        config: limits and listen address; defaults to ``Config()``.
+        broker: where publications travel; defaults to the in-memory broker.
+        implementation: ``"ext"`` (Cython) or ``"pure"`` (the Python
+            references); defaults to ext unless ``WIREHUB_NO_EXTENSIONS=1``.
+    """
+
+    def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
+                 implementation: str | None = None) -> None:
+        self.config = config or Config()
+        self.impl = _speedups.load(implementation) if implementation else _speedups.implementation()
+        self.server_name = f"wirehub/{__version__}"
+        self.metrics = Metrics()
+        self.handlers: dict[str, Handler] = {}
+        self.middleware: list[Middleware] = []
+        self._hooks: dict[str, list[Hook]] = {"connect": [], "disconnect": []}
+        self.json_codec = JsonCodec(self.handlers.keys())
+        self.tlv_codec = TlvCodec(self.impl.tlv, self.handlers.keys())
+        self.broker = broker or MemoryBroker()
+        self.hub = Hub(self.broker, self.impl, self.json_codec, self.tlv_codec, self.metrics,
+                       max_channel_length=self.config.max_channel_length,
+                       max_subscriptions=self.config.max_subscriptions_per_connection)
+        self.flusher: Any = None
+        self._server: asyncio.Server | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.echo_connections: set[EchoConnection] = set()
+
+    # -- application API ------------------------------------------------------
+
+    def use(self, middleware: Middleware) -> Middleware:
+        """Add ``middleware(conn, message)`` to the chain run before every message.
+
+        It refuses a message by raising ``wirehub.Rejected`` (the client gets an
+        ``error`` with that code); it must not block.
+        """
+        self.middleware.append(middleware)
+        return middleware
+
+    def on(self, msg_type: str, handler: Handler | None = None) -> Any:
+        """Register ``handler(conn, message_dict)`` for an application message type.
+
+        Usable as a decorator. The handler may be sync or async; a non-None
+        return value is sent back to the client as JSON. Raising a
+        ``WirehubError`` answers with that error; any other exception answers
+        ``internal_error`` and is logged.
+        """
+        if msg_type in RESERVED_TYPES:
+            raise ValueError(f"{msg_type!r} is a built-in message type")
+
+        def register(fn: Handler) -> Handler:
+            self.handlers[msg_type] = fn
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    def on_connect(self, hook: Hook) -> Hook:
+        """Call ``hook(conn)`` after each client's ``welcome``."""
+        self._hooks["connect"].append(hook)
+        return hook
+
+    def on_disconnect(self, hook: Hook) -> Hook:
+        """Call ``hook(conn)`` after each client is gone."""
+        self._hooks["disconnect"].append(hook)
+        return hook
+
+    def run_hooks(self, event: str, conn: Connection) -> None:
+        for hook in self._hooks[event]:
+            try:
+                result = hook(conn)
+                if asyncio.iscoroutine(result):
+                    asyncio.ensure_future(result)
+            except Exception:
+                logger.exception("%s hook failed", event)
+
+    def publish(self, channel: str, data: Any) -> StreamPosition:
+        """Publish from Python: ``bytes`` go out as a binary message, anything
+        else is JSON-encoded.
+
+        Raises:
+            InvalidChannel: the name is not a valid channel name.
+        """
+        self.hub.check_channel(channel)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return self.hub.publish(channel, bytes(data), binary=True)
+        return self.hub.publish(channel, msgspec.json.encode(data))
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self.hub.clients.values())
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        assert self._server is not None, "call start() first"
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        loop = asyncio.get_running_loop()
+        self.flusher = self.impl.fanout.Flusher(loop)
+        cfg = self.config
+        # picows logs every accept at INFO and makes a child logger per
+        # connection for a plain Logger; an adapter avoids both costs.
+        picows_logger = logging.LoggerAdapter(logging.getLogger("wirehub.picows"), {})
+        guard = self.impl.readahead.ReadAheadGuard
+
+        def protocol_factory() -> Any:
+            # What picows.ws_create_server builds, behind the read-ahead guard.
+            # uvloop's own transports (not aiofastnet's) cost ~5 KiB less per
+            # idle connection; one gateway-wide timer replaces picows's
+            # per-connection auto-ping task (see _heartbeat).
+            inner = WSProtocol(
+                None, None, False, self._route, picows_logger,
+                True,                          # disconnect_on_exception
+                cfg.handshake_timeout_s,
+                False, 0, 0, WSAutoPingStrategy.PING_WHEN_IDLE,  # picows auto-ping off
+                True,                          # enable_auto_pong
+                cfg.max_payload_bytes,         # max_frame_size
+                None,                          # extra_headers
+                cfg.read_buffer_bytes,
+            )
+            return guard(inner, cfg.max_payload_bytes)
+
+        self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port)
+        self._heartbeat_task = loop.create_task(self._heartbeat())
+        logger.info("listening", extra={"host": cfg.host, "port": self.port,
+                                        "implementation": self.impl.name})
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop accepting, close every client with 1001, wait up to the
+        shutdown timeout, then drop whoever is left."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._heartbeat_task.cancel()
+        listeners = [c.listener for c in self.hub.clients.values()]
+        listeners += [c.listener for c in self.echo_connections]
+        for listener in listeners:
+            listener.close(CloseCode.GOING_AWAY, "server shutting down")
+        deadline = asyncio.get_running_loop().time() + (timeout_s or self.config.shutdown_timeout_s)
+        while any(not l.transport.is_disconnected for l in listeners):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        for listener in listeners:
+            if not listener.transport.is_disconnected:
+                listener.transport.disconnect(False)
+        await self.broker.close()
+        self._server = None
+
+    async def _heartbeat(self) -> None:
+        """Ping idle clients and close those that stop answering (one timer for all)."""
+        interval_s, timeout_s = self.config.ping_interval_s, self.config.ping_timeout_s
+        clock = self.impl.listener.monotonic
+        while True:
+            await asyncio.sleep(max(0.05, min(interval_s, timeout_s) / 2))
+            now = clock()
+            for conn in [*self.hub.clients.values(), *self.echo_connections]:
+                conn.listener.heartbeat(now, interval_s, timeout_s)
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # -- HTTP routing -----------------------------------------------------------
+
+    def _route(self, request: WSUpgradeRequest) -> Any:
+        path = urlsplit(request.path.decode("latin-1")).path
+        if path == self.config.ws_path:
+            return Connection(self, request).listener
+        if path == "/echo" and self.config.echo:
+            return EchoConnection(self).listener
+        if path == "/healthz":
+            return self._http(HTTPStatus.OK, b"ok\n")
+        if path == "/metrics":
+            body = self.metrics.render(self.hub.subscription_count, len(self.hub.channels))
+            return self._http(HTTPStatus.OK, body.encode(), "text/plain; version=0.0.4")
+        return self._http(HTTPStatus.NOT_FOUND, b"not found\n")
+
+    def _http(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain") -> Any:
+        self.metrics.http_requests_total[int(status)] += 1
+        if status == HTTPStatus.OK:
+            response = WSUpgradeResponse.create_ok_response(body, {"Content-Type": content_type})
+        else:
+            response = WSUpgradeResponse.create_error_response(status, body)
+        return WSUpgradeResponseWithListener(response, None)

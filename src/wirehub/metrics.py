@@ -1,0 +1,53 @@
+"""Counters and gauges, rendered in the Prometheus text format on ``/metrics``.
+
+Plain integer attributes: the hot path increments them without locks or
+label lookups (each worker is one thread); labelled counters are dicts that
+only the rare paths (errors, closes) touch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class Metrics:
+    __slots__ = ("connections_total", "connections_current", "messages_received_total",
+                 "publications_total", "deliveries_total", "errors_total", "closes_total",
+                 "http_requests_total")
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.connections_current = 0
+        self.messages_received_total = 0
+        self.publications_total = 0
+        self.deliveries_total = 0
+        self.errors_total: Counter[str] = Counter()
+        self.closes_total: Counter[int] = Counter()
+        self.http_requests_total: Counter[int] = Counter()
+
+    def render(self, subscriptions: int, channels: int) -> str:
+        """Return the Prometheus exposition text."""
+        lines = [
+            "# TYPE wirehub_connections_total counter",
+            f"wirehub_connections_total {self.connections_total}",
+            "# TYPE wirehub_connections gauge",
+            f"wirehub_connections {self.connections_current}",
+            "# TYPE wirehub_subscriptions gauge",
+            f"wirehub_subscriptions {subscriptions}",
+            "# TYPE wirehub_channels gauge",
+            f"wirehub_channels {channels}",
+            "# TYPE wirehub_messages_received_total counter",
+            f"wirehub_messages_received_total {self.messages_received_total}",
+            "# TYPE wirehub_publications_total counter",
+            f"wirehub_publications_total {self.publications_total}",
+            "# TYPE wirehub_deliveries_total counter",
+            f"wirehub_deliveries_total {self.deliveries_total}",
+            "# TYPE wirehub_errors_total counter",
+        ]
+        lines += [f'wirehub_errors_total{{code="{code}"}} {n}' for code, n in sorted(self.errors_total.items())]
+        lines.append("# TYPE wirehub_closes_total counter")
+        lines += [f'wirehub_closes_total{{code="{code}"}} {n}' for code, n in sorted(self.closes_total.items())]
+        lines.append("# TYPE wirehub_http_requests_total counter")
+        lines += [f'wirehub_http_requests_total{{status="{s}"}} {n}'
+                  for s, n in sorted(self.http_requests_total.items())]
+        return "\n".join(lines) + "\n"

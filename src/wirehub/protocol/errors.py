@@ -1,0 +1,95 @@
+"""Error codes, close codes and the exception tree.
+
+::
+
+    WirehubError                 a request failed; answered with an ``error`` message
+    ├── InvalidMessage           ``invalid_message``: not a JSON object / malformed TLV
+    ├── UnknownType              ``unknown_type``: missing or unregistered ``type``
+    ├── InvalidField             ``invalid_field``: wrong field type/value, names the field
+    ├── InvalidChannel           ``invalid_channel``
+    ├── TooManySubscriptions     ``too_many_subscriptions``
+    ├── NotSubscribed            ``not_subscribed``
+    └── Rejected                 ``rejected``: an application middleware said no
+
+Protocol violations at the WebSocket level are not exceptions here: the
+receive path closes the connection with a ``CloseCode``
+(``wirehub._ext.listener``).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode:
+    """The ``code`` values of ``error`` messages (docs/protocol.md)."""
+
+    INVALID_MESSAGE = "invalid_message"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_FIELD = "invalid_field"
+    INVALID_CHANNEL = "invalid_channel"
+    TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+    NOT_SUBSCRIBED = "not_subscribed"
+    RATE_LIMITED = "rate_limited"
+    REJECTED = "rejected"
+    INTERNAL_ERROR = "internal_error"
+
+
+class CloseCode(IntEnum):
+    """RFC 6455 §7.4.1 close codes the gateway sends."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_TEXT = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class WirehubError(Exception):
+    """A request failed; the client gets ``{"type":"error","code":...}``."""
+
+    code = ErrorCode.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.id = id
+
+
+class InvalidMessage(WirehubError):
+    code = ErrorCode.INVALID_MESSAGE
+
+
+class UnknownType(WirehubError):
+    code = ErrorCode.UNKNOWN_TYPE
+
+
+class InvalidField(WirehubError):
+    code = ErrorCode.INVALID_FIELD
+
+
+class InvalidChannel(WirehubError):
+    code = ErrorCode.INVALID_CHANNEL
+
+
+class TooManySubscriptions(WirehubError):
+    code = ErrorCode.TOO_MANY_SUBSCRIPTIONS
+
+
+class NotSubscribed(WirehubError):
+    code = ErrorCode.NOT_SUBSCRIBED
+
+
+class Rejected(WirehubError):
+    """Raise from a middleware to refuse a message (``code`` may be overridden)."""
+
+    code = ErrorCode.REJECTED
+
+    def __init__(self, message: str, *, code: str = ErrorCode.REJECTED,
+                 id: str | int | None = None) -> None:
+        super().__init__(message, id=id)
+        self.code = code

@@ -1,0 +1,296 @@
+"""The gateway end to end: real sockets on loopback, real clients, both hot-path builds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+
+import pytest
+import websockets
+from picows import WSMsgType
+
+from wirehub import Gateway, Config, Rejected, WirehubError
+from wirehub._speedups import load
+from wirehub.protocol.codec import Tag
+
+from helpers import connect_recording, json_client, running_gateway
+
+TLV = load("ext").tlv
+pytestmark = pytest.mark.parametrize("impl_name", ["ext", "pure"], indirect=False)
+
+
+def tlv_publish(channel: str, data: bytes, **extra: bytes) -> bytes:
+    records = [(Tag.TYPE, b"publish"), (Tag.CHANNEL, channel.encode()), (Tag.DATA, data)]
+    records += [(getattr(Tag, k.upper()), v) for k, v in extra.items()]
+    return TLV.encode(records)
+
+
+class TestPubSub:
+    async def test_welcome(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            assert c.welcome["type"] == "welcome"
+            assert c.welcome["server"].startswith("wirehub/")
+            assert len(c.welcome["client_id"]) == 16
+
+    async def test_subscribe_publish_unsubscribe(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as sub, json_client(gw) as pub:
+            await sub.subscribe("prices.btc")
+            await pub.send(type="publish", channel="prices.btc", data={"bid": 101.5})
+            assert await sub.recv() == {"type": "message", "channel": "prices.btc", "offset": 1,
+                                        "data": {"bid": 101.5}}
+            assert await sub.request(type="unsubscribe", channel="prices.btc", id=4) == \
+                {"type": "unsubscribed", "channel": "prices.btc", "id": 4}
+            await pub.send(type="publish", channel="prices.btc", data=2)
+            await sub.expect_silence()
+            await pub.expect_silence()  # no `published` without an id
+
+    async def test_offsets_count_per_channel(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            replies = []
+            for channel in ["a", "b", "a", "a", "b"]:
+                replies.append(await c.request(type="publish", channel=channel, data=None, id=channel))
+            assert [(r["channel"], r["offset"]) for r in replies] == \
+                [("a", 1), ("b", 1), ("a", 2), ("a", 3), ("b", 2)]
+            assert all(r["type"] == "published" for r in replies)
+
+    async def test_data_is_forwarded_byte_for_byte(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.subscribe("raw")
+            await c.ws.send('{"type":"publish","channel":"raw","data":{"b" : [1,2.50, "é"] }}')
+            assert await c.ws.recv() == '{"type":"message","channel":"raw","offset":1,"data":{"b" : [1,2.50, "é"] }}'
+
+    async def test_exclude_self(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as a, json_client(gw) as b:
+            await a.subscribe("room")
+            await b.subscribe("room")
+            await a.send(type="publish", channel="room", data="hi", exclude_self=True, id=1)
+            assert (await a.recv())["type"] == "published"
+            assert (await b.recv())["data"] == "hi"
+            await a.expect_silence()
+            await a.send(type="publish", channel="room", data="again")
+            assert (await a.recv())["data"] == "again"
+
+    async def test_binary_publication_passes_through_untouched(self, impl_name):
+        payload = bytes(range(256)) * 300  # 76,800 bytes: a 64-bit-length frame
+        async with running_gateway(impl_name) as gw, json_client(gw) as sub, json_client(gw) as pub:
+            await sub.subscribe("blobs")
+            await pub.ws.send(tlv_publish("blobs", payload, id=b"b1"))
+            ack = TLV.decode(await pub.ws.recv())
+            assert ack == [(Tag.TYPE, b"published"), (Tag.CHANNEL, b"blobs"),
+                           (Tag.OFFSET, struct.pack(">Q", 1)), (Tag.ID, b"b1")]
+            delivered = await sub.ws.recv()
+            assert isinstance(delivered, bytes)
+            assert TLV.decode(delivered) == [(Tag.TYPE, b"message"), (Tag.CHANNEL, b"blobs"),
+                                             (Tag.OFFSET, struct.pack(">Q", 1)), (Tag.DATA, payload)]
+
+    async def test_fragmented_message_is_reassembled(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.subscribe("frag")
+            text = json.dumps({"type": "publish", "channel": "frag", "data": "x" * 5000})
+            await c.ws.send([text[i:i + 700] for i in range(0, len(text), 700)])
+            assert (await c.recv())["data"] == "x" * 5000
+
+
+class TestErrors:
+    @pytest.mark.parametrize("raw, code, text", [
+        ("{not json", "invalid_message", None),
+        ("[1,2]", "invalid_message", "expected a JSON object"),
+        ('{"channel":"a"}', "unknown_type", "missing `type`"),
+        ('{"type":"launch"}', "unknown_type", "unknown message type 'launch'"),
+        ('{"type":"subscribe","channel":7}', "invalid_field", "Expected `str`, got `int` - at `$.channel`"),
+        ('{"type":"subscribe","channel":"bad channel!"}', "invalid_channel", None),
+        ('{"type":"publish","channel":"","data":1}', "invalid_channel", None),
+        ('{"type":"unsubscribe","channel":"never"}', "not_subscribed", None),
+    ])
+    async def test_error_reply_keeps_the_connection(self, impl_name, raw, code, text):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.ws.send(raw)
+            reply = await c.recv()
+            assert reply["type"] == "error" and reply["code"] == code
+            if text is not None:
+                assert reply["error"] == text
+            assert await c.request(type="ping", id="still-open") == {"type": "pong", "id": "still-open"}
+            assert gw.metrics.errors_total[code] == 1
+
+    async def test_error_echoes_the_request_id(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            reply = await c.request(type="subscribe", channel=["x"], id="r1")
+            assert reply["id"] == "r1" and reply["code"] == "invalid_field"
+
+    async def test_channel_length_limit(self, impl_name):
+        async with running_gateway(impl_name, max_channel_length=10) as gw, json_client(gw) as c:
+            assert (await c.request(type="subscribe", channel="a" * 10))["type"] == "subscribed"
+            reply = await c.request(type="subscribe", channel="a" * 11)
+            assert reply["code"] == "invalid_channel"
+
+    async def test_too_many_subscriptions(self, impl_name):
+        async with running_gateway(impl_name, max_subscriptions_per_connection=3) as gw, json_client(gw) as c:
+            for name in "abc":
+                await c.subscribe(name)
+            reply = await c.request(type="subscribe", channel="d", id=1)
+            assert reply == {"type": "error", "code": "too_many_subscriptions",
+                             "error": "a connection may hold at most 3 subscriptions", "id": 1}
+            await c.subscribe("a")  # re-subscribing to a held channel is fine
+
+    async def test_malformed_tlv(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.ws.send(b"\x01\x00\x00\x00\x09pub")
+            reply = TLV.decode(await c.ws.recv())
+            assert reply[:2] == [(Tag.TYPE, b"error"), (Tag.CODE, b"invalid_message")]
+
+    async def test_invalid_utf8_closes_1007(self, impl_name):
+        async with running_gateway(impl_name) as gw:
+            client = await connect_recording(gw.port)
+            client.transport.send(WSMsgType.TEXT, b'{"type":"ping","x":"\xff"}')
+            assert await client.wait_closed() == 1007
+
+    async def test_reserved_bits_close_1002(self, impl_name):
+        async with running_gateway(impl_name) as gw:
+            client = await connect_recording(gw.port)
+            client.transport.send(WSMsgType.TEXT, b"{}", rsv2=True)
+            assert await client.wait_closed() == 1002
+
+    async def test_max_payload_closes_1009(self, impl_name):
+        async with running_gateway(impl_name, max_payload_bytes=1000, high_water_bytes=10_000) as gw:
+            async with json_client(gw) as c:
+                await c.ws.send("x" * 1001)
+                with pytest.raises(websockets.ConnectionClosed) as exc:
+                    await c.recv()
+                assert exc.value.rcvd.code == 1009
+            async with json_client(gw) as c:  # the same limit across fragments
+                await c.ws.send(["x" * 600, "y" * 600])
+                with pytest.raises(websockets.ConnectionClosed) as exc:
+                    await c.recv()
+                assert exc.value.rcvd.code == 1009
+
+    async def test_rate_limit_then_close_1008(self, impl_name):
+        limits = dict(rate_limit_messages_per_s=5, rate_limit_burst_messages=5,
+                      rate_limit_violations_per_s=1, rate_limit_burst_violations=3)
+        async with running_gateway(impl_name, **limits) as gw, json_client(gw) as c:
+            for i in range(8):
+                await c.send(type="ping", id=i)
+            replies = [await c.recv() for _ in range(8)]
+            assert [r["type"] for r in replies[:5]] == ["pong"] * 5
+            assert replies[5:] == [{"type": "error", "code": "rate_limited",
+                                    "error": "rate limit exceeded; message not processed"}] * 3
+            await c.send(type="ping")
+            with pytest.raises(websockets.ConnectionClosed) as exc:
+                await c.recv()
+            assert exc.value.rcvd.code == 1008
+
+
+class TestLifecycle:
+    async def test_unanswered_pings_close_the_connection(self, impl_name):
+        async with running_gateway(impl_name, ping_interval_s=0.2, ping_timeout_s=0.2) as gw:
+            silent = await connect_recording(gw.port, enable_auto_pong=False)
+            async with json_client(gw) as alive:  # websockets answers pings
+                assert await silent.wait_closed(timeout=3) == 1001
+                await asyncio.sleep(0.5)
+                assert await alive.request(type="ping") == {"type": "pong"}
+
+    async def test_graceful_shutdown_sends_1001(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await gw.stop(timeout_s=2)
+            with pytest.raises(websockets.ConnectionClosed) as exc:
+                await c.recv()
+            assert exc.value.rcvd.code == 1001
+
+    async def test_client_close_is_echoed(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.ws.close(4321, "bye")
+            assert c.ws.protocol.close_rcvd.code == 4321
+            await asyncio.sleep(0.05)
+            assert gw.metrics.connections_current == 0
+
+    @pytest.mark.parametrize("path, status, body", [
+        ("/healthz", 200, b"ok\n"), ("/nope", 404, b"not found\n"), ("/ws/extra", 404, b"not found\n"),
+    ])
+    async def test_http_routes(self, impl_name, path, status, body):
+        async with running_gateway(impl_name) as gw:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            response = await reader.read()
+            writer.close()
+            assert response.startswith(f"HTTP/1.1 {status} ".encode())
+            assert response.endswith(body)
+
+    async def test_metrics_endpoint(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.subscribe("m")
+            await c.request(type="publish", channel="m", data=1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            text = (await reader.read()).decode()
+            writer.close()
+            assert "wirehub_connections 1\n" in text
+            assert "wirehub_publications_total 1\n" in text
+            assert "wirehub_deliveries_total 1\n" in text
+
+
+class TestEmbeddingApi:
+    async def test_publish_from_python(self, impl_name):
+        async with running_gateway(impl_name) as gw, json_client(gw) as c:
+            await c.subscribe("feed")
+            assert gw.publish("feed", {"n": 1}).offset == 1
+            assert await c.recv() == {"type": "message", "channel": "feed", "offset": 1, "data": {"n": 1}}
+            gw.publish("feed", b"\x00raw")
+            assert TLV.decode(await c.ws.recv())[-1] == (Tag.DATA, b"\x00raw")
+
+    async def test_middleware_can_reject(self, impl_name):
+        gw = Gateway(Config(port=0), implementation=impl_name)
+
+        @gw.use
+        def no_secrets(conn, msg):
+            if getattr(msg, "channel", "").startswith("secret"):
+                raise Rejected("secret channels are closed", code="forbidden")
+
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            reply = await c.request(type="subscribe", channel="secret.plans", id=1)
+            assert reply == {"type": "error", "code": "forbidden", "error": "secret channels are closed", "id": 1}
+            await c.subscribe("public")
+
+    async def test_custom_handlers(self, impl_name):
+        gw = Gateway(Config(port=0), implementation=impl_name)
+
+        @gw.on("whoami")
+        def whoami(conn, msg):
+            return {"type": "you_are", "client_id": conn.client_id, "echo": msg.get("x")}
+
+        @gw.on("slow_add")
+        async def slow_add(conn, msg):
+            await asyncio.sleep(0.01)
+            return {"type": "sum", "value": msg["a"] + msg["b"]}
+
+        @gw.on("broken")
+        def broken(conn, msg):
+            raise RuntimeError("bug")
+
+        @gw.on("refuse")
+        def refuse(conn, msg):
+            raise Rejected("no", code="forbidden")
+
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            assert await c.request(type="whoami", x=5) == \
+                {"type": "you_are", "client_id": c.welcome["client_id"], "echo": 5}
+            assert await c.request(type="slow_add", a=2, b=3) == {"type": "sum", "value": 5}
+            assert await c.request(type="broken", id=1) == \
+                {"type": "error", "code": "internal_error", "error": "internal error; see the server log", "id": 1}
+            assert (await c.request(type="refuse"))["code"] == "forbidden"
+
+    async def test_builtin_types_cannot_be_overridden(self, impl_name):
+        with pytest.raises(ValueError):
+            Gateway(Config(port=0), implementation=impl_name).on("publish", lambda c, m: None)
+
+    async def test_connect_and_disconnect_hooks(self, impl_name):
+        gw = Gateway(Config(port=0), implementation=impl_name)
+        events = []
+        gw.on_connect(lambda conn: events.append(("connect", conn.client_id)))
+        gw.on_disconnect(lambda conn: events.append(("disconnect", conn.client_id)))
+        async with running_gateway(gateway=gw):
+            async with json_client(gw) as c:
+                client_id = c.welcome["client_id"]
+                assert events == [("connect", client_id)]
+            await asyncio.sleep(0.05)
+            assert events == [("connect", client_id), ("disconnect", client_id)]

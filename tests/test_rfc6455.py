@@ -1,0 +1,172 @@
+"""RFC 6455 behaviour of the receive path, with hand-made frames on a raw socket.
+
+These are the cases a WebSocket library will not produce on purpose
+(reserved opcodes, unmasked frames, two CLOSEs), sent in one TCP write so
+that picows sees them in one read: the read-ahead guard must still deliver
+frame N, and its reply, before anything reacts to frame N+1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+
+import pytest
+
+from helpers import running_gateway
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool = True,
+                 rsv: int = 0) -> bytes:
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    return client_frame(0x8, struct.pack(">H", code) + reason)
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int, path: str = "/echo") -> "RawClient":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    async def frame(self, timeout: float = 3.0) -> tuple[int, bytes]:
+        async def read() -> tuple[int, bytes]:
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", await self.reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", await self.reader.readexactly(8))[0]
+            return b0 & 0x0F, await self.reader.readexactly(n)
+        return await asyncio.wait_for(read(), timeout)
+
+    async def close_code(self) -> int:
+        """Read the server's CLOSE, answer it like a polite client, return its code."""
+        opcode, payload = await self.frame()
+        assert opcode == 0x8, (opcode, payload)
+        self.writer.write(client_frame(0x8, payload[:2]))
+        return struct.unpack(">H", payload[:2])[0]
+
+
+@pytest.fixture(params=["ext", "pure"])
+def impl_name(request):
+    return request.param
+
+
+async def echo_client(gw):
+    return await RawClient.connect(gw.port)
+
+
+class TestReadAhead:
+    @pytest.mark.parametrize("bad_frame", [
+        client_frame(0x3, b"reserved"),                 # reserved non-control opcode
+        client_frame(0xB),                              # reserved control opcode
+        client_frame(0x1, b"x", masked=False),          # unmasked client frame
+        client_frame(0x9, b"p", fin=False),             # fragmented control frame
+        close_frame(999),                               # forbidden close code
+    ])
+    async def test_message_before_a_bad_frame_is_answered_first(self, impl_name, bad_frame):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x1, b"first") + bad_frame + client_frame(0x9, b"late"))
+            assert await c.frame() == (0x1, b"first")
+            assert await c.close_code() == 1002
+
+    async def test_second_close_is_ignored(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x1, b"hi") + close_frame(1000) + close_frame(1001))
+            assert await c.frame() == (0x1, b"hi")
+            assert await c.close_code() == 1000
+            assert await asyncio.wait_for(c.reader.read(), 3) == b""  # server closed TCP
+
+    async def test_frames_split_byte_by_byte(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            data = client_frame(0x1, b"a" * 200) + client_frame(0x2, b"b" * 70000) + client_frame(0x3)
+            for i in range(0, 300):
+                c.writer.write(data[i:i + 1])
+                await c.writer.drain()
+            c.writer.write(data[300:])
+            assert await c.frame() == (0x1, b"a" * 200)
+            assert await c.frame() == (0x2, b"b" * 70000)
+            assert await c.close_code() == 1002
+
+
+class TestFraming:
+    async def test_fragments_with_interleaved_ping(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x1, b"frag", fin=False) + client_frame(0x9, b"ping!")
+                           + client_frame(0x0, b"ment", fin=False) + client_frame(0x0, b"ed"))
+            assert await c.frame() == (0xA, b"ping!")
+            assert await c.frame() == (0x1, b"fragmented")
+
+    @pytest.mark.parametrize("frames, code", [
+        ([client_frame(0x0, b"orphan")], 1002),                                   # nothing to continue
+        ([client_frame(0x1, b"a", fin=False), client_frame(0x1, b"b")], 1002),   # new message mid-way
+        ([client_frame(0x1, b"x", rsv=4)], 1002),                                # RSV1 without deflate
+        ([client_frame(0x1, "☃".encode()[:2], fin=False), client_frame(0x0, b"x")], 1007),
+        ([client_frame(0x1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80")], 1007),
+    ])
+    async def test_violations_close_with_the_right_code(self, impl_name, frames, code):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(b"".join(frames))
+            assert await c.close_code() == code
+
+    async def test_invalid_utf8_fails_fast_before_the_message_ends(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x1, b"ok \xf4\x90\x80\x80", fin=False))  # > U+10FFFF
+            assert await c.close_code() == 1007
+
+    async def test_close_with_reason_is_echoed(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(close_frame(3000, b"done"))
+            assert await c.close_code() == 3000
+
+    @pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 2000, 2999, 5000])
+    async def test_forbidden_close_codes_are_answered_1002(self, impl_name, code):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(close_frame(code))
+            assert await c.close_code() == 1002
+
+    async def test_empty_close_is_answered_1000(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x8))
+            assert await c.close_code() == 1000
+
+    async def test_too_many_fragments(self, impl_name):
+        async with running_gateway(impl_name, echo=True, max_fragments=4) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x2, b"1", fin=False) + b"".join(
+                client_frame(0x0, b"n", fin=False) for _ in range(4)))
+            assert await c.close_code() == 1008

@@ -1,0 +1,282 @@
+"""The Cython hot path against its pure-Python references: one suite, both builds."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wirehub import _speedups
+
+EXT = _speedups.load("ext")
+PURE = _speedups.load("pure")
+BOUNDARY_SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
+
+
+class TestTlv:
+    def test_round_trip(self, impl):
+        records = [(1, b"publish"), (2, b"chan"), (3, b"\x00\xff" * 10), (255, b"")]
+        assert impl.tlv.decode(impl.tlv.encode(records)) == records
+
+    def test_empty_message_has_no_records(self, impl):
+        assert impl.tlv.decode(b"") == []
+
+    @pytest.mark.parametrize("size", BOUNDARY_SIZES)
+    def test_value_sizes(self, impl, size):
+        value = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        encoded = impl.tlv.encode([(3, value)])
+        assert encoded[:5] == b"\x03" + struct.pack(">I", size)
+        assert impl.tlv.decode(encoded) == [(3, value)]
+
+    @pytest.mark.parametrize("data, error", [
+        (b"\x01\x00\x00", "truncated TLV header at byte 0"),
+        (b"\x01\x00\x00\x00\x05abc", "TLV record at byte 0 declares 5 bytes, 3 remain"),
+        (b"\x01\x00\x00\x00\x00\x02", "truncated TLV header at byte 5"),
+        (b"\x01\xff\xff\xff\xff", "TLV record at byte 0 declares 4294967295 bytes, 0 remain"),
+    ])
+    def test_malformed_input_is_refused(self, impl, data, error):
+        with pytest.raises(ValueError) as exc:
+            impl.tlv.decode(data)
+        assert str(exc.value) == error
+
+    def test_record_count_is_limited(self, impl):
+        with pytest.raises(ValueError, match="more than 4 TLV records"):
+            impl.tlv.decode(b"\x01\x00\x00\x00\x00" * 5, 4)
+
+    def test_tag_must_fit_a_byte(self, impl):
+        with pytest.raises(ValueError, match="does not fit in one byte"):
+            impl.tlv.encode([(256, b"")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=20))
+def test_tlv_implementations_agree_on_round_trips(records):
+    encoded = EXT.tlv.encode(records)
+    assert encoded == PURE.tlv.encode(records)
+    assert EXT.tlv.decode(encoded) == PURE.tlv.decode(encoded) == records
+
+
+def _decode_outcome(tlv, data: bytes):
+    try:
+        return ("ok", tlv.decode(data))
+    except ValueError as exc:
+        return ("error", str(exc))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_tlv_implementations_refuse_the_same_inputs(data):
+    assert _decode_outcome(EXT.tlv, data) == _decode_outcome(PURE.tlv, data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), min_size=1, max_size=8),
+       st.integers(0, 10_000), st.binary(min_size=1, max_size=3))
+def test_tlv_implementations_agree_on_mutations(records, position, noise):
+    data = bytearray(EXT.tlv.encode(records))
+    pos = position % len(data)
+    data[pos:pos + len(noise)] = noise
+    assert _decode_outcome(EXT.tlv, bytes(data)) == _decode_outcome(PURE.tlv, bytes(data))
+
+
+class TestUtf8:
+    @pytest.mark.parametrize("data", [
+        b"", b"ascii only", "héllo wörld".encode(), "𝄞 and ☃".encode(), "\U0010ffff".encode(),
+        b"x" * 1000 + "é".encode(),
+    ])
+    def test_valid(self, impl, data):
+        assert impl.frame.is_utf8(data)
+
+    @pytest.mark.parametrize("data", [
+        b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"abc\x80",
+        b"x" * 17 + b"\xc3",
+    ])
+    def test_invalid(self, impl, data):
+        assert not impl.frame.is_utf8(data)
+
+    def test_fails_fast_on_an_impossible_prefix(self, impl):
+        validator = impl.frame.Utf8Validator()
+        assert validator.feed(b"ok so far")
+        assert not validator.feed(b"\xf4\x90")  # above U+10FFFF: no continuation can fix it
+
+    def test_sequence_split_across_fragments(self, impl):
+        validator = impl.frame.Utf8Validator()
+        snowman = "☃".encode()
+        assert validator.feed(snowman[:1]) and validator.feed(snowman[1:2])
+        assert validator.feed(snowman[2:]) and validator.finish()
+
+    def test_truncated_at_the_end_fails_finish(self, impl):
+        validator = impl.frame.Utf8Validator()
+        assert validator.feed("☃".encode()[:2])
+        assert not validator.finish()
+        assert validator.feed(b"fresh") and validator.finish()  # finish() resets
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=40))
+def test_utf8_validators_agree_with_python(data):
+    try:
+        data.decode("utf-8")
+        expected = True
+    except UnicodeDecodeError:
+        expected = False
+    assert EXT.frame.is_utf8(data) == PURE.frame.is_utf8(data) == expected
+
+
+class TestBuildFrame:
+    @pytest.mark.parametrize("size, header", [
+        (0, b"\x81\x00"), (125, b"\x81\x7d"), (126, b"\x81\x7e\x00\x7e"),
+        (65535, b"\x81\x7e\xff\xff"), (65536, b"\x81\x7f" + struct.pack(">Q", 65536)),
+    ])
+    def test_header_lengths(self, impl, size, header):
+        payload = b"a" * size
+        assert impl.frame.build_frame(1, payload) == header + payload
+
+    def test_binary_and_rsv1(self, impl):
+        assert impl.frame.build_frame(2, b"\x00", True) == b"\xc2\x01\x00"
+
+
+class TestTokenBucket:
+    def test_burst_then_refill(self, impl):
+        bucket = impl.bucket.TokenBucket(10.0, 3.0, 100.0)
+        assert [bucket.consume(1, 100.0) for _ in range(4)] == [True, True, True, False]
+        # 0.25 s at 10/s refills 2.5 tokens
+        assert [bucket.consume(1, 100.25) for _ in range(3)] == [True, True, False]
+
+    def test_never_exceeds_burst(self, impl):
+        bucket = impl.bucket.TokenBucket(1000.0, 5.0, 0.0)
+        assert bucket.consume(5, 3600.0)
+        assert not bucket.consume(1, 3600.0)
+
+    def test_amount_larger_than_burst_is_refused(self, impl):
+        bucket = impl.bucket.TokenBucket(100.0, 50.0, 0.0)
+        assert not bucket.consume(51, 10.0)
+
+    def test_zero_rate_is_unlimited(self, impl):
+        bucket = impl.bucket.TokenBucket(0.0, 0.0, 0.0)
+        assert all(bucket.consume(1e9, 0.0) for _ in range(100))
+
+    def test_invalid_parameters(self, impl):
+        with pytest.raises(ValueError):
+            impl.bucket.TokenBucket(-1.0, 1.0)
+        with pytest.raises(ValueError):
+            impl.bucket.TokenBucket(1.0, 0.0)
+
+    def test_implementations_agree_on_a_random_schedule(self):
+        rng = random.Random(20261126)
+        ext, pure = EXT.bucket.TokenBucket(50.0, 20.0, 0.0), PURE.bucket.TokenBucket(50.0, 20.0, 0.0)
+        now = 0.0
+        for _ in range(5000):
+            now += rng.random() * 0.05
+            amount = rng.choice([1, 1, 2, 5])
+            assert ext.consume(amount, now) == pure.consume(amount, now)
+
+
+class FakeLoop:
+    """Collects ``call_soon`` callbacks so a test decides when a tick ends."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def call_soon(self, fn, *args):
+        self.callbacks.append((fn, args))
+
+    def run_tick(self):
+        callbacks, self.callbacks = self.callbacks, []
+        for fn, args in callbacks:
+            fn(*args)
+
+
+class RecordingTransport:
+    """An in-memory transport: no socket, so every write goes through ``write``."""
+
+    def __init__(self):
+        self.writes = []
+        self.buffered = 0
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+
+    def writelines(self, chunks):
+        self.writes.append(b"".join(bytes(c) for c in chunks))
+
+    def get_write_buffer_size(self):
+        return self.buffered
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class TestOutBatch:
+    def make(self, impl, high_water=1 << 20):
+        loop, transport, overflows = FakeLoop(), RecordingTransport(), []
+        flusher = impl.fanout.Flusher(loop)
+        batch = impl.fanout.OutBatch(flusher, transport, high_water, lambda: overflows.append(1))
+        return loop, transport, batch, overflows
+
+    def test_one_write_per_tick(self, impl):
+        loop, transport, batch, _ = self.make(impl)
+        frames = [impl.frame.build_frame(1, b"m%d" % i) for i in range(100)]
+        for frame in frames:
+            assert batch.push(frame)
+        assert transport.writes == []
+        loop.run_tick()
+        assert transport.writes == [b"".join(frames)]
+        assert batch.pending_bytes == 0
+
+    def test_large_frames_keep_their_order(self, impl):
+        loop, transport, batch, _ = self.make(impl)
+        small, large = impl.frame.build_frame(2, b"s"), impl.frame.build_frame(2, b"L" * 70000)
+        for frame in (small, large, small):
+            batch.push(frame)
+        loop.run_tick()
+        assert b"".join(transport.writes) == small + large + small
+
+    @pytest.mark.parametrize("size", BOUNDARY_SIZES)
+    def test_push_frame_matches_build_frame(self, impl, size):
+        loop, transport, batch, _ = self.make(impl)
+        batch.push_frame(1, b"x" * size)
+        loop.run_tick()
+        assert b"".join(transport.writes) == impl.frame.build_frame(1, b"x" * size)
+
+    def test_paused_batch_holds_frames_until_resumed(self, impl):
+        loop, transport, batch, _ = self.make(impl)
+        batch.pause()
+        batch.push(b"\x81\x01a")
+        loop.run_tick()
+        assert transport.writes == []
+        batch.resume()
+        loop.run_tick()
+        assert transport.writes == [b"\x81\x01a"]
+
+    def test_overflow_drops_pending_and_reports_once(self, impl):
+        loop, transport, batch, overflows = self.make(impl, high_water=100)
+        batch.pause()
+        frame = impl.frame.build_frame(1, b"x" * 40)
+        assert batch.push(frame) and batch.push(frame)
+        assert not batch.push(frame)  # 3 * 42 > 100
+        assert batch.overflowed and batch.closed and batch.pending_bytes == 0
+        assert not batch.push(frame)
+        loop.run_tick()
+        assert overflows == [1]
+        assert transport.writes == []
+
+    def test_closed_batch_refuses_frames(self, impl):
+        loop, transport, batch, _ = self.make(impl)
+        batch.close()
+        assert not batch.push(b"\x81\x00")
+        loop.run_tick()
+        assert transport.writes == []
+
+    def test_fanout_skips_excluded_and_counts(self, impl):
+        loop = FakeLoop()
+        flusher = impl.fanout.Flusher(loop)
+        transports = [RecordingTransport() for _ in range(5)]
+        batches = [impl.fanout.OutBatch(flusher, t, 1 << 20, lambda: None) for t in transports]
+        frame = impl.frame.build_frame(1, b"pub")
+        assert impl.fanout.fanout(batches, frame, batches[2]) == 4
+        loop.run_tick()
+        assert [t.writes for t in transports] == [[frame], [frame], [], [frame], [frame]]
