@@ -396,7 +396,12 @@ messages = st.lists(
 @given(opts=options, msgs=messages, data=st.data())
 def test_twins_agree(opts, msgs, data):
     """Both twins read each other's streams and, on one zlib, write the same bytes."""
-    same_zlib = ext_deflate.ZLIB_RUNTIME_VERSION == pure_deflate.ZLIB_RUNTIME_VERSION
+    # Level 0 writes stored blocks sized by the output room zlib is given,
+    # which differs between the twins (deflateBound vs CPython's growing
+    # buffer): valid either way, so only compressed levels must match bytes.
+    same_bytes = (
+        ext_deflate.ZLIB_RUNTIME_VERSION == pure_deflate.ZLIB_RUNTIME_VERSION and opts["level"] != 0
+    )
     deflaters = {name: mod.Deflater(**opts) for name, mod in IMPLS.items()}
     inflaters = {
         (src, dst): IMPLS[dst].Inflater(
@@ -409,7 +414,7 @@ def test_twins_agree(opts, msgs, data):
     }
     for msg in msgs:
         compressed = {name: d.compress(msg) for name, d in deflaters.items()}
-        if same_zlib:
+        if same_bytes:
             assert compressed["ext"] == compressed["pure"]
         pieces = data.draw(st.integers(1, 5), label="frames")
         for (src, dst), inflater in inflaters.items():
