@@ -514,8 +514,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "permessage-deflate)",
     )
     parser.add_argument("--agent", help="agent name in the report (default from --server, or 'server')")
-    parser.add_argument("--cases", default="*", help="comma-separated case patterns (default '*')")
-    parser.add_argument("--exclude-cases", default="", help="comma-separated case patterns to skip")
+    parser.add_argument(
+        "--cases", default="*", help="comma-separated globs over whole case ids, e.g. '1.*,12.*.1' (default '*')"
+    )
+    parser.add_argument("--exclude-cases", default="", help="comma-separated case globs to skip")
     parser.add_argument("--python2", help="Python 2.7 interpreter (default: $WIREHUB_PYTHON2, PATH, pyenv)")
     parser.add_argument("--reports", default=str(ROOT / "reports"), help="report directory (default reports/)")
     parser.add_argument(
@@ -544,7 +546,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _split(patterns: str) -> list[str]:
-    return [p.strip() for p in patterns.split(",") if p.strip()]
+    """Split a comma list of case globs into the suite's patterns.
+
+    The suite turns a pattern with ``*`` into a regex it only anchors at the
+    start, so ``12.*.1`` would also pick 12.1.10 to 12.1.18. A trailing ``$``
+    (which it passes through) makes every pattern a whole-id glob.
+    """
+    out = []
+    for pattern in (p.strip() for p in patterns.split(",")):
+        if pattern:
+            out.append(pattern + "$" if "*" in pattern and not pattern.endswith("$") else pattern)
+    return out
 
 
 def _run(args: argparse.Namespace, python2: str) -> int:
@@ -564,7 +576,7 @@ def _run(args: argparse.Namespace, python2: str) -> int:
         else:
             url, agent, _ = stack.enter_context(started_server(args.server, reports / "server.log"))
             agent = args.agent or agent
-        log(f"fuzzingclient: cases {','.join(cases)} against {url}")
+        log(f"fuzzingclient: cases {args.cases} against {url}")
         spec = write_spec(reports, url, agent, cases, exclude)
         status, connect_failures = run_wstest(wstest, spec, reports, progress=not args.quiet)
     elapsed = time.monotonic() - start
