@@ -425,3 +425,36 @@ def test_twins_agree(opts, msgs, data):
                 inflater.feed(blob[bounds[i] : bounds[i + 1]], i == pieces - 1) for i in range(pieces)
             )
             assert out == msg, (src, dst)
+
+
+def _outcome(inflater, frames):
+    """Inflate frames; return the output or the error class name where it failed."""
+    out = []
+    try:
+        for blob, fin in frames:
+            out.append(inflater.feed(blob, fin))
+    except Exception as exc:  # noqa: BLE001 - the class is the result
+        return type(exc).__name__, b"".join(out)
+    return "ok", b"".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed_message=st.binary(max_size=2000),
+    mutations=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 10_000),
+    limit=st.integers(0, 5000),
+    garbage=st.binary(max_size=64),
+)
+def test_twins_agree_on_damaged_input(seed_message, mutations, cut, limit, garbage):
+    """Corrupt, truncated or garbage input: both twins fail (or succeed) alike."""
+    stream = bytearray(pure_deflate.Deflater().compress(seed_message))
+    for position, value in mutations:
+        stream[position % len(stream)] = value
+    damaged = bytes(stream[: cut % (len(stream) + 1)])
+    frames = [(damaged, False), (garbage, True)]
+    results = {
+        name: _outcome(mod.Inflater(max_message_bytes=limit, window_bits=9 + limit % 7), frames)
+        for name, mod in IMPLS.items()
+    }
+    assert results["ext"] == results["pure"]
