@@ -9,9 +9,12 @@ many cheap connections.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -146,3 +149,65 @@ def start_server(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
         if drain.is_alive():
             drain.join(5)
         proc.stderr.close()
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool = True,
+                 rsv: int = 0) -> bytes:
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    return client_frame(0x8, struct.pack(">H", code) + reason)
+
+
+class RawClient:
+    """Hand-made frames on a raw socket, for what no WebSocket library sends on purpose."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.handshake = ""
+        self.last_rsv1 = False
+
+    @classmethod
+    async def connect(cls, port: int, path: str = "/echo", extensions: str | None = None) -> "RawClient":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        extra = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        client = cls(reader, writer)
+        client.handshake = head.decode("latin-1")
+        return client
+
+    async def frame(self, timeout: float = 3.0) -> tuple[int, bytes]:
+        """The next frame's opcode and payload (RSV1 is kept in ``last_rsv1``)."""
+        async def read() -> tuple[int, bytes]:
+            b0, b1 = await self.reader.readexactly(2)
+            self.last_rsv1 = bool(b0 & 0x40)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", await self.reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", await self.reader.readexactly(8))[0]
+            return b0 & 0x0F, await self.reader.readexactly(n)
+        return await asyncio.wait_for(read(), timeout)
+
+    async def close_code(self) -> int:
+        """Read the server's CLOSE, answer it like a polite client, return its code."""
+        opcode, payload = await self.frame()
+        assert opcode == 0x8, (opcode, payload)
+        self.writer.write(client_frame(0x8, payload[:2]))
+        return struct.unpack(">H", payload[:2])[0]

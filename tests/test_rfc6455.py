@@ -9,67 +9,11 @@ frame N, and its reply, before anything reacts to frame N+1.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import struct
 
 import pytest
 
-from helpers import running_gateway
-
-
-def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool = True,
-                 rsv: int = 0) -> bytes:
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    n = len(payload)
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        head += bytes([mask_bit | n])
-    elif n < 65536:
-        head += bytes([mask_bit | 126]) + struct.pack(">H", n)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack(">Q", n)
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def close_frame(code: int, reason: bytes = b"") -> bytes:
-    return client_frame(0x8, struct.pack(">H", code) + reason)
-
-
-class RawClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def connect(cls, port: int, path: str = "/echo") -> "RawClient":
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
-
-    async def frame(self, timeout: float = 3.0) -> tuple[int, bytes]:
-        async def read() -> tuple[int, bytes]:
-            b0, b1 = await self.reader.readexactly(2)
-            n = b1 & 0x7F
-            if n == 126:
-                n = struct.unpack(">H", await self.reader.readexactly(2))[0]
-            elif n == 127:
-                n = struct.unpack(">Q", await self.reader.readexactly(8))[0]
-            return b0 & 0x0F, await self.reader.readexactly(n)
-        return await asyncio.wait_for(read(), timeout)
-
-    async def close_code(self) -> int:
-        """Read the server's CLOSE, answer it like a polite client, return its code."""
-        opcode, payload = await self.frame()
-        assert opcode == 0x8, (opcode, payload)
-        self.writer.write(client_frame(0x8, payload[:2]))
-        return struct.unpack(">H", payload[:2])[0]
+from helpers import RawClient, client_frame, close_frame, running_gateway
 
 
 @pytest.fixture(params=["ext", "pure"])
@@ -78,7 +22,9 @@ def impl_name(request):
 
 
 async def echo_client(gw):
-    return await RawClient.connect(gw.port)
+    client = await RawClient.connect(gw.port)
+    assert client.handshake.startswith("HTTP/1.1 101"), client.handshake
+    return client
 
 
 class TestReadAhead:

@@ -1,7 +1,7 @@
 """The one importer of the compiled hot path.
 
 ``implementation()`` returns a namespace with ``tlv``, ``frame``, ``bucket``,
-``fanout``, ``listener`` and ``readahead``: the Cython modules from ``wirehub._ext`` when they
+``fanout``, ``deflate``, ``listener`` and ``readahead``: the Cython modules from ``wirehub._ext`` when they
 are built, else (or with ``WIREHUB_NO_EXTENSIONS=1``) the pure-Python
 references from ``wirehub._pure``. Both have the same API.
 """
@@ -12,7 +12,7 @@ import importlib
 import os
 from types import SimpleNamespace
 
-MODULES = ("tlv", "frame", "bucket", "fanout", "listener", "readahead")
+MODULES = ("tlv", "frame", "bucket", "fanout", "deflate", "listener", "readahead")
 
 
 def load(name: str) -> SimpleNamespace:

@@ -47,6 +47,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shutdown_timeout_s: Annotated[float, Positive] = 5.0
     handshake_timeout_s: Annotated[float, Positive] = 5.0
     read_buffer_bytes: Annotated[int, msgspec.Meta(ge=2048)] = 2 * KiB
+    deflate: bool = True
+    deflate_level: Annotated[int, msgspec.Meta(ge=-1, le=9)] = 6
+    deflate_mem_level: Annotated[int, msgspec.Meta(ge=1, le=9)] = 8
+    deflate_server_max_window_bits: Annotated[int, msgspec.Meta(ge=9, le=15)] = 15
+    deflate_client_max_window_bits: Annotated[int, msgspec.Meta(ge=8, le=15)] = 15
+    deflate_server_no_context_takeover: bool = True
+    deflate_client_no_context_takeover: bool = False
+    deflate_threshold_bytes: Annotated[int, NonNegative] = 1024
+    deflate_max_ratio: Annotated[int, NonNegative] = 100
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_format: Literal["text", "json"] = "text"
 
@@ -84,6 +93,16 @@ HELP: dict[str, str] = {
     "shutdown_timeout_s": "seconds SIGTERM/SIGINT waits for clients to close",
     "handshake_timeout_s": "seconds a new TCP connection has to complete the upgrade",
     "read_buffer_bytes": "initial per-connection read buffer (grows on demand)",
+    "deflate": "accept permessage-deflate (RFC 7692) offers",
+    "deflate_level": "zlib compression level, -1 to 9",
+    "deflate_mem_level": "zlib memLevel, 1 to 9 (8: 128 KiB per compressor)",
+    "deflate_server_max_window_bits": "largest window the server compresses with, 9 to 15",
+    "deflate_client_max_window_bits": "largest window asked of clients, 8 to 15",
+    "deflate_server_no_context_takeover": "compress each message on its own, so one compressed frame is shared by "
+                                          "every subscriber (off: a compressor per connection)",
+    "deflate_client_no_context_takeover": "ask clients to compress each message on its own",
+    "deflate_threshold_bytes": "messages shorter than this are sent uncompressed",
+    "deflate_max_ratio": "refuse (1009) a message inflating past this ratio once it exceeds 1 MiB (0 = off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json (one JSON object per line)",
 }

@@ -24,6 +24,8 @@ from .protocol.messages import (CustomMessage, Error, Ping, Pong, Publish, Publi
 if TYPE_CHECKING:
     from picows import WSUpgradeRequest
 
+    from .protocol.permessage_deflate import DeflateParams
+
     from .gateway import Gateway
 
 logger = logging.getLogger("wirehub.connection")
@@ -40,9 +42,11 @@ class Connection:
     """
 
     __slots__ = ("client_id", "subscriptions", "request", "remote_address", "listener", "batch",
-                 "_gateway", "_hub", "_json", "_tlv", "_middleware", "_metrics", "__weakref__")
+                 "compressor", "fanout_group", "_threshold", "_gateway", "_hub", "_json", "_tlv",
+                 "_middleware", "_metrics", "__weakref__")
 
-    def __init__(self, gateway: Gateway, request: WSUpgradeRequest) -> None:
+    def __init__(self, gateway: Gateway, request: WSUpgradeRequest,
+                 deflate: DeflateParams | None = None) -> None:
         self.client_id = secrets.token_hex(8)
         self.subscriptions: set[str] = set()
         self.request = request
@@ -53,18 +57,29 @@ class Connection:
         self._tlv: TlvCodec = gateway.tlv_codec
         self._middleware = gateway.middleware
         self._metrics = gateway.metrics
-        self.listener = gateway.impl.listener.FrameListener(gateway.flusher, gateway.config, self)
+        self.compressor, self.fanout_group, inflater_factory = gateway.compression(deflate)
+        self._threshold = gateway.config.deflate_threshold_bytes
+        self.listener = gateway.impl.listener.FrameListener(
+            gateway.flusher, gateway.config, self, inflater_factory)
         self.batch: Any = None
+
+    def push(self, opcode: int, payload: bytes) -> bool:
+        """Queue one message, compressed when permessage-deflate was agreed and
+        it is not below the threshold."""
+        compressor = self.compressor
+        if compressor is not None and len(payload) >= self._threshold:
+            return self.batch.push_frame(opcode, compressor.compress(payload), True)
+        return self.batch.push_frame(opcode, payload)
 
     # -- public API -----------------------------------------------------------
 
     def send(self, obj: Any) -> bool:
         """Send ``obj`` (a reply Struct, or anything msgspec encodes) as a JSON text frame."""
-        return self.batch.push_frame(OP_TEXT, self._json.encode_object(obj))
+        return self.push(OP_TEXT, self._json.encode_object(obj))
 
     def send_bytes(self, data: bytes) -> bool:
         """Send ``data`` as one binary frame."""
-        return self.batch.push_frame(OP_BINARY, data)
+        return self.push(OP_BINARY, data)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake (queued frames are flushed first)."""
@@ -98,7 +113,7 @@ class Connection:
     def on_refused(self, binary: bool) -> None:
         self._metrics.errors_total[ErrorCode.RATE_LIMITED] += 1
         codec, opcode = (self._tlv, OP_BINARY) if binary else (self._json, OP_TEXT)
-        self.batch.push_frame(opcode, codec.encode(
+        self.push(opcode, codec.encode(
             Error(ErrorCode.RATE_LIMITED, "rate limit exceeded; message not processed")))
 
     def on_slow_consumer(self) -> None:
@@ -142,7 +157,7 @@ class Connection:
             self._reply(Published(msg.channel, position.offset, msg.id), codec, opcode)
 
     def _reply(self, reply: Reply, codec: JsonCodec | TlvCodec, opcode: int) -> None:
-        self.batch.push_frame(opcode, codec.encode(reply))
+        self.push(opcode, codec.encode(reply))
 
     def _custom(self, msg: CustomMessage, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         handler = self._gateway.handlers[msg.type]
@@ -189,12 +204,17 @@ class EchoConnection:
     exercise.
     """
 
-    __slots__ = ("listener", "_live", "_metrics", "__weakref__")
+    __slots__ = ("listener", "compressor", "_threshold", "_live", "_metrics", "__weakref__")
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, deflate: DeflateParams | None = None) -> None:
         self._metrics = gateway.metrics
         self._live = gateway.echo_connections
-        self.listener = gateway.impl.listener.FrameListener(gateway.flusher, gateway.config, self)
+        self.compressor, _, inflater_factory = gateway.compression(deflate)
+        self._threshold = gateway.config.deflate_threshold_bytes
+        self.listener = gateway.impl.listener.FrameListener(
+            gateway.flusher, gateway.config, self, inflater_factory)
+
+    push = Connection.push
 
     def on_open(self) -> None:
         self._live.add(self)
@@ -204,11 +224,15 @@ class EchoConnection:
         self._live.discard(self)
         self._metrics.connections_current -= 1
 
+    @property
+    def batch(self) -> Any:
+        return self.listener.batch
+
     def on_text(self, payload: bytes) -> None:
-        self.listener.batch.push_frame(OP_TEXT, payload)
+        self.push(OP_TEXT, payload)
 
     def on_binary(self, payload: bytes) -> None:
-        self.listener.batch.push_frame(OP_BINARY, payload)
+        self.push(OP_BINARY, payload)
 
     def on_refused(self, binary: bool) -> None:
         self._metrics.errors_total[ErrorCode.RATE_LIMITED] += 1

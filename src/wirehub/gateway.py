@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
@@ -36,11 +37,12 @@ from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config
 from .connection import Connection, EchoConnection
-from .hub import Hub
+from .hub import TAKEOVER, Hub
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import CloseCode
 from .protocol.messages import Command, CustomMessage, StreamPosition
+from .protocol.permessage_deflate import DeflateOptions, DeflateParams, NegotiationError, negotiate
 
 logger = logging.getLogger("wirehub.gateway")
 
@@ -72,10 +74,23 @@ class Gateway:
         self._hooks: dict[str, list[Hook]] = {"connect": [], "disconnect": []}
         self.json_codec = JsonCodec(self.handlers.keys())
         self.tlv_codec = TlvCodec(self.impl.tlv, self.handlers.keys())
+        cfg = self.config
+        self.deflate_options = DeflateOptions(
+            enabled=cfg.deflate, level=cfg.deflate_level, mem_level=cfg.deflate_mem_level,
+            server_max_window_bits=cfg.deflate_server_max_window_bits,
+            client_max_window_bits=cfg.deflate_client_max_window_bits,
+            server_no_context_takeover=cfg.deflate_server_no_context_takeover,
+            client_no_context_takeover=cfg.deflate_client_no_context_takeover,
+            threshold_bytes=cfg.deflate_threshold_bytes)
+        # Compressors without context takeover are stateless between messages:
+        # one per window size serves every connection (and every fan-out).
+        self._shared_compressors: dict[int, Any] = {}
         self.broker = broker or MemoryBroker()
         self.hub = Hub(self.broker, self.impl, self.json_codec, self.tlv_codec, self.metrics,
-                       max_channel_length=self.config.max_channel_length,
-                       max_subscriptions=self.config.max_subscriptions_per_connection)
+                       max_channel_length=cfg.max_channel_length,
+                       max_subscriptions=cfg.max_subscriptions_per_connection,
+                       shared_compressors=self._shared_compressors,
+                       compress_threshold_bytes=cfg.deflate_threshold_bytes)
         self.flusher: Any = None
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -139,6 +154,24 @@ class Gateway:
         if isinstance(data, (bytes, bytearray, memoryview)):
             return self.hub.publish(channel, bytes(data), binary=True)
         return self.hub.publish(channel, msgspec.json.encode(data))
+
+    def compression(self, params: DeflateParams | None) -> tuple[Any, int | None, Any]:
+        """For agreed permessage-deflate ``params``: the compressor to send with,
+        the connection's fan-out group and a factory for its inflater."""
+        if params is None:
+            return None, None, None
+        deflate = self.impl.deflate
+        inflater_kwargs = dict(params.inflater_kwargs(), max_message_bytes=self.config.max_payload_bytes,
+                               max_ratio=self.config.deflate_max_ratio)
+        inflater_factory = functools.partial(deflate.Inflater, **inflater_kwargs)
+        deflater_kwargs = params.deflater_kwargs(self.deflate_options)
+        if not params.server_no_context_takeover:
+            return deflate.Deflater(**deflater_kwargs), TAKEOVER, inflater_factory
+        window_bits = params.server_max_window_bits
+        compressor = self._shared_compressors.get(window_bits)
+        if compressor is None:
+            compressor = self._shared_compressors[window_bits] = deflate.Deflater(**deflater_kwargs)
+        return compressor, window_bits, inflater_factory
 
     @property
     def connections(self) -> list[Connection]:
@@ -214,7 +247,10 @@ class Gateway:
             await asyncio.sleep(max(0.05, min(interval_s, timeout_s) / 2))
             now = clock()
             for conn in [*self.hub.clients.values(), *self.echo_connections]:
-                conn.listener.heartbeat(now, interval_s, timeout_s)
+                try:
+                    conn.listener.heartbeat(now, interval_s, timeout_s)
+                except Exception:  # one broken connection must not stop the sweep
+                    logger.exception("heartbeat failed")
 
     async def __aenter__(self) -> Gateway:
         await self.start()
@@ -227,16 +263,29 @@ class Gateway:
 
     def _route(self, request: WSUpgradeRequest) -> Any:
         path = urlsplit(request.path.decode("latin-1")).path
-        if path == self.config.ws_path:
-            return Connection(self, request).listener
-        if path == "/echo" and self.config.echo:
-            return EchoConnection(self).listener
+        if path == self.config.ws_path or (path == "/echo" and self.config.echo):
+            return self._upgrade(request, path)
         if path == "/healthz":
             return self._http(HTTPStatus.OK, b"ok\n")
         if path == "/metrics":
             body = self.metrics.render(self.hub.subscription_count, len(self.hub.channels))
             return self._http(HTTPStatus.OK, body.encode(), "text/plain; version=0.0.4")
         return self._http(HTTPStatus.NOT_FOUND, b"not found\n")
+
+    def _upgrade(self, request: WSUpgradeRequest, path: str) -> Any:
+        try:
+            agreed = negotiate(request.headers.getall("Sec-WebSocket-Extensions", []), self.deflate_options)
+        except NegotiationError as exc:
+            return self._http(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode())
+        params, extension_header = agreed if agreed is not None else (None, None)
+        if path == self.config.ws_path:
+            listener = Connection(self, request, params).listener
+        else:
+            listener = EchoConnection(self, params).listener
+        if extension_header is None:
+            return listener
+        response = WSUpgradeResponse.create_101_response({"Sec-WebSocket-Extensions": extension_header})
+        return WSUpgradeResponseWithListener(response, listener)
 
     def _http(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain") -> Any:
         self.metrics.http_requests_total[int(status)] += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .broker.base import Broker
 from .metrics import Metrics
@@ -25,21 +25,33 @@ OP_BINARY = 0x2
 _CHANNEL_CHARS = re.compile(r"[A-Za-z0-9_\-.:@/=]+")
 
 
-class Channel:
-    """One channel's local subscribers, in subscription order."""
+TAKEOVER = -1  # fan-out group of connections that compress with their own context
 
-    __slots__ = ("name", "batches", "members")
+
+class Channel:
+    """One channel's local subscribers, grouped by how their frames are encoded.
+
+    ``groups`` maps ``None`` (uncompressed) or a window size (permessage-deflate
+    without context takeover: one compressed frame shared by the group) to the
+    subscribers' ``OutBatch`` list that ``fanout`` iterates; ``takeover`` holds
+    connections whose compressor keeps context, which must compress for
+    themselves.
+    """
+
+    __slots__ = ("name", "groups", "takeover", "members")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.batches: list = []  # OutBatch per subscriber, what fanout iterates
+        self.groups: dict[int | None, list] = {}
+        self.takeover: list[Connection] = []
         self.members: dict[str, Connection] = {}
 
 
 class Hub:
     def __init__(self, broker: Broker, impl: SimpleNamespace, json_codec: JsonCodec,
                  tlv_codec: TlvCodec, metrics: Metrics, *, max_channel_length: int,
-                 max_subscriptions: int) -> None:
+                 max_subscriptions: int, shared_compressors: dict[int, Any],
+                 compress_threshold_bytes: int) -> None:
         self.channels: dict[str, Channel] = {}
         self.clients: dict[str, Connection] = {}
         self._broker = broker
@@ -50,6 +62,8 @@ class Hub:
         self._fanout = impl.fanout.fanout
         self._max_channel_length = max_channel_length
         self._max_subscriptions = max_subscriptions
+        self._compressors = shared_compressors
+        self._threshold = compress_threshold_bytes
         self.subscription_count = 0
         broker.bind(self)
 
@@ -78,7 +92,10 @@ class Hub:
         if channel is None:
             channel = self.channels[name] = Channel(name)
             self._broker.subscribe(name)
-        channel.batches.append(conn.batch)
+        if conn.fanout_group == TAKEOVER:
+            channel.takeover.append(conn)
+        else:
+            channel.groups.setdefault(conn.fanout_group, []).append(conn.batch)
         channel.members[conn.client_id] = conn
         conn.subscriptions.add(name)
         self.subscription_count += 1
@@ -94,7 +111,13 @@ class Hub:
         conn.subscriptions.discard(name)
         self.subscription_count -= 1
         channel = self.channels[name]
-        channel.batches.remove(conn.batch)
+        if conn.fanout_group == TAKEOVER:
+            channel.takeover.remove(conn)
+        else:
+            group = channel.groups[conn.fanout_group]
+            group.remove(conn.batch)
+            if not group:
+                del channel.groups[conn.fanout_group]
         del channel.members[conn.client_id]
         if not channel.members:
             del self.channels[name]
@@ -117,12 +140,23 @@ class Hub:
         if channel is None:
             return
         if pub.binary:
-            frame = self._build_frame(OP_BINARY, self._tlv.encode_message(pub.channel, pub.offset, pub.data))
+            opcode, payload = OP_BINARY, self._tlv.encode_message(pub.channel, pub.offset, pub.data)
         else:
-            frame = self._build_frame(OP_TEXT, self._json.encode_message(pub.channel, pub.offset, pub.data))
-        exclude = None
-        if origin is not None:
-            member = channel.members.get(origin)
-            if member is not None:
-                exclude = member.batch
-        self._metrics.deliveries_total += self._fanout(channel.batches, frame, exclude)
+            opcode, payload = OP_TEXT, self._json.encode_message(pub.channel, pub.offset, pub.data)
+        sender = channel.members.get(origin) if origin is not None else None
+        exclude = sender.batch if sender is not None else None
+        delivered = 0
+        plain = None
+        for window_bits, batches in channel.groups.items():
+            if window_bits is None or len(payload) < self._threshold:
+                if plain is None:
+                    plain = self._build_frame(opcode, payload)
+                frame = plain
+            else:
+                # Encode once, compress once per window size, frame once.
+                frame = self._build_frame(opcode, self._compressors[window_bits].compress(payload), True)
+            delivered += self._fanout(batches, frame, exclude)
+        for conn in channel.takeover:
+            if conn is not sender and conn.push(opcode, payload):
+                delivered += 1
+        self._metrics.deliveries_total += delivered

@@ -39,7 +39,7 @@ cdef class OutBatch:
     cdef void _release(self) noexcept
     cdef int _overflow(self) except -1
     cpdef bint push(self, bytes frame)
-    cpdef bint push_frame(self, int opcode, object payload)
+    cpdef bint push_frame(self, int opcode, object payload, bint rsv1=*)
     cpdef flush(self)
     cpdef pause(self)
     cpdef resume(self)

@@ -152,8 +152,11 @@ cdef class OutBatch:
         """Queue a complete frame; return False if the batch refused it."""
         return self._push(frame)
 
-    cpdef bint push_frame(self, int opcode, object payload):
-        """Frame ``payload`` straight into the buffer (for per-connection replies)."""
+    cpdef bint push_frame(self, int opcode, object payload, bint rsv1=False):
+        """Frame ``payload`` straight into the buffer (for per-connection replies).
+
+        ``rsv1`` marks a permessage-deflate compressed payload (RFC 7692 §6).
+        """
         cdef Py_buffer view
         cdef Py_ssize_t h, total
         if self.closed:
@@ -163,12 +166,12 @@ cdef class OutBatch:
             h = header_size(view.len)
             total = h + view.len
             if total >= SHARE_ABOVE:
-                return self._push(_frame_bytes(opcode, &view, h))
+                return self._push(_frame_bytes(opcode, &view, h, rsv1))
             if self.pending_bytes + total > self.high_water_bytes:
                 self._overflow()
                 return False
             self._reserve(total)
-            write_header(<uint8_t*>self._buf + self._len, opcode, view.len, False)
+            write_header(<uint8_t*>self._buf + self._len, opcode, view.len, rsv1)
             memcpy(self._buf + self._len + h, view.buf, view.len)
             self._len += total
             self.pending_bytes += total
@@ -244,10 +247,10 @@ cdef class OutBatch:
         return 0
 
 
-cdef bytes _frame_bytes(int opcode, Py_buffer* view, Py_ssize_t h):
+cdef bytes _frame_bytes(int opcode, Py_buffer* view, Py_ssize_t h, bint rsv1):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, h + view.len)
     cdef uint8_t* w = <uint8_t*>PyBytes_AS_STRING(out)
-    write_header(w, opcode, view.len, False)
+    write_header(w, opcode, view.len, rsv1)
     memcpy(w + h, view.buf, view.len)
     return out
 

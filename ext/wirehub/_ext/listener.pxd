@@ -11,6 +11,9 @@ cdef class FrameListener(WSListener):
     cdef readonly Py_ssize_t max_message_bytes
     cdef Flusher _flusher
     cdef object _sink
+    cdef object _inflater_factory
+    cdef object _inflater
+    cdef bint _compressed
     cdef Utf8Validator _utf8
     cdef TokenBucket _messages
     cdef TokenBucket _bytes

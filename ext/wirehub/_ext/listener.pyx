@@ -17,6 +17,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from wirehub._ext.bucket cimport TokenBucket
 from wirehub._ext.fanout cimport Flusher, OutBatch
+from wirehub._ext.deflate import InvalidData, MessageTooBig
 from wirehub._ext.frame cimport Utf8Validator
 
 logger = logging.getLogger("wirehub.connection")
@@ -54,11 +55,15 @@ cdef class FrameListener(WSListener):
             (a message the rate limit dropped), ``on_slow_consumer()``,
             ``on_closing(code)`` (we are sending CLOSE) and ``on_close()``.
             Payloads are ``bytes`` the sink may keep.
+        inflater_factory: when permessage-deflate was negotiated, a callable
+            returning this connection's ``deflate.Inflater``; called on the
+            first compressed message, so idle connections hold no zlib state.
     """
 
-    def __init__(self, Flusher flusher, limits, sink):
+    def __init__(self, Flusher flusher, limits, sink, inflater_factory=None):
         self._flusher = flusher
         self._sink = sink
+        self._inflater_factory = inflater_factory
         self._utf8 = Utf8Validator()
         self._fragments = bytearray()
         self.max_message_bytes = limits.max_payload_bytes
@@ -108,12 +113,15 @@ cdef class FrameListener(WSListener):
             return
         if opcode == WSMsgType.PING or opcode == WSMsgType.PONG:
             return  # picows answers PINGs; an unsolicited PONG needs no answer (§5.5.3).
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        if frame.rsv2 or frame.rsv3:
             self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
             return
         if opcode == WSMsgType.CONTINUATION:
             if self._fragmented_opcode == 0:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+                return
+            if frame.rsv1:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation frame")  # RFC 7692 §6.1
                 return
             self._add_fragment(frame)
             return
@@ -121,45 +129,68 @@ cdef class FrameListener(WSListener):
         if self._fragmented_opcode != 0:
             self.close(WSCloseCode.PROTOCOL_ERROR, "new message started before the fragmented one finished")
             return
-        if not frame.fin:
-            self._fragmented_opcode = opcode
-            self._fragment_count = 0
-            self._add_fragment(frame)
+        if frame.rsv1 and self._inflater_factory is None:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
             return
-        if opcode == WSMsgType.TEXT:
-            if not self._utf8.feed_ptr(<const unsigned char*>frame.payload_ptr, frame.payload_size) \
-                    or not self._utf8.finish():
-                self._utf8.reset()
-                self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
-                return
-        self._deliver(opcode, frame.get_payload_as_bytes())
+        self._compressed = frame.rsv1
+        if frame.fin and not self._compressed:
+            # The common case: one uncompressed frame, validated in place.
+            if opcode == WSMsgType.TEXT:
+                if not self._utf8.feed_ptr(<const unsigned char*>frame.payload_ptr, frame.payload_size) \
+                        or not self._utf8.finish():
+                    self._utf8.reset()
+                    self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
+                    return
+            self._deliver(opcode, frame.get_payload_as_bytes())
+            return
+        self._fragmented_opcode = opcode
+        self._fragment_count = 0
+        self._add_fragment(frame)
 
     # -- message assembly ---------------------------------------------------
 
     cdef _add_fragment(self, WSFrame frame):
+        cdef object chunk
         self._fragment_count += 1
         if self._fragment_count > self._max_fragments:
             self.close(WSCloseCode.POLICY_VIOLATION, "message has too many fragments")
             return
-        if len(self._fragments) + frame.payload_size > self.max_message_bytes:
-            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
-            return
+        if self._compressed:
+            # RFC 7692 §7.2.2; the inflater stops at max_payload_bytes (and at
+            # its ratio limit) without ever allocating past it.
+            if self._inflater is None:
+                self._inflater = self._inflater_factory()
+            try:
+                chunk = self._inflater.feed(frame.get_payload_as_memoryview(), frame.fin)
+            except MessageTooBig:
+                self.close(WSCloseCode.MESSAGE_TOO_BIG, "message inflates past max_payload_bytes")
+                return
+            except InvalidData:
+                self.close(WSCloseCode.INVALID_TEXT, "invalid compressed data")
+                return
+        else:
+            if len(self._fragments) + frame.payload_size > self.max_message_bytes:
+                self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
+                return
+            chunk = frame.get_payload_as_memoryview()
         # Validate text as it arrives so a bad message fails fast (§8.1).
-        if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed_ptr(
-                <const unsigned char*>frame.payload_ptr, frame.payload_size):
+        if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed(chunk):
             self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
             return
-        self._fragments += frame.get_payload_as_memoryview()
-        if not frame.fin:
-            return
+        if frame.fin and not self._fragments and type(chunk) is bytes:
+            payload = chunk  # a single compressed frame: the inflated bytes are the message
+        else:
+            self._fragments += chunk
+            if not frame.fin:
+                return
+            payload = bytes(self._fragments)
+            # Give back a large reassembly buffer instead of keeping its peak size.
+            self._fragments = bytearray()
         cdef int opcode = self._fragmented_opcode
         self._fragmented_opcode = 0
         if opcode == WSMsgType.TEXT and not self._utf8.finish():
             self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
             return
-        payload = bytes(self._fragments)
-        # Give back a large reassembly buffer instead of keeping its peak size.
-        self._fragments = bytearray()
         self._deliver(opcode, payload)
 
     cdef _deliver(self, int opcode, bytes payload):

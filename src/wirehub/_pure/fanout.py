@@ -81,9 +81,10 @@ class OutBatch:
         """Queue a complete frame; return False if the batch refused it."""
         return self._queue(frame)
 
-    def push_frame(self, opcode: int, payload: bytes | bytearray | memoryview) -> bool:
-        """Frame ``payload`` and queue it (for per-connection replies)."""
-        return self._queue(build_frame(opcode, payload))
+    def push_frame(self, opcode: int, payload: bytes | bytearray | memoryview, rsv1: bool = False) -> bool:
+        """Frame ``payload`` and queue it (for per-connection replies); ``rsv1``
+        marks a compressed payload."""
+        return self._queue(build_frame(opcode, payload, rsv1))
 
     def _seal(self) -> None:
         if self._buf:

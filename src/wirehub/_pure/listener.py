@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from .bucket import TokenBucket
+from .deflate import Inflater, InvalidData, MessageTooBig
 from .fanout import Flusher, OutBatch
 from .frame import Utf8Validator
 
@@ -29,9 +31,13 @@ class FrameListener(WSListener):  # type: ignore[misc]
     See ``wirehub._ext.listener.FrameListener`` for the contract.
     """
 
-    def __init__(self, flusher: Flusher, limits: Any, sink: Any) -> None:
+    def __init__(self, flusher: Flusher, limits: Any, sink: Any,
+                 inflater_factory: Callable[[], Inflater] | None = None) -> None:
         self._flusher = flusher
         self._sink = sink
+        self._inflater_factory = inflater_factory
+        self._inflater: Inflater | None = None
+        self._compressed = False
         self._utf8 = Utf8Validator()
         self._fragments = bytearray()
         self._fragmented_opcode = 0
@@ -80,36 +86,46 @@ class FrameListener(WSListener):  # type: ignore[misc]
             self._on_close_frame(frame)
         elif opcode in (WSMsgType.PING, WSMsgType.PONG):
             return
-        elif frame.rsv1 or frame.rsv2 or frame.rsv3:
+        elif frame.rsv2 or frame.rsv3:
             self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
         elif opcode == WSMsgType.CONTINUATION:
             if not self._fragmented_opcode:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
+            elif frame.rsv1:
+                self.close(WSCloseCode.PROTOCOL_ERROR, "RSV1 set on a continuation frame")
             else:
                 self._add_fragment(frame)
         elif self._fragmented_opcode:
             self.close(WSCloseCode.PROTOCOL_ERROR, "new message started before the fragmented one finished")
-        elif not frame.fin:
+        elif frame.rsv1 and self._inflater_factory is None:
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+        else:
+            self._compressed = bool(frame.rsv1)
             self._fragmented_opcode = opcode
             self._fragment_count = 0
             self._add_fragment(frame)
-        else:
-            payload = frame.get_payload_as_bytes()
-            if opcode == WSMsgType.TEXT and not (self._utf8.feed(payload) and self._utf8.finish()):
-                self._utf8.reset()
-                self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
-                return
-            self._deliver(opcode, payload)
 
     def _add_fragment(self, frame: WSFrame) -> None:
         self._fragment_count += 1
         if self._fragment_count > self._max_fragments:
             self.close(WSCloseCode.POLICY_VIOLATION, "message has too many fragments")
             return
-        if len(self._fragments) + frame.payload_size > self.max_message_bytes:
-            self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
-            return
-        chunk = frame.get_payload_as_bytes()
+        if self._compressed:
+            if self._inflater is None:
+                self._inflater = self._inflater_factory()
+            try:
+                chunk = self._inflater.feed(frame.get_payload_as_bytes(), frame.fin)
+            except MessageTooBig:
+                self.close(WSCloseCode.MESSAGE_TOO_BIG, "message inflates past max_payload_bytes")
+                return
+            except InvalidData:
+                self.close(WSCloseCode.INVALID_TEXT, "invalid compressed data")
+                return
+        else:
+            if len(self._fragments) + frame.payload_size > self.max_message_bytes:
+                self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
+                return
+            chunk = frame.get_payload_as_bytes()
         if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed(chunk):
             self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
             return
