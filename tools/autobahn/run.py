@@ -20,6 +20,7 @@ Examples::
 
     python tools/autobahn/run.py --server picows
     python tools/autobahn/run.py --cases '1.*,2.*'
+    python tools/autobahn/run.py --quick --strict      # CI: 373 cases, ~2 min
     python tools/autobahn/run.py --url ws://127.0.0.1:9001/ --agent websockets
     python tools/autobahn/run.py --write-summary docs/conformance.md
 """
