@@ -252,3 +252,56 @@ class TestOptions:
     def test_frozen(self):
         with pytest.raises(AttributeError):
             DEFAULT.level = 1  # type: ignore[misc]
+
+
+# --- interop with python-websockets' client side (sans I/O) --------------------------------
+
+websockets_pmd = pytest.importorskip("websockets.extensions.permessage_deflate")
+websockets_headers = pytest.importorskip("websockets.headers")
+websockets_frames = pytest.importorskip("websockets.frames")
+
+
+@pytest.mark.parametrize(
+    "client_kwargs",
+    [
+        {},
+        {"client_max_window_bits": None},
+        {"client_max_window_bits": 10},
+        {"server_max_window_bits": 10},
+        {"server_max_window_bits": 9},
+        {"server_no_context_takeover": True},
+        {"client_no_context_takeover": True},
+        {"server_no_context_takeover": True, "client_no_context_takeover": True,
+         "server_max_window_bits": 11, "client_max_window_bits": 12},
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("options", [DEFAULT, SHARED], ids=["default", "shared"])
+@pytest.mark.parametrize("impl", [ext_deflate, pure_deflate], ids=["ext", "pure"])
+def test_websockets_client_accepts_our_answer(client_kwargs, options, impl):
+    """websockets' client takes our answer, then both directions inflate."""
+    factory = websockets_pmd.ClientPerMessageDeflateFactory(**client_kwargs)
+    offer = websockets_headers.build_extension([(factory.name, factory.get_request_params())])
+    params, response = negotiate([offer], options)
+    [(name, response_params)] = websockets_headers.parse_extension(response)
+    client = factory.process_response_params(response_params, [])  # raises if we broke §7.1
+
+    # The client's view of the agreement is ours, mirrored.
+    assert client.remote_no_context_takeover == params.server_no_context_takeover
+    assert client.local_no_context_takeover == params.client_no_context_takeover
+    assert client.remote_max_window_bits == params.server_max_window_bits
+    assert client.local_max_window_bits <= params.client_max_window_bits
+
+    deflater = impl.Deflater(**params.deflater_kwargs(options))
+    inflater = impl.Inflater(**params.inflater_kwargs(), max_message_bytes=1 << 20)
+    Frame, Opcode = websockets_frames.Frame, websockets_frames.Opcode
+    for i in range(3):
+        message = (b"wirehub %d " % i) * 500
+        # server -> client
+        frame = Frame(Opcode.BINARY, deflater.compress(message), rsv1=True)
+        assert client.decode(frame).data == message
+        # client -> server, fragmented in two frames
+        first = client.encode(Frame(Opcode.BINARY, message[:1000], fin=False))
+        rest = client.encode(Frame(Opcode.CONT, message[1000:], fin=True))
+        assert first.rsv1
+        assert inflater.feed(first.data, False) + inflater.feed(rest.data, True) == message
