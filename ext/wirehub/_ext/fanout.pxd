@@ -2,13 +2,14 @@ cimport cython
 
 
 cdef class Flusher:
+    cdef list _urgent
     cdef list _dirty
     cdef bint _scheduled
     cdef object _call_soon
     cdef object _run
     cdef readonly object loop
 
-    cdef void mark(self, OutBatch batch) except *
+    cdef void mark(self, OutBatch batch, bint urgent) except *
     cpdef flush(self)
 
 
@@ -24,6 +25,7 @@ cdef class OutBatch:
     cdef readonly bint closed
     cdef readonly bint overflowed
     cdef bint _dirty
+    cdef bint _urgent
     cdef int _fd
     cdef Flusher _flusher
     cdef object _write
@@ -38,6 +40,7 @@ cdef class OutBatch:
     cdef int _write_out(self, char* ptr, Py_ssize_t n) except -1
     cdef void _release(self) noexcept
     cdef int _overflow(self) except -1
+    cdef void _mark_urgent(self) except *
     cpdef bint push(self, bytes frame)
     cpdef bint push_frame(self, int opcode, object payload, bint rsv1=*)
     cpdef flush(self)

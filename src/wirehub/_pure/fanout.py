@@ -20,24 +20,27 @@ logger = logging.getLogger("wirehub.fanout")
 
 
 class Flusher:
-    """Write every dirty ``OutBatch`` once, on the next event-loop iteration."""
+    """Write every dirty ``OutBatch`` once, on the next event-loop iteration;
+    batches holding a direct reply first (see ``_ext.fanout.Flusher``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._urgent: list[OutBatch] = []
         self._dirty: list[OutBatch] = []
         self._scheduled = False
 
-    def mark(self, batch: OutBatch) -> None:
-        self._dirty.append(batch)
+    def mark(self, batch: OutBatch, urgent: bool) -> None:
+        (self._urgent if urgent else self._dirty).append(batch)
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
+        dirty = self._urgent + self._dirty
+        self._urgent, self._dirty = [], []
         self._scheduled = False
         for batch in dirty:
-            batch._dirty = False
+            batch._dirty = batch._urgent = False
             try:
                 batch.flush()
             except Exception:
@@ -58,7 +61,7 @@ class OutBatch:
         self._segments: list[bytes] = []
         self.pending_bytes = 0
         self.paused = self.closed = self.overflowed = False
-        self._dirty = False
+        self._dirty = self._urgent = False
 
     def _queue(self, frame: bytes) -> bool:
         if self.closed:
@@ -72,19 +75,26 @@ class OutBatch:
         else:
             self._buf += frame
         self.pending_bytes += len(frame)
-        if not self._dirty and not self.paused:
-            self._dirty = True
-            self._flusher.mark(self)
         return True
 
     def push(self, frame: bytes) -> bool:
         """Queue a complete frame; return False if the batch refused it."""
-        return self._queue(frame)
+        if not self._queue(frame):
+            return False
+        if not self._dirty and not self.paused:
+            self._dirty = True
+            self._flusher.mark(self, False)
+        return True
 
     def push_frame(self, opcode: int, payload: bytes | bytearray | memoryview, rsv1: bool = False) -> bool:
-        """Frame ``payload`` and queue it (for per-connection replies); ``rsv1``
-        marks a compressed payload."""
-        return self._queue(build_frame(opcode, payload, rsv1))
+        """Frame ``payload`` and queue it as a reply, written before fan-out
+        traffic; ``rsv1`` marks a compressed payload."""
+        if not self._queue(build_frame(opcode, payload, rsv1)):
+            return False
+        if not self._urgent and not self.paused:
+            self._urgent = True
+            self._flusher.mark(self, True)
+        return True
 
     def _seal(self) -> None:
         if self._buf:
@@ -111,7 +121,7 @@ class OutBatch:
         self.paused = False
         if self.pending_bytes and not self._dirty and not self.closed:
             self._dirty = True
-            self._flusher.mark(self)
+            self._flusher.mark(self, False)
 
     def close(self) -> None:
         """Drop pending frames and refuse new ones."""
