@@ -336,6 +336,11 @@ def format_table(table: dict[str, dict[str, Any]], names: list[str], markdown: b
     return "\n".join(lines + [f"({legend})"])
 
 
+# p99 of a few-second run on a shared 2-core machine moved by 2-3x between
+# identical runs, so it is reported but not checked.
+UNCHECKED_METRICS = {"p99_us"}
+
+
 def check(table: dict[str, dict[str, Any]], baseline_path: Path, tolerance: float) -> list[str]:
     """Ratios that fell more than ``tolerance`` below the committed baseline."""
     baseline = json.loads(baseline_path.read_text())["ratios"]
@@ -344,6 +349,8 @@ def check(table: dict[str, dict[str, Any]], baseline_path: Path, tolerance: floa
         for name, ratios in per_server.items():
             now = table.get(sc, {}).get(name, {}).get("ratio", {})
             for metric, base in ratios.items():
+                if metric in UNCHECKED_METRICS:
+                    continue
                 if metric in now and now[metric] < base * (1 - tolerance):
                     failures.append(f"{sc} {name} {metric}: ratio {now[metric]:.2f} < "
                                     f"baseline {base:.2f} - {tolerance:.0%}")
