@@ -145,9 +145,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one load test; return the exit status."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m tools.loadgen") -> int:
+    """Run one load test; return the exit status (``prog`` names it in --help)."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)

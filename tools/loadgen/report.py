@@ -16,6 +16,8 @@ from .histogram import Histogram
 
 # Above this, a worker process was probably the bottleneck, not the server.
 SATURATED_CPU_PERCENT = 90.0
+# ... or when its measurement window started/ended this late (fraction of --duration).
+MAX_TIMER_LAG_FRACTION = 0.1
 
 
 def aggregate(cfg: Config, reports: dict[int, dict[str, Any]],
@@ -106,9 +108,12 @@ def aggregate(cfg: Config, reports: dict[int, dict[str, Any]],
     result["error_samples"] = samples[:10]
     busy_s = sum(c["user_s"] + c["sys_s"] for c in cpu)
     events = delta["received"] + delta["acked"] + delta["other_received"]
+    lag_s = max((r["timer_lag_s"] for r in reports.values()), default=0.0)
     result["client"] = {
         "processes": cpu,
-        "saturated": any(c["cpu_percent"] >= SATURATED_CPU_PERCENT for c in cpu),
+        "timer_lag_s": round(lag_s, 3),
+        "saturated": any(c["cpu_percent"] >= SATURATED_CPU_PERCENT for c in cpu)
+        or lag_s > MAX_TIMER_LAG_FRACTION * cfg.duration_s,
         # Frames the client handled per second of its own CPU: its ceiling per core.
         "frames_per_cpu_s": round(events / busy_s) if busy_s > 0 else 0,
     }
