@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["loadgen"]:
         from .loadgen.cli import main as loadgen_main
 
-        return loadgen_main(argv[1:])
+        return loadgen_main(argv[1:], prog="wirehub loadgen")
     args = build_parser().parse_args(argv)
     overrides = {name: getattr(args, name) for name in config_module.field_names()
                  if getattr(args, name) is not None}
