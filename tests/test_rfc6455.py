@@ -42,6 +42,14 @@ class TestReadAhead:
             assert await c.frame() == (0x1, b"first")
             assert await c.close_code() == 1002
 
+    async def test_parser_rejections_are_counted_not_logged_as_errors(self, impl_name, caplog):
+        async with running_gateway(impl_name, echo=True) as gw:
+            c = await echo_client(gw)
+            c.writer.write(client_frame(0x3))
+            assert await c.close_code() == 1002
+            assert gw.metrics.closes_total[1002] == 1
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
     async def test_second_close_is_ignored(self, impl_name):
         async with running_gateway(impl_name, echo=True) as gw:
             c = await echo_client(gw)

@@ -53,6 +53,27 @@ Hook = Callable[[Connection], Any]
 RESERVED_TYPES = frozenset({"subscribe", "unsubscribe", "publish", "ping", "auth"})
 
 
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows's logger: peer protocol errors become counted INFO records.
+
+    picows closes the connection itself (1002/1009) when its frame parser
+    rejects the peer's bytes and logs that at ERROR; a misbehaving client is
+    not a server error, but it must show in ``wirehub_closes_total``. (An
+    adapter rather than a ``Logger`` also stops picows from creating a child
+    logger per connection.)
+    """
+
+    def __init__(self, logger: logging.Logger, metrics: Metrics) -> None:
+        super().__init__(logger, {})
+        self._metrics = metrics
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if msg == "WS parser error: %s, initiate disconnect" and args and isinstance(args[0], tuple):
+            self._metrics.closes_total[int(args[0][0])] += 1
+            level = logging.INFO
+        super().log(level, msg, *args, **kwargs)
+
+
 class Gateway:
     """A WebSocket pub/sub gateway.
 
@@ -190,9 +211,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.flusher = self.impl.fanout.Flusher(loop)
         cfg = self.config
-        # picows logs every accept at INFO and makes a child logger per
-        # connection for a plain Logger; an adapter avoids both costs.
-        picows_logger = logging.LoggerAdapter(logging.getLogger("wirehub.picows"), {})
+        picows_logger = _PicowsLog(logging.getLogger("wirehub.picows"), self.metrics)
         guard = self.impl.readahead.ReadAheadGuard
 
         def protocol_factory() -> Any:
