@@ -84,6 +84,8 @@ class TestFraming:
         ([client_frame(0x0, b"orphan")], 1002),                                   # nothing to continue
         ([client_frame(0x1, b"a", fin=False), client_frame(0x1, b"b")], 1002),   # new message mid-way
         ([client_frame(0x1, b"x", rsv=4)], 1002),                                # RSV1 without deflate
+        ([client_frame(0x8, b"\x03\xe8", rsv=7)], 1002),                         # CLOSE with RSV bits (3.7)
+        ([client_frame(0xA, b"", rsv=2)], 1002),                                 # PONG with RSV2
         ([client_frame(0x1, "☃".encode()[:2], fin=False), client_frame(0x0, b"x")], 1007),
         ([client_frame(0x1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80")], 1007),
     ])

@@ -108,14 +108,15 @@ cdef class FrameListener(WSListener):
             # only the peer's CLOSE still matters, and nothing may follow ours.
             self.batch.close()
             return
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and opcode >= 8):
+            # §5.2; permessage-deflate only ever sets RSV1, and never on control frames.
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+            return
         if opcode == WSMsgType.CLOSE:
             self._on_close_frame(frame)
             return
         if opcode == WSMsgType.PING or opcode == WSMsgType.PONG:
             return  # picows answers PINGs; an unsolicited PONG needs no answer (§5.5.3).
-        if frame.rsv2 or frame.rsv3:
-            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
-            return
         if opcode == WSMsgType.CONTINUATION:
             if self._fragmented_opcode == 0:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")

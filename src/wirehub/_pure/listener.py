@@ -82,12 +82,12 @@ class FrameListener(WSListener):  # type: ignore[misc]
         if self.transport.is_close_frame_sent and opcode != WSMsgType.CLOSE:
             self.batch.close()  # nothing may follow our CLOSE
             return
-        if opcode == WSMsgType.CLOSE:
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and opcode >= 8):
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+        elif opcode == WSMsgType.CLOSE:
             self._on_close_frame(frame)
         elif opcode in (WSMsgType.PING, WSMsgType.PONG):
             return
-        elif frame.rsv2 or frame.rsv3:
-            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
         elif opcode == WSMsgType.CONTINUATION:
             if not self._fragmented_opcode:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
