@@ -530,7 +530,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="skip the long permessage-deflate cases (12.*/13.* beyond 4 KiB messages, "
-        "except x.11): 301 + 72 cases in about 2.5 min instead of about 35",
+        "except x.11): 301 + 72 cases in about 2 min instead of 20-35",
     )
     parser.add_argument("--python2", help="Python 2.7 interpreter (default: $WIREHUB_PYTHON2, PATH, pyenv)")
     parser.add_argument("--reports", default=str(ROOT / "reports"), help="report directory (default reports/)")
