@@ -7,7 +7,6 @@ import json
 import zlib
 
 import pytest
-import websockets
 
 from helpers import RawClient, client_frame, json_client, running_gateway
 

@@ -7,7 +7,6 @@ import json
 import signal
 import time
 
-import pytest
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from helpers import connect_recording, json_client, running_gateway, start_server

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import struct
 
 import pytest
 import websockets
 from picows import WSMsgType
 
-from wirehub import Gateway, Config, Rejected, WirehubError
+from wirehub import Gateway, Config, Rejected
 from wirehub._speedups import load
 from wirehub.protocol.codec import Tag
 

@@ -9,7 +9,6 @@ frame N, and its reply, before anything reacts to frame N+1.
 from __future__ import annotations
 
 import asyncio
-import struct
 
 import pytest
 

@@ -10,8 +10,6 @@ message *means* is decided upstairs, by the ``sink`` it calls
 ``wirehub._pure.listener``.
 """
 
-import logging
-
 from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -19,9 +17,6 @@ from wirehub._ext.bucket cimport TokenBucket
 from wirehub._ext.fanout cimport Flusher, OutBatch
 from wirehub._ext.deflate import InvalidData, MessageTooBig
 from wirehub._ext.frame cimport Utf8Validator
-
-logger = logging.getLogger("wirehub.connection")
-
 
 cdef inline double _monotonic() noexcept:
     cdef timespec ts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,9 +12,6 @@ from .bucket import TokenBucket
 from .deflate import Inflater, InvalidData, MessageTooBig
 from .fanout import Flusher, OutBatch
 from .frame import Utf8Validator
-
-logger = logging.getLogger("wirehub.connection")
-
 
 monotonic = time.monotonic
 
