@@ -242,6 +242,17 @@ class TestOutBatch:
         loop.run_tick()
         assert b"".join(transport.writes) == impl.frame.build_frame(1, b"x" * size)
 
+    def test_a_burst_larger_than_high_water_is_written_through(self, impl):
+        # A bursty publisher can queue more than high_water_bytes for a
+        # subscriber within one tick; a socket that drains is not a slow consumer.
+        loop, transport, batch, overflows = self.make(impl, high_water=80_000)
+        frame = impl.frame.build_frame(2, b"x" * 1000)
+        assert all(batch.push(frame) for _ in range(200))
+        assert b"".join(transport.writes) == frame * (200 - batch.pending_bytes // len(frame))
+        loop.run_tick()
+        assert b"".join(transport.writes) == frame * 200
+        assert overflows == [] and not batch.overflowed
+
     def test_paused_batch_holds_frames_until_resumed(self, impl):
         loop, transport, batch, _ = self.make(impl)
         batch.pause()

@@ -34,6 +34,7 @@ cdef enum:
     INITIAL_CAPACITY = 256      # bytes; first allocation (idle connections hold only this)
     SHRINK_ABOVE = 65536        # bytes; a buffer grown past this is freed after a flush
     SHARE_ABOVE = 16384         # bytes; frames this large are queued by reference
+    WRITE_THROUGH = 65536       # bytes; a batch this full is written at once, not at tick end
 
 logger = logging.getLogger("wirehub.fanout")
 
@@ -159,9 +160,16 @@ cdef class OutBatch:
             memcpy(self._buf + self._len, PyBytes_AS_STRING(frame), n)
             self._len += n
         self.pending_bytes += n
-        if not self._dirty and not self.paused:
-            self._dirty = True
-            self._flusher.mark(self, False)
+        if not self.paused:
+            if self.pending_bytes >= WRITE_THROUGH:
+                # One read of a bursty publisher can produce more than
+                # high_water_bytes for every subscriber before the tick ends;
+                # only a socket that does not drain (pause_writing) may make
+                # a connection a slow consumer.
+                self.flush()
+            elif not self._dirty:
+                self._dirty = True
+                self._flusher.mark(self, False)
         return True
 
     cpdef bint push(self, bytes frame):
@@ -196,7 +204,10 @@ cdef class OutBatch:
             self.pending_bytes += total
         finally:
             PyBuffer_Release(&view)
-        self._mark_urgent()
+        if self.pending_bytes >= WRITE_THROUGH and not self.paused:
+            self.flush()
+        else:
+            self._mark_urgent()
         return True
 
     cdef void _mark_urgent(self) except *:

@@ -15,6 +15,7 @@ from typing import Any
 from .frame import build_frame
 
 SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
+WRITE_THROUGH = 65536  # bytes; a batch this full is written at once, not at tick end
 
 logger = logging.getLogger("wirehub.fanout")
 
@@ -81,7 +82,11 @@ class OutBatch:
         """Queue a complete frame; return False if the batch refused it."""
         if not self._queue(frame):
             return False
-        if not self._dirty and not self.paused:
+        if self.paused:
+            return True
+        if self.pending_bytes >= WRITE_THROUGH:
+            self.flush()  # only a socket that does not drain makes a slow consumer
+        elif not self._dirty:
             self._dirty = True
             self._flusher.mark(self, False)
         return True
@@ -91,7 +96,11 @@ class OutBatch:
         traffic; ``rsv1`` marks a compressed payload."""
         if not self._queue(build_frame(opcode, payload, rsv1)):
             return False
-        if not self._urgent and not self.paused:
+        if self.paused:
+            return True
+        if self.pending_bytes >= WRITE_THROUGH:
+            self.flush()
+        elif not self._urgent:
             self._urgent = True
             self._flusher.mark(self, True)
         return True
