@@ -291,5 +291,6 @@ class TestEmbeddingApi:
             async with json_client(gw) as c:
                 client_id = c.welcome["client_id"]
                 assert events == [("connect", client_id)]
+                assert [conn.client_id for conn in gw.connections] == [client_id]
             await asyncio.sleep(0.05)
             assert events == [("connect", client_id), ("disconnect", client_id)]

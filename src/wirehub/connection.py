@@ -150,7 +150,6 @@ class Connection:
             self._reply(Error(exc.code, exc.message, msg_id), codec, opcode)
 
     def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
-        self._hub.check_channel(msg.channel)
         position = self._hub.publish(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
                                      origin=self.client_id if msg.exclude_self else None)
         if msg.id is not None:

@@ -171,7 +171,6 @@ class Gateway:
         Raises:
             InvalidChannel: the name is not a valid channel name.
         """
-        self.hub.check_channel(channel)
         if isinstance(data, (bytes, bytearray, memoryview)):
             return self.hub.publish(channel, bytes(data), binary=True)
         return self.hub.publish(channel, msgspec.json.encode(data))

@@ -131,7 +131,12 @@ class Hub:
 
     def publish(self, channel: str, data: bytes, *, binary: bool = False,
                 origin: str | None = None) -> StreamPosition:
-        """Publish through the broker; ``origin`` (a client id) is excluded from delivery."""
+        """Publish through the broker; ``origin`` (a client id) is excluded from delivery.
+
+        Raises:
+            InvalidChannel
+        """
+        self.check_channel(channel)
         self._metrics.publications_total += 1
         return self._broker.publish(channel, data, binary=binary, origin=origin)
 

@@ -74,10 +74,5 @@ class MemoryBroker:
                 Publication(channel, data, stream.offset, stream.epoch, binary), origin)
         return StreamPosition(stream.offset, stream.epoch)
 
-    def position(self, channel: str) -> StreamPosition:
-        """The position of the newest publication on ``channel`` (0 if none)."""
-        stream = self._stream(channel)
-        return StreamPosition(stream.offset, stream.epoch)
-
     async def close(self) -> None:
         self._handler = None
