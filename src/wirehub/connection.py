@@ -75,7 +75,7 @@ class Connection:
 
     def send(self, obj: Any) -> bool:
         """Send ``obj`` (a reply Struct, or anything msgspec encodes) as a JSON text frame."""
-        return self.push(OP_TEXT, self._json.encode_object(obj))
+        return self.push(OP_TEXT, self._json.encode(obj))
 
     def send_bytes(self, data: bytes) -> bool:
         """Send ``data`` as one binary frame."""

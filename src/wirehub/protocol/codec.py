@@ -76,15 +76,13 @@ class JsonCodec:
             raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
         raise InvalidField(reason, id=msg_id)
 
-    def encode(self, reply: Reply) -> bytes:
+    def encode(self, reply: Reply | Any) -> bytes:
+        """A reply Struct, or any value msgspec encodes (``Connection.send``)."""
         return self._encoder.encode(reply)
 
     def encode_message(self, channel: str, offset: int, data: bytes) -> bytes:
         """The payload of a ``message`` for a JSON publication (``data`` is raw JSON)."""
         return self._encoder.encode(Message(channel, offset, msgspec.Raw(data)))
-
-    def encode_object(self, obj: Any) -> bytes:
-        return self._encoder.encode(obj)
 
 
 class Tag:
