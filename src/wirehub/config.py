@@ -58,6 +58,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     deflate_max_ratio: Annotated[int, NonNegative] = 100
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_format: Literal["text", "json"] = "text"
+    docker: bool = False
+    docker_host: str | None = None
+    runner_label: str | None = None
+    docker_log_ring_lines: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    docker_max_log_streams: Annotated[int, Positive] = 256
 
     def __post_init__(self) -> None:
         if self.high_water_bytes <= self.max_payload_bytes:
@@ -105,6 +110,11 @@ HELP: dict[str, str] = {
     "deflate_max_ratio": "refuse (1009) a message inflating past this ratio once it exceeds 1 MiB (0 = off)",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json (one JSON object per line)",
+    "docker": "serve Docker channels: logs:<container>, runners, runner:<id> (needs the docker extra)",
+    "docker_host": "Docker engine address, e.g. unix:///var/run/docker.sock (default: DOCKER_HOST)",
+    "runner_label": "only containers with this label (key or key=value) are runners",
+    "docker_log_ring_lines": "log lines kept per followed container: the largest tail a subscriber may ask",
+    "docker_max_log_streams": "containers whose logs are followed at once",
 }
 
 ENV_PREFIX = "WIREHUB_"

@@ -135,8 +135,9 @@ class Connection:
             if kind is Publish:
                 self._publish(msg, codec, opcode)
             elif kind is Subscribe:
-                self._hub.subscribe(self, msg.channel)
-                self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
+                # A source channel (logs:*, runners) is answered by its source, maybe later.
+                if self._hub.subscribe(self, msg.channel, msg, lambda r: self._reply(r, codec, opcode)):
+                    self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
             elif kind is Unsubscribe:
                 self._hub.unsubscribe(self, msg.channel)
                 self._reply(Unsubscribed(msg.channel, msg.id), codec, opcode)

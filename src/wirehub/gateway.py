@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +43,7 @@ from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import CloseCode
 from .protocol.messages import Command, CustomMessage, StreamPosition
 from .protocol.permessage_deflate import DeflateOptions, DeflateParams, NegotiationError, negotiate
+from .sources.base import Source
 
 logger = logging.getLogger("wirehub.gateway")
 
@@ -82,10 +83,12 @@ class Gateway:
         broker: where publications travel; defaults to the in-memory broker.
         implementation: ``"ext"`` (Cython) or ``"pure"`` (the Python
             references); defaults to ext unless ``WIREHUB_NO_EXTENSIONS=1``.
+        sources: producers of channels the gateway runs itself
+            (``sources/base.py``); ``config.docker`` adds the Docker ones.
     """
 
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
-                 implementation: str | None = None) -> None:
+                 implementation: str | None = None, sources: Iterable[Source] = ()) -> None:
         self.config = config or Config()
         self.impl = _speedups.load(implementation) if implementation else _speedups.implementation()
         self.server_name = f"wirehub/{__version__}"
@@ -116,6 +119,13 @@ class Gateway:
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.echo_connections: set[EchoConnection] = set()
+        self.sources: list[Source] = []
+        for source in sources:
+            self.add_source(source)
+        if cfg.docker:
+            from .sources.docker import DockerSources
+
+            DockerSources.from_config(cfg).install(self)
 
     # -- application API ------------------------------------------------------
 
@@ -175,6 +185,11 @@ class Gateway:
             return self.hub.publish(channel, bytes(data), binary=True)
         return self.hub.publish(channel, msgspec.json.encode(data))
 
+    def add_source(self, source: Source) -> None:
+        """Let ``source`` produce the channels it owns; it starts and stops with the gateway."""
+        self.hub.add_source(source)
+        self.sources.append(source)
+
     def compression(self, params: DeflateParams | None) -> tuple[Any, int | None, Any]:
         """For agreed permessage-deflate ``params``: the compressor to send with,
         the connection's fan-out group and a factory for its inflater."""
@@ -232,6 +247,8 @@ class Gateway:
 
         self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port)
         self._heartbeat_task = loop.create_task(self._heartbeat())
+        for source in self.sources:
+            await source.start()
         logger.info("listening", extra={"host": cfg.host, "port": self.port,
                                         "implementation": self.impl.name})
 
@@ -254,6 +271,8 @@ class Gateway:
         for listener in listeners:
             if not listener.transport.is_disconnected:
                 listener.transport.disconnect(False)
+        for source in self.sources:
+            await source.close()
         await self.broker.close()
         self._server = None
 

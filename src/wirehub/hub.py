@@ -2,23 +2,27 @@
 
 The hub keeps, per channel, the list of subscribers' ``OutBatch`` objects and
 turns each publication the broker hands it into one frame that ``fanout``
-appends to every batch. It is the broker's ``BrokerEventHandler``.
+appends to every batch. It is the broker's ``BrokerEventHandler`` and the
+``SourceHost`` of every source (``sources/base.py``): subscribes to a
+channel a source owns go to that source, which joins the connection itself.
 """
 
 from __future__ import annotations
 
 import re
 from types import SimpleNamespace
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .broker.base import Broker
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
-from .protocol.errors import InvalidChannel, NotSubscribed, TooManySubscriptions
-from .protocol.messages import Publication, StreamPosition
+from .protocol.errors import InvalidChannel, InvalidField, NotSubscribed, Rejected, TooManySubscriptions
+from .protocol.messages import Publication, Reply, StreamPosition, Subscribe
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .sources.base import Source
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -65,7 +69,19 @@ class Hub:
         self._compressors = shared_compressors
         self._threshold = compress_threshold_bytes
         self.subscription_count = 0
+        self.sources: list[Source] = []
         broker.bind(self)
+
+    def add_source(self, source: Source) -> None:
+        """Hand the channels ``source`` owns to it (``sources/base.py``)."""
+        self.sources.append(source)
+        source.bind(self)
+
+    def source_for(self, name: str) -> Source | None:
+        for source in self.sources:
+            if source.owns(name):
+                return source
+        return None
 
     def check_channel(self, name: str) -> None:
         """Raise ``InvalidChannel`` unless ``name`` is a valid channel name."""
@@ -76,18 +92,36 @@ class Hub:
         if _CHANNEL_CHARS.fullmatch(name) is None:
             raise InvalidChannel(f"channel name {name[:64]!r} has characters outside [A-Za-z0-9_-.:@/=]")
 
-    def subscribe(self, conn: Connection, name: str) -> None:
+    def subscribe(self, conn: Connection, name: str, request: Subscribe | None = None,
+                  answer: Callable[[Reply], None] | None = None) -> bool:
         """Add ``conn`` to ``name``; subscribing twice is a no-op.
 
+        Returns True when ``conn`` is subscribed now (the caller answers
+        ``subscribed``), False when the channel's source answers through
+        ``answer``, now or later.
+
         Raises:
-            InvalidChannel, TooManySubscriptions
+            InvalidChannel, TooManySubscriptions, InvalidField; a source's errors.
         """
         self.check_channel(name)
         if name in conn.subscriptions:
-            return
+            return True
         if len(conn.subscriptions) >= self._max_subscriptions:
             raise TooManySubscriptions(
                 f"a connection may hold at most {self._max_subscriptions} subscriptions")
+        if self.sources and request is not None and answer is not None:
+            source = self.source_for(name)
+            if source is not None:
+                return source.subscribe(conn, name, request, answer)
+        if request is not None and request.tail is not None:
+            raise InvalidField("`tail` is only supported on source channels such as logs:<container>")
+        self.join(conn, name)
+        return True
+
+    def join(self, conn: Connection, name: str) -> None:
+        """Add ``conn`` to ``name`` (validated) without asking its source."""
+        if name in conn.subscriptions:
+            return
         channel = self.channels.get(name)
         if channel is None:
             channel = self.channels[name] = Channel(name)
@@ -107,6 +141,9 @@ class Hub:
             NotSubscribed
         """
         if name not in conn.subscriptions:
+            source = self.source_for(name) if self.sources else None
+            if source is not None and source.cancel(conn, name):
+                return  # a subscribe its source had not answered yet
             raise NotSubscribed(f"not subscribed to {name[:64]!r}")
         conn.subscriptions.discard(name)
         self.subscription_count -= 1
@@ -122,9 +159,15 @@ class Hub:
         if not channel.members:
             del self.channels[name]
             self._broker.unsubscribe(name)
+            if self.sources:
+                source = self.source_for(name)
+                if source is not None:
+                    source.vacated(name)
 
     def drop(self, conn: Connection) -> None:
         """Forget a closed connection and all its subscriptions."""
+        for source in self.sources:
+            source.forget(conn)
         for name in list(conn.subscriptions):
             self.unsubscribe(conn, name)
         self.clients.pop(conn.client_id, None)
@@ -137,8 +180,30 @@ class Hub:
             InvalidChannel
         """
         self.check_channel(channel)
+        if self.sources and self.source_for(channel) is not None:
+            raise Rejected(f"{channel[:64]!r} is written by the gateway only", code="forbidden")
         self._metrics.publications_total += 1
         return self._broker.publish(channel, data, binary=binary, origin=origin)
+
+    # -- SourceHost -------------------------------------------------------------
+
+    def emit(self, channel: str, data: bytes) -> int:
+        """Publish a source's JSON ``data`` on ``channel``; return its offset."""
+        self._metrics.publications_total += 1
+        return self._broker.publish(channel, data).offset
+
+    def send_history(self, conn: Connection, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
+        """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s."""
+        encode = self._json.encode_message
+        sent = 0
+        for offset, data in entries:
+            conn.push(OP_TEXT, encode(channel, offset, data))
+            sent += 1
+        self._metrics.deliveries_total += sent
+
+    def viewers(self, channel: str) -> int:
+        found = self.channels.get(channel)
+        return len(found.members) if found is not None else 0
 
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         channel = self.channels.get(pub.channel)

@@ -8,12 +8,13 @@ only the rare paths (errors, closes) touch.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 
 class Metrics:
     __slots__ = ("connections_total", "connections_current", "messages_received_total",
                  "publications_total", "deliveries_total", "errors_total", "closes_total",
-                 "http_requests_total")
+                 "http_requests_total", "collectors")
 
     def __init__(self) -> None:
         self.connections_total = 0
@@ -24,6 +25,8 @@ class Metrics:
         self.errors_total: Counter[str] = Counter()
         self.closes_total: Counter[int] = Counter()
         self.http_requests_total: Counter[int] = Counter()
+        # Callables returning more exposition lines (sources add theirs).
+        self.collectors: list[Callable[[], list[str]]] = []
 
     def render(self, subscriptions: int, channels: int) -> str:
         """Return the Prometheus exposition text."""
@@ -50,4 +53,6 @@ class Metrics:
         lines.append("# TYPE wirehub_http_requests_total counter")
         lines += [f'wirehub_http_requests_total{{status="{s}"}} {n}'
                   for s, n in sorted(self.http_requests_total.items())]
+        for collect in self.collectors:
+            lines += collect()
         return "\n".join(lines) + "\n"

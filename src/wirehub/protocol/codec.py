@@ -98,12 +98,15 @@ class Tag:
     ERROR = 0x08
     CLIENT_ID = 0x09
     SERVER = 0x0A
+    # 0x20-0x2F: sources
+    TAIL = 0x20
 
 
 _FIELD_BY_TAG = {
     Tag.TYPE: "type", Tag.CHANNEL: "channel", Tag.DATA: "data", Tag.ID: "id",
     Tag.OFFSET: "offset", Tag.EXCLUDE_SELF: "exclude_self", Tag.CODE: "code",
     Tag.ERROR: "error", Tag.CLIENT_ID: "client_id", Tag.SERVER: "server",
+    Tag.TAIL: "tail",
 }
 _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
@@ -140,7 +143,7 @@ class TlvCodec:
             return Publish(self._require(fields, "channel"), msgspec.Raw(self._require(fields, "data")),
                            msg_id, fields.get("exclude_self", False))
         if msg_type == "subscribe":
-            return Subscribe(self._require(fields, "channel"), msg_id)
+            return Subscribe(self._require(fields, "channel"), msg_id, fields.get("tail"))
         if msg_type == "unsubscribe":
             return Unsubscribe(self._require(fields, "channel"), msg_id)
         if msg_type == "ping":
@@ -161,6 +164,10 @@ class TlvCodec:
     def _field_value(name: str, value: bytes) -> Any:
         if name == "data":
             return value
+        if name == "tail":
+            if len(value) != 8:
+                raise InvalidField("TLV `tail` must be 8 bytes (u64 big-endian)")
+            return _U64.unpack(value)[0]
         if name == "offset":
             if len(value) != 8:
                 raise InvalidField("TLV `offset` must be 8 bytes")

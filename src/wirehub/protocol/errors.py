@@ -7,6 +7,10 @@
     ├── UnknownType              ``unknown_type``: missing or unregistered ``type``
     ├── InvalidField             ``invalid_field``: wrong field type/value, names the field
     ├── InvalidChannel           ``invalid_channel``
+    ├── EngineUnavailable        ``engine_unavailable``: a source's engine cannot be reached (temporary)
+    ├── EngineForbidden          ``engine_forbidden``: the engine (or its socket) refused the gateway
+    ├── EngineError              ``engine_error``: the engine answered with another error
+    ├── ContainerNotFound        ``container_not_found``
     ├── TooManySubscriptions     ``too_many_subscriptions``
     ├── NotSubscribed            ``not_subscribed``
     └── Rejected                 ``rejected``: an application middleware said no
@@ -28,6 +32,10 @@ class ErrorCode:
     UNKNOWN_TYPE = "unknown_type"
     INVALID_FIELD = "invalid_field"
     INVALID_CHANNEL = "invalid_channel"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    ENGINE_FORBIDDEN = "engine_forbidden"
+    ENGINE_ERROR = "engine_error"
+    CONTAINER_NOT_FOUND = "container_not_found"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     NOT_SUBSCRIBED = "not_subscribed"
     RATE_LIMITED = "rate_limited"
@@ -74,6 +82,28 @@ class InvalidField(WirehubError):
 
 class InvalidChannel(WirehubError):
     code = ErrorCode.INVALID_CHANNEL
+
+
+class EngineUnavailable(WirehubError):
+    """The engine behind a source (dockerd) cannot be reached; retry later."""
+
+    code = ErrorCode.ENGINE_UNAVAILABLE
+
+
+class EngineForbidden(WirehubError):
+    """The engine, or the permissions on its socket, refused the gateway."""
+
+    code = ErrorCode.ENGINE_FORBIDDEN
+
+
+class EngineError(WirehubError):
+    """The engine answered a request with an error (the text is the engine's)."""
+
+    code = ErrorCode.ENGINE_ERROR
+
+
+class ContainerNotFound(WirehubError):
+    code = ErrorCode.CONTAINER_NOT_FOUND
 
 
 class TooManySubscriptions(WirehubError):

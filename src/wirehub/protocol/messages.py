@@ -7,7 +7,7 @@ New fields get defaults so older clients keep working
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 
@@ -21,6 +21,9 @@ class Command(msgspec.Struct, tag_field="type", omit_defaults=True, gc=False):
 class Subscribe(Command, tag="subscribe"):
     channel: str
     id: Id = None
+    # Source channels only (``logs:<container>``): first send the last
+    # ``tail`` publications the source kept, then follow live.
+    tail: Union[Annotated[int, msgspec.Meta(ge=0)], None] = None
 
 
 class Unsubscribe(Command, tag="unsubscribe"):
