@@ -44,6 +44,7 @@ def allowed(name: str, prefixes: tuple[str, ...]) -> bool:
     ("protocol", ("msgspec", "wirehub.protocol")),
     ("_pure", ("picows", "wirehub._pure")),
     ("broker", ("wirehub.broker", "wirehub.protocol")),
+    ("sources", ("wirehub.sources", "wirehub.protocol", "msgspec", "docker", "requests")),
 ])
 def test_layer_imports_point_down(layer, prefixes):
     for path in sorted((SRC / layer).glob("*.py")):

@@ -1,0 +1,167 @@
+"""The hub ↔ source contract (``sources/base.py``), with a scripted source and real sockets.
+
+What every source relies on: subscribes to its channels reach it with their
+``tail``; it may answer later; history then join in one callback means no
+gap and no duplicate; the hub tells it when a pending subscriber gives up,
+disconnects, or when its channel empties; clients cannot publish on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from helpers import json_client, running_gateway
+
+from wirehub import Config, Gateway
+from wirehub.protocol.codec import Tag
+from wirehub.protocol.messages import Error, Subscribed
+
+
+class ScriptedSource:
+    """Owns ``feed:*``; a subscribe waits until the test calls ``admit_all``."""
+
+    def __init__(self) -> None:
+        self.host = None
+        self.ring: dict[str, list[tuple[int, bytes]]] = {}
+        self.pending: dict[tuple[str, str], tuple] = {}
+        self.events: list[tuple[str, str]] = []
+
+    def owns(self, channel):
+        return channel.startswith("feed:")
+
+    def bind(self, host):
+        self.host = host
+
+    async def start(self):
+        self.events.append(("start", ""))
+
+    async def close(self):
+        self.events.append(("close", ""))
+
+    def subscribe(self, conn, channel, request, answer):
+        if channel == "feed:missing":
+            answer(Error("container_not_found", "no such feed", request.id))
+            return False
+        self.pending[(conn.client_id, channel)] = (conn, channel, request, answer)
+        return False
+
+    def cancel(self, conn, channel):
+        self.events.append(("cancel", channel))
+        return self.pending.pop((conn.client_id, channel), None) is not None
+
+    def forget(self, conn):
+        self.events.append(("forget", conn.client_id))
+        for key in [k for k in self.pending if k[0] == conn.client_id]:
+            del self.pending[key]
+
+    def vacated(self, channel):
+        self.events.append(("vacated", channel))
+
+    def emit(self, channel, n):
+        data = f'{{"n":{n}}}'.encode()
+        self.ring.setdefault(channel, []).append((self.host.emit(channel, data), data))
+
+    def admit_all(self):
+        pending, self.pending = self.pending, {}
+        for conn, channel, request, answer in pending.values():
+            answer(Subscribed(channel, request.id))
+            tail = request.tail or 0
+            self.host.send_history(conn, channel, self.ring.get(channel, [])[-tail:] if tail else [])
+            self.host.join(conn, channel)
+
+
+async def until(condition, timeout_s=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class TestSourceContract:
+    async def test_tail_then_live_without_gap_or_duplicate(self, impl_name):
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0), implementation=impl_name, sources=[source])
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            assert source.events == [("start", "")]
+            for n in range(1, 11):
+                source.emit("feed:a", n)
+            await c.send(type="subscribe", channel="feed:a", tail=3, id=1)
+            await until(lambda: source.pending)
+            await c.expect_silence(0.05)  # the source has not answered yet
+            source.admit_all()
+            source.emit("feed:a", 11)  # published right after the join: must arrive once
+            assert await c.recv() == {"type": "subscribed", "channel": "feed:a", "id": 1}
+            got = [await c.recv() for _ in range(4)]
+            assert [(m["offset"], m["data"]["n"]) for m in got] == [(8, 8), (9, 9), (10, 10), (11, 11)]
+            await c.expect_silence(0.1)
+
+    async def test_source_errors_and_pending_unsubscribe(self, impl_name):
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0), implementation=impl_name, sources=[source])
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            assert await c.request(type="subscribe", channel="feed:missing", id=2) == \
+                {"type": "error", "code": "container_not_found", "error": "no such feed", "id": 2}
+            await c.send(type="subscribe", channel="feed:b", id=3)
+            assert await c.request(type="unsubscribe", channel="feed:b", id=4) == \
+                {"type": "unsubscribed", "channel": "feed:b", "id": 4}
+            assert ("cancel", "feed:b") in source.events and not source.pending
+            assert (await c.request(type="unsubscribe", channel="feed:b", id=5))["code"] == "not_subscribed"
+
+    async def test_hub_reports_vacated_channels_and_closed_connections(self, impl_name):
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0), implementation=impl_name, sources=[source])
+        async with running_gateway(gateway=gw):
+            async with json_client(gw) as c:
+                await c.send(type="subscribe", channel="feed:c")
+                await until(lambda: source.pending)
+                source.admit_all()
+                assert (await c.recv())["type"] == "subscribed"
+                await c.send(type="subscribe", channel="feed:d")  # left pending
+                await until(lambda: source.pending)
+                client_id = c.welcome["client_id"]
+            await until(lambda: ("vacated", "feed:c") in source.events)
+            assert ("forget", client_id) in source.events
+            assert ("vacated", "feed:c") in source.events
+            assert not source.pending
+        assert source.events[-1] == ("close", "")
+
+    async def test_clients_cannot_publish_on_source_channels(self, impl_name):
+        gw = Gateway(Config(port=0), implementation=impl_name, sources=[ScriptedSource()])
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            reply = await c.request(type="publish", channel="feed:a", data=1, id=1)
+            assert reply == {"type": "error", "code": "forbidden",
+                             "error": "'feed:a' is written by the gateway only", "id": 1}
+
+    async def test_tail_outside_source_channels(self, impl_name):
+        gw = Gateway(Config(port=0), implementation=impl_name)
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            assert await c.request(type="subscribe", channel="plain", tail=5, id=1) == {
+                "type": "error", "code": "invalid_field", "id": 1,
+                "error": "`tail` is only supported on source channels such as logs:<container>"}
+            assert await c.request(type="subscribe", channel="plain", tail=-1, id=2) == {
+                "type": "error", "code": "invalid_field", "id": 2,
+                "error": "Expected `int` >= 0 - at `$.tail`"}
+            await c.subscribe("plain")
+
+    async def test_tail_over_tlv(self, impl_name):
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0), implementation=impl_name, sources=[source])
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            for n in range(1, 6):
+                source.emit("feed:t", n)
+
+            def record(tag, value):
+                return struct.pack(">BI", tag, len(value)) + value
+            await c.ws.send(record(Tag.TYPE, b"subscribe") + record(Tag.CHANNEL, b"feed:t")
+                            + record(Tag.TAIL, struct.pack(">Q", 2)))
+            await until(lambda: source.pending)
+            source.admit_all()
+            reply = await c.recv()
+            assert isinstance(reply, bytes) and b"subscribed" in reply
+            assert [(await c.recv())["offset"] for _ in range(2)] == [4, 5]
+            await c.ws.send(record(Tag.TYPE, b"subscribe") + record(Tag.CHANNEL, b"feed:t")
+                            + record(Tag.TAIL, b"\x01"))
+            assert b"TLV `tail` must be 8 bytes" in await c.recv()
