@@ -164,7 +164,7 @@ class DockerSources:
             return target
 
         try:
-            await self.engine.call(run)
+            await self.engine.call(run, container=key)
         except WirehubError as exc:
             exc.id = msg.get("id")
             self._audit(conn, action, target, exc.code)

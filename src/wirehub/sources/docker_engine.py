@@ -95,17 +95,18 @@ class Engine:
                 self._shared = self.client()
             return self._shared
 
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(client, *args, **kwargs)`` on the worker pool with a shared client.
+    async def call(self, fn: Callable[..., T], *args: Any, container: str | None = None) -> T:
+        """Run ``fn(client, *args)`` on the worker pool with a shared client.
 
         Raises:
-            WirehubError: the engine's failure as an error code (``describe``).
+            WirehubError: the engine's failure as an error code (``describe``;
+                ``container`` names the container in a not-found message).
         """
         def run() -> T:
             try:
-                return fn(self._shared_client(), *args, **kwargs)
+                return fn(self._shared_client(), *args)
             except Exception as exc:
-                error = self.describe(exc)
+                error = self.describe(exc, container)
                 if isinstance(error, EngineUnavailable):
                     self.forget_version()
                 raise error from None

