@@ -25,21 +25,33 @@ precedence: defaults < --config file < WIREHUB_* environment < flags
 """
 
 
+# Short spellings the docs use, next to the generated ``--<field-name>`` flags.
+FLAG_ALIASES = {"auth_timeout_s": "--auth-timeout"}
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     hints = typing.get_type_hints(Config)
+    lists = config_module.list_fields()
     for name in config_module.field_names():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")]
+        if name in FLAG_ALIASES:
+            flags.append(FLAG_ALIASES[name])
         default = getattr(defaults, name)
+        if name == "jwt_secret":
+            default = None  # never print a secret
         help_text = f"{config_module.HELP[name]} (default: {default}; env {config_module.ENV_PREFIX}{name.upper()})"
         if hints[name] is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif name in lists:
+            parser.add_argument(*flags, dest=name, action="append", default=None, metavar="VALUE",
+                                help=help_text)
         else:
             # Values stay strings here: msgspec validates them with the other layers,
             # so a bad flag and a bad TOML value get the same kind of message.
             metavar = {int: "N", float: "NUM"}.get(hints[name], "VALUE")
-            parser.add_argument(flag, dest=name, default=None, metavar=metavar,
+            parser.add_argument(*flags, dest=name, default=None, metavar=metavar,
                                 help=help_text)
 
 
@@ -82,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadgen_main(argv[1:], prog="wirehub loadgen")
     args = build_parser().parse_args(argv)
-    overrides = {name: getattr(args, name) for name in config_module.field_names()
-                 if getattr(args, name) is not None}
+    lists = config_module.list_fields()
+    overrides = {name: config_module.split_list(value) if name in lists else value
+                 for name in config_module.field_names()
+                 if (value := getattr(args, name)) is not None}
     try:
         cfg = config_module.load(args.config, overrides=overrides)
     except ConfigError as exc:

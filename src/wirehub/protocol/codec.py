@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidField, InvalidMessage, UnknownType
-from .messages import (ClientMessage, Command, CustomMessage, Id, Message, Ping, Publish,
+from .messages import (Auth, ClientMessage, Command, CustomMessage, Id, Message, Ping, Publish,
                        Reply, Subscribe, Unsubscribe)
 
 _TYPE_PATH = re.compile(r"at `\$\.type`$")
@@ -98,13 +98,20 @@ class Tag:
     ERROR = 0x08
     CLIENT_ID = 0x09
     SERVER = 0x0A
+    # 0x10-0x1F: authentication
+    TOKEN = 0x10
+    SUB = 0x11
+    EXP = 0x12
+    REASON = 0x13
 
 
 _FIELD_BY_TAG = {
     Tag.TYPE: "type", Tag.CHANNEL: "channel", Tag.DATA: "data", Tag.ID: "id",
     Tag.OFFSET: "offset", Tag.EXCLUDE_SELF: "exclude_self", Tag.CODE: "code",
     Tag.ERROR: "error", Tag.CLIENT_ID: "client_id", Tag.SERVER: "server",
+    Tag.TOKEN: "token", Tag.SUB: "sub", Tag.EXP: "exp", Tag.REASON: "reason",
 }
+_U64_FIELDS = frozenset({"offset", "exp"})
 _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
 _MESSAGE_TYPE = b"message"
@@ -112,7 +119,7 @@ _MESSAGE_TYPE = b"message"
 
 class TlvCodec:
     """TLV records on binary frames; values are UTF-8 text except ``data``,
-    ``offset`` (u64 big-endian) and ``exclude_self`` (one byte)."""
+    ``offset`` and ``exp`` (u64 big-endian) and ``exclude_self`` (one byte)."""
 
     def __init__(self, tlv: SimpleNamespace, custom_types: Container[str] = ()) -> None:
         self._decode_records: Callable[[bytes], list[tuple[int, bytes]]] = tlv.decode
@@ -145,6 +152,8 @@ class TlvCodec:
             return Unsubscribe(self._require(fields, "channel"), msg_id)
         if msg_type == "ping":
             return Ping(msg_id)
+        if msg_type == "auth":
+            return Auth(self._require(fields, "token"), msg_id)
         if msg_type in self._custom_types:
             return CustomMessage(msg_type, {"type": msg_type, **fields}, msg_id)
         raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
@@ -161,9 +170,9 @@ class TlvCodec:
     def _field_value(name: str, value: bytes) -> Any:
         if name == "data":
             return value
-        if name == "offset":
+        if name in _U64_FIELDS:
             if len(value) != 8:
-                raise InvalidField("TLV `offset` must be 8 bytes")
+                raise InvalidField(f"TLV `{name}` must be 8 bytes")
             return _U64.unpack(value)[0]
         if name == "exclude_self":
             if value not in (b"\x00", b"\x01"):
@@ -185,7 +194,7 @@ class TlvCodec:
             elif isinstance(value, bool):
                 value = b"\x01" if value else b"\x00"
             elif isinstance(value, int):
-                value = _U64.pack(value) if name == "offset" else str(value).encode()
+                value = _U64.pack(value) if name in _U64_FIELDS else str(value).encode()
             elif isinstance(value, str):
                 value = value.encode()
             records.append((_TAG_BY_FIELD[name], value))
