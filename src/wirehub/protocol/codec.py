@@ -55,13 +55,18 @@ class JsonCodec:
             return self._decoder.decode(payload)
         except msgspec.ValidationError as exc:
             return self._decode_untyped(payload, str(exc))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # (Text frames are UTF-8 checked before they get here; the codec
+            # does not rely on it.)
             raise InvalidMessage(f"invalid JSON: {exc}") from None
 
     def _decode_untyped(self, payload: bytes, reason: str) -> CustomMessage:
         # The slow path, only for messages that failed typed decoding: either
         # an application-defined type, or an error to classify.
-        obj = self._generic.decode(payload)
+        try:
+            obj = self._generic.decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise InvalidMessage(f"invalid JSON: {exc}") from None
         msg_id = _best_effort_id(obj)
         if not isinstance(obj, dict):
             raise InvalidMessage("expected a JSON object", id=msg_id)
