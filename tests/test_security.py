@@ -14,6 +14,8 @@ import datetime
 import json
 import os
 import ssl
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -114,6 +116,12 @@ async def test_auth_message_then_claims_apply():
             "error": "not allowed to subscribe to 'runner:7:logs'"}
         assert (await c.request(type="publish", channel="runner:7", data=1, id=3))["code"] == "forbidden"
         assert (await c.request(type="publish", channel="telemetry.x", data=1, id=4))["type"] == "published"
+        # Escape attempts: one segment means one segment, separators are literal.
+        for channel in ("telemetry.x.y", "telemetry:x", "telemetryx"):
+            assert (await c.request(type="publish", channel=channel, data=1))["code"] == "forbidden"
+        for channel in ("runner.7", "runner:", "runner:7:8"):
+            reply = await c.request(type="subscribe", channel=channel)
+            assert reply["code"] in ("forbidden", "invalid_channel"), reply
 
 
 @pytest.mark.parametrize("bad, code", [
@@ -189,7 +197,8 @@ async def test_token_in_authorization_header_and_subprotocol():
 
 async def test_token_expiring_refresh_and_expiry():
     async with secured(token_expiring_notice_s=0.6) as gw:
-        async with client(gw, token_=token(subscribe=["a", "b"], ttl_s=1)) as c:
+        # exp is whole seconds: a 2 s token expires in 1-2 s, its notice comes 0.6 s earlier.
+        async with client(gw, token_=token(subscribe=["a", "b"], ttl_s=2)) as c:
             await c.subscribe("a")
             await c.subscribe("b")
             notice = await c.recv(timeout=3)
@@ -231,6 +240,19 @@ async def test_open_gateway_allows_everything_but_permissions():
             assert reply["code"] == "auth_not_configured"
             assert (await c.request(type="runner_stop", id=1))["code"] == "forbidden"
             await c.subscribe("still.open")
+
+
+def test_serve_warns_when_open_and_not_when_secured():
+    for args, open_gateway in (((), True), (("--jwt-secret", SECRET), False)):
+        proc = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", "0", *args],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert "listening on" in proc.stderr.readline()
+        finally:
+            proc.terminate()
+            rest = proc.stderr.read()
+            proc.wait(10)
+        assert ("WARNING" in rest and "the gateway is OPEN" in rest) is open_gateway, rest
 
 
 # -- authorization -------------------------------------------------------------------
