@@ -97,10 +97,13 @@ def servers(python: str) -> list[Server]:
     picows = [python, str(SERVERS / "picows_server.py"), "--port", "{port}", "--mode"]
     wsockets = [python, str(SERVERS / "websockets_server.py"), "--port", "{port}", "--mode"]
     node = ["node", str(SERVERS / "ws_server.js"), "--port", "{port}", "--mode"]
-    # Rate limits off: the peers have none, and a window-mode publisher exceeds
-    # the default 10k messages/s per connection.
+    # Rate and connection limits off: the peers have none, a window-mode
+    # publisher exceeds the default 10k messages/s per connection, and every
+    # load-generator connection comes from one IP, faster than the default
+    # 1,000 new connections/s per IP.
     wirehub = [str(Path(python).parent / "wirehub"), "serve", "--port", "{port}",
-               "--rate-limit-messages-per-s", "0", "--rate-limit-bytes-per-s", "0"]
+               "--rate-limit-messages-per-s", "0", "--rate-limit-bytes-per-s", "0",
+               "--max-connections-per-ip", "0", "--new-connections-per-ip-per-s", "0"]
     return [
         Server("wirehub", "wirehub", {"echo": wirehub, "broadcast": wirehub}, "/ws"),
         Server("picows-batched", "raw", {"echo": picows + ["echo"],

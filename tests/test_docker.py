@@ -12,7 +12,6 @@ in this file and leaves the engine running.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import re
@@ -404,10 +403,6 @@ async def test_initial_state_and_runner_updates(docker_host, made, api):
             "type": "error", "code": "container_not_found", "error": "no such container: no-such-runner", "id": 9}
 
 
-def _has_permission_support() -> bool:
-    return "permission" in inspect.signature(Gateway.on).parameters
-
-
 async def test_runner_commands_are_refused_without_the_permission(docker_host, made, api, caplog):
     """An anonymous connection on an open gateway has no permissions."""
     cid = made.create("sleep 60")
@@ -416,15 +411,17 @@ async def test_runner_commands_are_refused_without_the_permission(docker_host, m
         with caplog.at_level(logging.INFO, logger="wirehub.audit"):
             reply = await c.request(type="runner_stop", runner=cid, id=1)
         assert (reply["type"], reply["code"], reply["id"]) == ("error", "forbidden", 1)
+        assert reply["error"] == "'runner_stop' needs permission 'runners:delete'"
         assert (await c.request(type="runner_delete", runner=cid, id=2))["code"] == "forbidden"
     assert api.inspect_container(cid)["State"]["Running"]
+    audit = [(r.action, r.runner_name, r.sub, r.result) for r in caplog.records if r.name == "wirehub.audit"]
+    assert ("runner_stop", cid, "anonymous", "forbidden") in audit
 
 
-@pytest.mark.xfail(not _has_permission_support(), reason="needs #5 permission=", strict=True)
 async def test_runner_stop_and_delete_with_the_permission(docker_host, made, api, caplog):
     from wirehub.auth import mint_token
 
-    secret = "test-secret-" + made.test_label
+    secret = "wirehub-docker-test-secret-" + made.test_label + "x" * 16
     label = made.test_label
     target = made.create("sleep 60", name=f"wh-{label}-stop")
     outsider = made.create("sleep 60", labels={LABEL: "not-a-runner"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 import typing
 
@@ -21,25 +22,66 @@ examples:
   WIREHUB_MAX_PAYLOAD_BYTES=65536 wirehub serve  # every option has a WIREHUB_* variable
   wirehub serve --echo --log-level info          # enable the /echo diagnostics endpoint
 
+  wirehub serve --jwt-secret "$SECRET"             # clients need a token (docs/security.md)
+  wirehub serve --tls-cert cert.pem --tls-key key.pem   # serve wss://
+
 precedence: defaults < --config file < WIREHUB_* environment < flags
 """
+
+TOKEN_EXAMPLES = """\
+examples:
+  wirehub token --secret "$SECRET" --sub alice --subscribe 'runner:*' --subscribe 'logs:**' \\
+      --publish 'telemetry.*' --ttl 1h
+  WIREHUB_JWT_SECRET=$SECRET wirehub token --sub ops --permission runners:delete --ttl 15m
+  wirehub token --config wirehub.toml --sub bob --subscribe 'public.*'   # the secret from the file
+
+The secret comes from --secret, else the same --config / WIREHUB_JWT_SECRET the
+gateway reads. The token goes to stdout; pass it as ?token=, Authorization:
+Bearer, or in an {"type":"auth","token":...} message.
+"""
+
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"15m"``, ``"1h"``, ``"2d"`` -> seconds."""
+    unit = _TTL_UNITS.get(text[-1:].lower())
+    try:
+        value = float(text[:-1] if unit else text) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 15m, 1h, 2d)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return value
+
+
+# Short spellings the docs use, next to the generated ``--<field-name>`` flags.
+FLAG_ALIASES = {"auth_timeout_s": "--auth-timeout"}
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     hints = typing.get_type_hints(Config)
+    lists = config_module.list_fields()
     for name in config_module.field_names():
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-")]
+        if name in FLAG_ALIASES:
+            flags.append(FLAG_ALIASES[name])
         default = getattr(defaults, name)
+        if name == "jwt_secret":
+            default = None  # never print a secret
         help_text = f"{config_module.HELP[name]} (default: {default}; env {config_module.ENV_PREFIX}{name.upper()})"
         if hints[name] is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
+        elif name in lists:
+            parser.add_argument(*flags, dest=name, action="append", default=None, metavar="VALUE",
+                                help=help_text)
         else:
             # Values stay strings here: msgspec validates them with the other layers,
             # so a bad flag and a bad TOML value get the same kind of message.
             metavar = {int: "N", float: "NUM"}.get(hints[name], "VALUE")
-            parser.add_argument(flag, dest=name, default=None, metavar=metavar,
+            parser.add_argument(*flags, dest=name, default=None, metavar=metavar,
                                 help=help_text)
 
 
@@ -54,9 +96,57 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--config", metavar="FILE", help="TOML file with option values")
     _add_config_options(serve)
+    token = commands.add_parser(
+        "token", help="mint a development token (HS256)", description="Mint an HMAC-signed JWT "
+        "with the gateway's claims, for development and tests.",
+        epilog=TOKEN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    token.add_argument("--sub", required=True, help="subject: who the token is for")
+    token.add_argument("--subscribe", action="append", default=[], metavar="PATTERN",
+                       help="channel pattern the holder may subscribe to (repeatable)")
+    token.add_argument("--publish", action="append", default=[], metavar="PATTERN",
+                       help="channel pattern the holder may publish to (repeatable)")
+    token.add_argument("--permission", action="append", default=[], metavar="NAME",
+                       help="permission for custom message types, e.g. runners:delete or admin (repeatable)")
+    token.add_argument("--ttl", type=parse_ttl, default=3600.0, metavar="DURATION",
+                       help="lifetime, e.g. 90s, 15m, 1h, 2d (default: 1h)")
+    token.add_argument("--algorithm", choices=("HS256", "HS384", "HS512"), default="HS256")
+    token.add_argument("--audience", help="'aud' claim (default: the configured jwt_audience)")
+    token.add_argument("--issuer", help="'iss' claim (default: the configured jwt_issuer)")
+    token.add_argument("--secret", help="HMAC secret (default: the configured jwt_secret)")
+    token.add_argument("--config", metavar="FILE", help="TOML file to read jwt_secret and friends from")
     commands.add_parser("loadgen", help="run the bundled load generator (see 'wirehub loadgen --help')",
                         add_help=False)
     return parser
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+    from .protocol.patterns import PatternError, compile_pattern
+
+    try:
+        cfg = config_module.load(args.config)
+    except ConfigError as exc:
+        print(f"wirehub: {exc}", file=sys.stderr)
+        return 2
+    secret = args.secret or cfg.jwt_secret
+    if not secret:
+        print("wirehub: no secret: pass --secret, or set jwt_secret (--config or WIREHUB_JWT_SECRET)",
+              file=sys.stderr)
+        return 2
+    try:
+        for pattern in (*args.subscribe, *args.publish):
+            compile_pattern(pattern)
+    except PatternError as exc:
+        print(f"wirehub: {exc}", file=sys.stderr)
+        return 2
+    claims = {}
+    if args.audience or cfg.jwt_audience:
+        claims["aud"] = args.audience or cfg.jwt_audience
+    if args.issuer or cfg.jwt_issuer:
+        claims["iss"] = args.issuer or cfg.jwt_issuer
+    print(mint_token(secret, sub=args.sub, subscribe=args.subscribe, publish=args.publish,
+                     permissions=args.permission, ttl_s=args.ttl, algorithm=args.algorithm, **claims))
+    return 0
 
 
 async def _serve(cfg: Config) -> None:
@@ -68,8 +158,14 @@ async def _serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"wirehub {__version__} listening on ws://{cfg.host}:{gateway.port}{cfg.ws_path}"
+    print(f"wirehub {__version__} listening on {'wss' if cfg.tls_cert else 'ws'}://{cfg.host}:{gateway.port}{cfg.ws_path}"
           f" ({gateway.impl.name} hot path)", file=sys.stderr, flush=True)
+    if not cfg.auth_enabled:
+        print("wirehub: WARNING: no jwt_secret, jwt_public_key or jwks configured: the gateway is OPEN, "
+              "any client may subscribe and publish anywhere (docs/security.md)", file=sys.stderr, flush=True)
+    elif cfg.allow_anonymous:
+        print("wirehub: anonymous connections allowed (default_subscribe/default_publish only)",
+              file=sys.stderr, flush=True)
     await stop.wait()
     print("wirehub: shutting down", file=sys.stderr, flush=True)
     await gateway.stop()
@@ -82,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadgen_main(argv[1:], prog="wirehub loadgen")
     args = build_parser().parse_args(argv)
-    overrides = {name: getattr(args, name) for name in config_module.field_names()
-                 if getattr(args, name) is not None}
+    if args.command == "token":
+        return _token(args)
+    lists = config_module.list_fields()
+    overrides = {name: config_module.split_list(value) if name in lists else value
+                 for name in config_module.field_names()
+                 if (value := getattr(args, name)) is not None}
     try:
         cfg = config_module.load(args.config, overrides=overrides)
     except ConfigError as exc:
@@ -94,9 +194,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         uvloop.run(_serve(cfg))
+    except ssl.SSLError as exc:
+        print(f"wirehub: cannot use the TLS certificate or key: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
+        if exc.filename:  # a key or certificate file
+            print(f"wirehub: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
         print(f"wirehub: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # an unusable key
+        print(f"wirehub: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,9 +12,11 @@ import re
 import tomllib
 import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import msgspec
+
+from .protocol.patterns import PatternError, compile_pattern
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -56,6 +58,26 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     deflate_client_no_context_takeover: bool = False
     deflate_threshold_bytes: Annotated[int, NonNegative] = 1024
     deflate_max_ratio: Annotated[int, NonNegative] = 100
+    jwt_secret: Optional[str] = None
+    jwt_public_key: Optional[str] = None
+    jwks: Optional[str] = None
+    jwt_algorithms: list[str] = []
+    jwt_audience: Optional[str] = None
+    jwt_issuer: Optional[str] = None
+    jwt_leeway_s: Annotated[float, NonNegative] = 5.0
+    auth_timeout_s: Annotated[float, Positive] = 10.0
+    token_expiring_notice_s: Annotated[float, NonNegative] = 30.0
+    allow_anonymous: bool = False
+    default_subscribe: list[str] = []
+    default_publish: list[str] = []
+    allowed_origins: list[str] = []
+    max_connections: Annotated[int, NonNegative] = 100_000
+    max_connections_per_ip: Annotated[int, NonNegative] = 10_000
+    new_connections_per_ip_per_s: Annotated[float, NonNegative] = 1_000.0
+    new_connections_burst_per_ip: Annotated[float, NonNegative] = 2_000.0
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16_000)] = 8 * KiB
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_format: Literal["text", "json"] = "text"
     docker: bool = False
@@ -63,6 +85,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     runner_label: str | None = None
     docker_log_ring_lines: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     docker_max_log_streams: Annotated[int, Positive] = 256
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether a verification key is configured (connections need a token)."""
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwks)
 
     def __post_init__(self) -> None:
         if self.high_water_bytes <= self.max_payload_bytes:
@@ -74,6 +101,18 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                             ("rate_limit_violations_per_s", "rate_limit_burst_violations")):
             if getattr(self, rate) > 0 and getattr(self, burst) <= 0:
                 raise ValueError(f"{burst} must be > 0 when {rate} is set")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if not self.auth_enabled:
+            for name in ("jwt_algorithms", "jwt_audience", "jwt_issuer", "default_subscribe",
+                         "default_publish"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} needs a key: set jwt_secret, jwt_public_key or jwks")
+        for pattern in (*self.default_subscribe, *self.default_publish):
+            try:
+                compile_pattern(pattern)
+            except PatternError as exc:
+                raise ValueError(str(exc)) from None
 
 
 HELP: dict[str, str] = {
@@ -108,6 +147,26 @@ HELP: dict[str, str] = {
     "deflate_client_no_context_takeover": "ask clients to compress each message on its own",
     "deflate_threshold_bytes": "messages shorter than this are sent uncompressed",
     "deflate_max_ratio": "refuse (1009) a message inflating past this ratio once it exceeds 1 MiB (0 = off)",
+    "jwt_secret": "shared secret for HS256/384/512 tokens (enables authentication)",
+    "jwt_public_key": "PEM file with the RSA or EC public key for RS*/PS*/ES* tokens (enables authentication)",
+    "jwks": "JWKS file whose keys verify tokens, chosen by the token's kid (enables authentication)",
+    "jwt_algorithms": "accepted token algorithms, repeatable or comma-separated (default: all the keys support)",
+    "jwt_audience": "required 'aud' claim",
+    "jwt_issuer": "required 'iss' claim",
+    "jwt_leeway_s": "clock skew tolerated on exp, nbf and iat",
+    "auth_timeout_s": "seconds a connection without a token has to send an 'auth' message before 1008",
+    "token_expiring_notice_s": "seconds before 'exp' that 'token_expiring' asks the client for a fresh token",
+    "allow_anonymous": "with a key configured, let connections without a token in (default_* patterns only)",
+    "default_subscribe": "channel patterns every connection may subscribe to on top of its token, repeatable",
+    "default_publish": "channel patterns every connection may publish to on top of its token, repeatable",
+    "allowed_origins": "accepted Origin header values, repeatable (default: any origin)",
+    "max_connections": "open connections in all; more are answered 503 (0 = unlimited)",
+    "max_connections_per_ip": "open connections per client IP; more are answered 429 (0 = unlimited)",
+    "new_connections_per_ip_per_s": "new connections per second per client IP; more are answered 429 (0 = unlimited)",
+    "new_connections_burst_per_ip": "new-connection burst per client IP",
+    "max_header_bytes": "largest upgrade request head; larger is answered 431 (at most 16000: picows drops heads of 16 KiB)",
+    "tls_cert": "PEM certificate chain file: serve wss:// (with tls_key)",
+    "tls_key": "PEM private key file for tls_cert",
     "log_level": "debug, info, warning or error",
     "log_format": "text or json (one JSON object per line)",
     "docker": "serve Docker channels: logs:<container>, runners, runner:<id> (needs the docker extra)",
@@ -128,10 +187,25 @@ def field_names() -> tuple[str, ...]:
     return Config.__struct_fields__
 
 
-def from_env(environ: Mapping[str, str]) -> dict[str, str]:
+def list_fields() -> frozenset[str]:
+    """Fields holding a list (repeatable flags, comma-separated environment values)."""
+    hints = typing.get_type_hints(Config)
+    return frozenset(name for name in field_names() if typing.get_origin(hints[name]) is list)
+
+
+def split_list(values: str | list[str]) -> list[str]:
+    """``"a,b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]``."""
+    if isinstance(values, str):
+        values = [values]
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """The ``WIREHUB_<FIELD>`` variables, keyed by field name."""
-    return {name: environ[ENV_PREFIX + name.upper()]
-            for name in field_names() if ENV_PREFIX + name.upper() in environ}
+    lists = list_fields()
+    return {name: split_list(value) if name in lists else value
+            for name in field_names()
+            if (value := environ.get(ENV_PREFIX + name.upper())) is not None}
 
 
 def load(path: str | None = None, *, environ: Mapping[str, str] | None = None,

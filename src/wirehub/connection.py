@@ -13,13 +13,18 @@ import asyncio
 import inspect
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
+from .auth import Principal
 from .hub import OP_BINARY, OP_TEXT
 from .protocol.codec import JsonCodec, TlvCodec
-from .protocol.errors import CloseCode, ErrorCode, WirehubError
-from .protocol.messages import (CustomMessage, Error, Ping, Pong, Publish, Published, Reply,
-                                Subscribe, Subscribed, Unsubscribe, Unsubscribed, Welcome)
+from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, Forbidden, NotAuthenticated,
+                              WirehubError)
+from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, Ping, Pong,
+                                Publish, Published, Reply, Subscribe, Subscribed, TokenExpiring,
+                                Unsubscribe, Unsubscribed, Welcome)
+from .protocol.patterns import is_pattern
 
 if TYPE_CHECKING:
     from picows import WSUpgradeRequest
@@ -36,18 +41,22 @@ class Connection:
 
     Attributes:
         client_id: unique id, sent to the client in ``welcome``.
-        subscriptions: names of the channels it is subscribed to.
+        subscriptions: names of the channels (and patterns) it is subscribed to.
         request: the HTTP upgrade request (path, headers).
         remote_address: ``(host, port)`` of the peer.
+        principal: who it is and what its token allows (``wirehub.auth``);
+            ``None`` until it authenticates.
     """
 
-    __slots__ = ("client_id", "subscriptions", "request", "remote_address", "listener", "batch",
-                 "compressor", "fanout_group", "_threshold", "_gateway", "_hub", "_json", "_tlv",
-                 "_middleware", "_metrics", "__weakref__")
+    __slots__ = ("client_id", "subscriptions", "request", "remote_address", "principal", "listener",
+                 "batch", "compressor", "fanout_group", "_threshold", "_gateway", "_hub", "_json",
+                 "_tlv", "_middleware", "_metrics", "_timer", "__weakref__")
 
     def __init__(self, gateway: Gateway, request: WSUpgradeRequest,
-                 deflate: DeflateParams | None = None) -> None:
+                 deflate: DeflateParams | None = None, principal: Principal | None = None) -> None:
         self.client_id = secrets.token_hex(8)
+        self.principal = principal
+        self._timer: asyncio.TimerHandle | None = None
         self.subscriptions: set[str] = set()
         self.request = request
         self.remote_address: tuple[str, int] | None = None
@@ -95,9 +104,17 @@ class Connection:
         self._metrics.connections_total += 1
         self._metrics.connections_current += 1
         self.send(Welcome(self.client_id, self._gateway.server_name))
+        if self.principal is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                self._gateway.config.auth_timeout_s, self._auth_timeout)
+        else:
+            self._watch_expiry()
         self._gateway.run_hooks("connect", self)
 
     def on_close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._hub.drop(self)
         self._metrics.connections_current -= 1
         self._gateway.run_hooks("disconnect", self)
@@ -129,12 +146,23 @@ class Connection:
         msg: Any = None
         try:
             msg = codec.decode(payload)
+            kind = type(msg)
+            if kind is Auth:
+                self._authenticate(msg, codec, opcode)
+                return
+            principal = self.principal
+            if principal is None:
+                raise NotAuthenticated('authenticate first: {"type":"auth","token":"<JWT>"}')
             for middleware in self._middleware:
                 middleware(self, msg)
-            kind = type(msg)
             if kind is Publish:
+                if not principal.can_publish(msg.channel):
+                    raise Forbidden(f"not allowed to publish to {msg.channel[:64]!r}")
                 self._publish(msg, codec, opcode)
             elif kind is Subscribe:
+                # A pattern is authorized per concrete channel as publications arrive.
+                if not is_pattern(msg.channel) and not principal.can_subscribe(msg.channel):
+                    raise Forbidden(f"not allowed to subscribe to {msg.channel[:64]!r}")
                 # A source channel (logs:*, runners) is answered by its source, maybe later.
                 if self._hub.subscribe(self, msg.channel, msg, lambda r: self._reply(r, codec, opcode)):
                     self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
@@ -159,7 +187,70 @@ class Connection:
     def _reply(self, reply: Reply, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         self.push(opcode, codec.encode(reply))
 
+    # -- authentication -------------------------------------------------------
+
+    def _authenticate(self, msg: Auth, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        """First authentication, or a token refresh on an authenticated connection."""
+        verifier = self._gateway.verifier
+        if verifier is None:
+            self._reply(AuthFailed("auth_not_configured", "this gateway has no key configured: "
+                                   "it is open to every connection", msg.id), codec, opcode)
+            return
+        try:
+            principal = verifier.verify(msg.token)
+            previous = self.principal
+            if previous is not None and previous.sub is not None and previous.sub != principal.sub:
+                raise AuthError("a refreshed token must be for the same subject",
+                                AuthCode.SUBJECT_CHANGED)
+        except AuthError as exc:
+            self._metrics.auth_failures_total[exc.code] += 1
+            self._reply(AuthFailed(exc.code, exc.message, msg.id), codec, opcode)
+            self.close(CloseCode.POLICY_VIOLATION, exc.message.encode()[:120].decode(errors="ignore"))
+            return
+        self.principal = principal
+        for name in self._hub.revoke(self):
+            self._reply(Unsubscribed(name, reason=ErrorCode.FORBIDDEN), codec, opcode)
+        self._watch_expiry()
+        self._reply(Authenticated(principal.sub, msg.id, principal.exp), codec, opcode)
+
+    def _watch_expiry(self) -> None:
+        """Ask for a fresh token ``token_expiring_notice_s`` ahead of ``exp``;
+        close with 1008 once it has passed (plus leeway)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        exp = self.principal.exp
+        if exp is None:
+            return
+        notice_in = exp - self._gateway.config.token_expiring_notice_s - time.time()
+        loop = asyncio.get_running_loop()
+        if notice_in > 0:
+            self._timer = loop.call_later(notice_in, self._token_expiring)
+        else:
+            self._token_expiring()
+
+    def _token_expiring(self) -> None:
+        exp = self.principal.exp
+        self.send(TokenExpiring(exp))
+        expires_in = exp + self._gateway.config.jwt_leeway_s - time.time()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, expires_in), self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._timer = None
+        self._metrics.auth_failures_total[AuthCode.TOKEN_EXPIRED] += 1
+        self.close(CloseCode.POLICY_VIOLATION, "token expired")
+
+    def _auth_timeout(self) -> None:
+        self._timer = None
+        self._metrics.auth_failures_total["authentication_timeout"] += 1
+        self.close(CloseCode.POLICY_VIOLATION, "authentication timeout")
+
+    # -- application messages -------------------------------------------------
+
     def _custom(self, msg: CustomMessage, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        permission = self._gateway.permissions.get(msg.type)
+        if permission is not None and not self.principal.has_permission(permission):
+            raise Forbidden(f"{msg.type!r} needs permission {permission!r}")
         handler = self._gateway.handlers[msg.type]
         try:
             result = handler(self, msg.body)

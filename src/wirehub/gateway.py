@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -33,6 +34,8 @@ from picows.picows import WSProtocol
 
 from . import _speedups
 from .__version__ import __version__
+from .admission import Admission, RefusalReason
+from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config
@@ -40,8 +43,8 @@ from .connection import Connection, EchoConnection
 from .hub import TAKEOVER, Hub
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
-from .protocol.errors import CloseCode
-from .protocol.messages import Command, CustomMessage, StreamPosition
+from .protocol.errors import AuthError, CloseCode
+from .protocol.messages import AuthFailed, Command, CustomMessage, StreamPosition
 from .protocol.permessage_deflate import DeflateOptions, DeflateParams, NegotiationError, negotiate
 from .sources.base import Source
 
@@ -72,6 +75,8 @@ class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         if msg == "WS parser error: %s, initiate disconnect" and args and isinstance(args[0], tuple):
             self._metrics.closes_total[int(args[0][0])] += 1
             level = logging.INFO
+        elif isinstance(msg, str) and msg.startswith("Handshake timeout"):
+            self._metrics.refusals_total[RefusalReason.HANDSHAKE_TIMEOUT] += 1
         super().log(level, msg, *args, **kwargs)
 
 
@@ -85,6 +90,9 @@ class Gateway:
             references); defaults to ext unless ``WIREHUB_NO_EXTENSIONS=1``.
         sources: producers of channels the gateway runs itself
             (``sources/base.py``); ``config.docker`` adds the Docker ones.
+
+    Raises:
+        ValueError, OSError: an unusable key or key file (``jwt_*``, ``jwks``).
     """
 
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
@@ -94,6 +102,7 @@ class Gateway:
         self.server_name = f"wirehub/{__version__}"
         self.metrics = Metrics()
         self.handlers: dict[str, Handler] = {}
+        self.permissions: dict[str, str] = {}
         self.middleware: list[Middleware] = []
         self._hooks: dict[str, list[Hook]] = {"connect": [], "disconnect": []}
         self.json_codec = JsonCodec(self.handlers.keys())
@@ -115,6 +124,11 @@ class Gateway:
                        max_subscriptions=cfg.max_subscriptions_per_connection,
                        shared_compressors=self._shared_compressors,
                        compress_threshold_bytes=cfg.deflate_threshold_bytes)
+        self.verifier = _verifier(cfg)
+        # Shared, immutable principals: no per-connection cost when auth is off.
+        self._open_principal = Principal.open_gateway()
+        self._anonymous = self.verifier.anonymous() if self.verifier is not None else None
+        self.admission = Admission(cfg, self.metrics)
         self.flusher: Any = None
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -138,19 +152,26 @@ class Gateway:
         self.middleware.append(middleware)
         return middleware
 
-    def on(self, msg_type: str, handler: Handler | None = None) -> Any:
+    def on(self, msg_type: str, handler: Handler | None = None, *,
+           permission: str | None = None) -> Any:
         """Register ``handler(conn, message_dict)`` for an application message type.
 
         Usable as a decorator. The handler may be sync or async; a non-None
         return value is sent back to the client as JSON. Raising a
         ``WirehubError`` answers with that error; any other exception answers
-        ``internal_error`` and is logged.
+        ``internal_error`` and is logged. With ``permission``, only clients
+        whose token lists it (or ``admin``) get through; the others get
+        ``forbidden``.
         """
         if msg_type in RESERVED_TYPES:
             raise ValueError(f"{msg_type!r} is a built-in message type")
 
         def register(fn: Handler) -> Handler:
             self.handlers[msg_type] = fn
+            if permission is not None:
+                self.permissions[msg_type] = permission
+            else:
+                self.permissions.pop(msg_type, None)
             return fn
 
         return register(handler) if handler is not None else register
@@ -243,13 +264,15 @@ class Gateway:
                 None,                          # extra_headers
                 cfg.read_buffer_bytes,
             )
-            return guard(inner, cfg.max_payload_bytes)
+            return guard(inner, cfg.max_payload_bytes, admission)
 
-        self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port)
+        admission = self.admission
+        tls = _tls_context(cfg) if cfg.tls_cert else None
+        self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls)
         self._heartbeat_task = loop.create_task(self._heartbeat())
         for source in self.sources:
             await source.start()
-        logger.info("listening", extra={"host": cfg.host, "port": self.port,
+        logger.info("listening", extra={"host": cfg.host, "port": self.port, "tls": tls is not None,
                                         "implementation": self.impl.name})
 
     async def stop(self, timeout_s: float | None = None) -> None:
@@ -282,6 +305,7 @@ class Gateway:
         clock = self.impl.listener.monotonic
         while True:
             await asyncio.sleep(max(0.05, min(interval_s, timeout_s) / 2))
+            self.admission.sweep()
             now = clock()
             for conn in [*self.hub.clients.values(), *self.echo_connections]:
                 try:
@@ -310,19 +334,57 @@ class Gateway:
         return self._http(HTTPStatus.NOT_FOUND, b"not found\n")
 
     def _upgrade(self, request: WSUpgradeRequest, path: str) -> Any:
+        headers = request.headers
+        allowed_origins = self.config.allowed_origins
+        if allowed_origins and "Origin" in headers and headers["Origin"] not in allowed_origins:
+            self.metrics.refusals_total[RefusalReason.ORIGIN] += 1
+            return self._http(HTTPStatus.FORBIDDEN, b"origin not allowed\n")
         try:
-            agreed = negotiate(request.headers.getall("Sec-WebSocket-Extensions", []), self.deflate_options)
+            agreed = negotiate(headers.getall("Sec-WebSocket-Extensions", []), self.deflate_options)
         except NegotiationError as exc:
             return self._http(HTTPStatus.BAD_REQUEST, f"{exc}\n".encode())
         params, extension_header = agreed if agreed is not None else (None, None)
+        response_headers = {}
+        if extension_header is not None:
+            response_headers["Sec-WebSocket-Extensions"] = extension_header
         if path == self.config.ws_path:
-            listener = Connection(self, request, params).listener
+            try:
+                principal, subprotocol = self._authenticate(request)
+            except AuthError as exc:
+                return self._unauthorized(exc)
+            if subprotocol is not None:
+                response_headers["Sec-WebSocket-Protocol"] = subprotocol
+            listener = Connection(self, request, params, principal).listener
         else:
             listener = EchoConnection(self, params).listener
-        if extension_header is None:
+        if not response_headers:
             return listener
-        response = WSUpgradeResponse.create_101_response({"Sec-WebSocket-Extensions": extension_header})
-        return WSUpgradeResponseWithListener(response, listener)
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(response_headers), listener)
+
+    def _authenticate(self, request: WSUpgradeRequest) -> tuple[Principal | None, str | None]:
+        """The principal of a new connection (``None``: it must send ``auth``)
+        and the subprotocol to accept.
+
+        Raises:
+            AuthError: the request carries a token that does not verify.
+        """
+        subprotocol = accepted_subprotocol(request.headers)
+        if self.verifier is None:
+            return self._open_principal, subprotocol
+        token = token_from_request(request.path.decode("latin-1"), request.headers)
+        if token is not None:
+            return self.verifier.verify(token), subprotocol
+        return self._anonymous if self.config.allow_anonymous else None, subprotocol
+
+    def _unauthorized(self, exc: AuthError) -> Any:
+        self.metrics.refusals_total[RefusalReason.UNAUTHORIZED] += 1
+        self.metrics.auth_failures_total[exc.code] += 1
+        self.metrics.http_requests_total[HTTPStatus.UNAUTHORIZED] += 1
+        body = self.json_codec.encode(AuthFailed(exc.code, exc.message)) + b"\n"
+        challenge = f'Bearer error="invalid_token", error_description="{exc.code}"'
+        response = WSUpgradeResponse.create_error_response(
+            HTTPStatus.UNAUTHORIZED, body, {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
+        return WSUpgradeResponseWithListener(response, None)
 
     def _http(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain") -> Any:
         self.metrics.http_requests_total[int(status)] += 1
@@ -331,3 +393,26 @@ class Gateway:
         else:
             response = WSUpgradeResponse.create_error_response(status, body)
         return WSUpgradeResponseWithListener(response, None)
+
+
+def _verifier(cfg: Config) -> TokenVerifier | None:
+    """The token verifier ``cfg`` asks for, or None for an open gateway."""
+    if not cfg.auth_enabled:
+        return None
+    public_key = jwks = None
+    if cfg.jwt_public_key:
+        with open(cfg.jwt_public_key, "rb") as f:
+            public_key = f.read()
+    if cfg.jwks:
+        with open(cfg.jwks, encoding="utf-8") as f:
+            jwks = f.read()
+    return TokenVerifier(
+        secret=cfg.jwt_secret, public_key_pem=public_key, jwks_json=jwks, algorithms=cfg.jwt_algorithms,
+        audience=cfg.jwt_audience, issuer=cfg.jwt_issuer, leeway_s=cfg.jwt_leeway_s,
+        default_subscribe=cfg.default_subscribe, default_publish=cfg.default_publish)
+
+
+def _tls_context(cfg: Config) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    return context

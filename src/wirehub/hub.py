@@ -9,16 +9,16 @@ channel a source owns go to that source, which joins the connection itself.
 
 from __future__ import annotations
 
-import re
-from types import SimpleNamespace
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from .broker.base import Broker
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
-from .protocol.errors import InvalidChannel, InvalidField, NotSubscribed, Rejected, TooManySubscriptions
+from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
 from .protocol.messages import Publication, Reply, StreamPosition, Subscribe
+from .protocol.patterns import PatternError, compile_pattern, is_channel_name, is_pattern
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
-_CHANNEL_CHARS = re.compile(r"[A-Za-z0-9_\-.:@/=]+")
+_PATTERN_CACHE_LIMIT = 10_000
 
 
 TAKEOVER = -1  # fan-out group of connections that compress with their own context
@@ -50,13 +50,40 @@ class Channel:
         self.takeover: list[Connection] = []
         self.members: dict[str, Connection] = {}
 
+    def add(self, conn: Connection) -> None:
+        if conn.fanout_group == TAKEOVER:
+            self.takeover.append(conn)
+        else:
+            self.groups.setdefault(conn.fanout_group, []).append(conn.batch)
+        self.members[conn.client_id] = conn
+
+    def remove(self, conn: Connection) -> None:
+        if conn.fanout_group == TAKEOVER:
+            self.takeover.remove(conn)
+        else:
+            group = self.groups[conn.fanout_group]
+            group.remove(conn.batch)
+            if not group:
+                del self.groups[conn.fanout_group]
+        del self.members[conn.client_id]
+
 
 class Hub:
+    """Subscriptions of this process's connections, and delivery to them.
+
+    A subscription is to a channel or to a pattern (``protocol.patterns``).
+    A pattern subscriber receives a channel's publications only when its
+    principal may subscribe to that channel; who that is gets computed once
+    per channel and cached until subscriptions or claims change.
+    """
+
     def __init__(self, broker: Broker, impl: SimpleNamespace, json_codec: JsonCodec,
                  tlv_codec: TlvCodec, metrics: Metrics, *, max_channel_length: int,
                  max_subscriptions: int, shared_compressors: dict[int, Any],
                  compress_threshold_bytes: int) -> None:
         self.channels: dict[str, Channel] = {}
+        self.patterns: dict[str, Channel] = {}
+        self._pattern_targets: dict[str, Channel] = {}
         self.clients: dict[str, Connection] = {}
         self._broker = broker
         self._json = json_codec
@@ -89,12 +116,21 @@ class Hub:
             return  # already validated when it was created
         if not name or len(name) > self._max_channel_length:
             raise InvalidChannel(f"channel name must be 1 to {self._max_channel_length} characters")
-        if _CHANNEL_CHARS.fullmatch(name) is None:
+        if not is_channel_name(name):
             raise InvalidChannel(f"channel name {name[:64]!r} has characters outside [A-Za-z0-9_-.:@/=]")
+
+    def check_pattern(self, pattern: str) -> None:
+        """Raise ``InvalidChannel`` unless ``pattern`` is a valid channel pattern."""
+        if len(pattern) > self._max_channel_length:
+            raise InvalidChannel(f"channel pattern must be 1 to {self._max_channel_length} characters")
+        try:
+            compile_pattern(pattern)
+        except PatternError as exc:
+            raise InvalidChannel(str(exc)) from None
 
     def subscribe(self, conn: Connection, name: str, request: Subscribe | None = None,
                   answer: Callable[[Reply], None] | None = None) -> bool:
-        """Add ``conn`` to ``name``; subscribing twice is a no-op.
+        """Add ``conn`` to the channel or pattern ``name``; subscribing twice is a no-op.
 
         Returns True when ``conn`` is subscribed now (the caller answers
         ``subscribed``), False when the channel's source answers through
@@ -103,13 +139,17 @@ class Hub:
         Raises:
             InvalidChannel, TooManySubscriptions, InvalidField; a source's errors.
         """
-        self.check_channel(name)
+        pattern = is_pattern(name)
+        if pattern:
+            self.check_pattern(name)
+        else:
+            self.check_channel(name)
         if name in conn.subscriptions:
             return True
         if len(conn.subscriptions) >= self._max_subscriptions:
             raise TooManySubscriptions(
                 f"a connection may hold at most {self._max_subscriptions} subscriptions")
-        if self.sources and request is not None and answer is not None:
+        if not pattern and self.sources and request is not None and answer is not None:
             source = self.source_for(name)
             if source is not None:
                 return source.subscribe(conn, name, request, answer)
@@ -119,23 +159,25 @@ class Hub:
         return True
 
     def join(self, conn: Connection, name: str) -> None:
-        """Add ``conn`` to ``name`` (validated) without asking its source."""
+        """Add ``conn`` to the channel or pattern ``name`` (validated) without asking a source."""
         if name in conn.subscriptions:
             return
-        channel = self.channels.get(name)
+        pattern = is_pattern(name)
+        registry = self.patterns if pattern else self.channels
+        channel = registry.get(name)
         if channel is None:
-            channel = self.channels[name] = Channel(name)
-            self._broker.subscribe(name)
-        if conn.fanout_group == TAKEOVER:
-            channel.takeover.append(conn)
-        else:
-            channel.groups.setdefault(conn.fanout_group, []).append(conn.batch)
-        channel.members[conn.client_id] = conn
+            channel = registry[name] = Channel(name)
+            if pattern:
+                self._broker.subscribe_pattern(name)
+            else:
+                self._broker.subscribe(name)
+        channel.add(conn)
         conn.subscriptions.add(name)
         self.subscription_count += 1
+        self._forget_targets(name, pattern)
 
     def unsubscribe(self, conn: Connection, name: str) -> None:
-        """Remove ``conn`` from ``name``.
+        """Remove ``conn`` from the channel or pattern ``name``.
 
         Raises:
             NotSubscribed
@@ -147,22 +189,59 @@ class Hub:
             raise NotSubscribed(f"not subscribed to {name[:64]!r}")
         conn.subscriptions.discard(name)
         self.subscription_count -= 1
-        channel = self.channels[name]
-        if conn.fanout_group == TAKEOVER:
-            channel.takeover.remove(conn)
-        else:
-            group = channel.groups[conn.fanout_group]
-            group.remove(conn.batch)
-            if not group:
-                del channel.groups[conn.fanout_group]
-        del channel.members[conn.client_id]
+        pattern = is_pattern(name)
+        registry = self.patterns if pattern else self.channels
+        channel = registry[name]
+        channel.remove(conn)
         if not channel.members:
-            del self.channels[name]
-            self._broker.unsubscribe(name)
-            if self.sources:
-                source = self.source_for(name)
-                if source is not None:
-                    source.vacated(name)
+            del registry[name]
+            if pattern:
+                self._broker.unsubscribe_pattern(name)
+            else:
+                self._broker.unsubscribe(name)
+                if self.sources:
+                    source = self.source_for(name)
+                    if source is not None:
+                        source.vacated(name)
+        self._forget_targets(name, pattern)
+
+    def revoke(self, conn: Connection) -> list[str]:
+        """After ``conn``'s principal changed: end the channel subscriptions it
+        no longer allows and return their names."""
+        principal = conn.principal
+        revoked = [name for name in conn.subscriptions
+                   if not is_pattern(name) and not principal.can_subscribe(name)]
+        for name in revoked:
+            self.unsubscribe(conn, name)
+        if self.patterns:
+            self._pattern_targets.clear()
+        return revoked
+
+    def _forget_targets(self, name: str, pattern: bool) -> None:
+        if pattern:
+            self._pattern_targets.clear()
+        elif self.patterns:
+            self._pattern_targets.pop(name, None)
+
+    def _targets_for(self, name: str) -> Channel | None:
+        """The pattern subscribers that get ``name``'s publications: each once,
+        only if not subscribed to ``name`` itself, only if allowed to read it."""
+        targets = self._pattern_targets.get(name)
+        if targets is None:
+            targets = Channel(name)
+            direct = self.channels.get(name)
+            for pattern, subscribers in self.patterns.items():
+                if compile_pattern(pattern).fullmatch(name) is None:
+                    continue
+                for client_id, conn in subscribers.members.items():
+                    if client_id in targets.members or (direct is not None and client_id in direct.members):
+                        continue
+                    if conn.principal.can_subscribe(name):
+                        targets.add(conn)
+            if len(self._pattern_targets) >= _PATTERN_CACHE_LIMIT:
+                self._pattern_targets.clear()
+            self._pattern_targets[name] = targets
+        return targets if targets.members else None
 
     def drop(self, conn: Connection) -> None:
         """Forget a closed connection and all its subscriptions."""
@@ -181,7 +260,7 @@ class Hub:
         """
         self.check_channel(channel)
         if self.sources and self.source_for(channel) is not None:
-            raise Rejected(f"{channel[:64]!r} is written by the gateway only", code="forbidden")
+            raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
         self._metrics.publications_total += 1
         return self._broker.publish(channel, data, binary=binary, origin=origin)
 
@@ -207,12 +286,21 @@ class Hub:
 
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         channel = self.channels.get(pub.channel)
-        if channel is None:
+        by_pattern = self._targets_for(pub.channel) if self.patterns else None
+        if channel is None and by_pattern is None:
             return
         if pub.binary:
             opcode, payload = OP_BINARY, self._tlv.encode_message(pub.channel, pub.offset, pub.data)
         else:
             opcode, payload = OP_TEXT, self._json.encode_message(pub.channel, pub.offset, pub.data)
+        delivered = 0
+        if channel is not None:
+            delivered += self._deliver(channel, opcode, payload, origin)
+        if by_pattern is not None:
+            delivered += self._deliver(by_pattern, opcode, payload, origin)
+        self._metrics.deliveries_total += delivered
+
+    def _deliver(self, channel: Channel, opcode: int, payload: bytes, origin: str | None) -> int:
         sender = channel.members.get(origin) if origin is not None else None
         exclude = sender.batch if sender is not None else None
         delivered = 0
@@ -229,4 +317,4 @@ class Hub:
         for conn in channel.takeover:
             if conn is not sender and conn.push(opcode, payload):
                 delivered += 1
-        self._metrics.deliveries_total += delivered
+        return delivered

@@ -14,7 +14,7 @@ from collections.abc import Callable
 class Metrics:
     __slots__ = ("connections_total", "connections_current", "messages_received_total",
                  "publications_total", "deliveries_total", "errors_total", "closes_total",
-                 "http_requests_total", "collectors")
+                 "http_requests_total", "refusals_total", "auth_failures_total", "collectors")
 
     def __init__(self) -> None:
         self.connections_total = 0
@@ -25,6 +25,8 @@ class Metrics:
         self.errors_total: Counter[str] = Counter()
         self.closes_total: Counter[int] = Counter()
         self.http_requests_total: Counter[int] = Counter()
+        self.refusals_total: Counter[str] = Counter()
+        self.auth_failures_total: Counter[str] = Counter()
         # Callables returning more exposition lines (sources add theirs).
         self.collectors: list[Callable[[], list[str]]] = []
 
@@ -53,6 +55,11 @@ class Metrics:
         lines.append("# TYPE wirehub_http_requests_total counter")
         lines += [f'wirehub_http_requests_total{{status="{s}"}} {n}'
                   for s, n in sorted(self.http_requests_total.items())]
+        lines.append("# TYPE wirehub_refusals_total counter")
+        lines += [f'wirehub_refusals_total{{reason="{r}"}} {n}' for r, n in sorted(self.refusals_total.items())]
+        lines.append("# TYPE wirehub_auth_failures_total counter")
+        lines += [f'wirehub_auth_failures_total{{code="{c}"}} {n}'
+                  for c, n in sorted(self.auth_failures_total.items())]
         for collect in self.collectors:
             lines += collect()
         return "\n".join(lines) + "\n"

@@ -370,6 +370,11 @@ cdef class Inflater:
                 ret = inflate(strm, Z_SYNC_FLUSH)
                 produced += room - strm.avail_out
                 out_full = strm.avail_out == 0
+                if ret != Z_OK and ret != Z_BUF_ERROR and ret != Z_STREAM_END:
+                    # Invalid data wins over size, as in Python's zlib (the
+                    # twin): the output of a failing call is never looked at.
+                    self._broken = True
+                    raise _zlib_error(strm, ret, "inflate")
                 if <Py_ssize_t>produced > allowance:
                     self._out_bytes += produced
                     raise self._too_big()
@@ -384,13 +389,10 @@ cdef class Inflater:
                     elif strm.avail_in == 0 and remaining == 0:
                         tail_fed = True
                 elif ret == Z_BUF_ERROR and strm.avail_in != 0 and not out_full:
+                    # Z_BUF_ERROR otherwise only means "no progress possible"
+                    # (no input or no room), which the loop resolves.
                     self._broken = True  # input and room, yet no progress
                     raise InvalidData("zlib inflate: no progress")
-                elif ret != Z_OK and ret != Z_BUF_ERROR:
-                    # Z_BUF_ERROR only means "no progress possible" (no input
-                    # or no room), which the loop resolves; the rest are fatal.
-                    self._broken = True
-                    raise _zlib_error(strm, ret, "inflate")
             result = PyBytes_FromStringAndSize(<char*>out, <Py_ssize_t>produced)
         finally:
             PyMem_Free(out)

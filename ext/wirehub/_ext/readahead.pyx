@@ -15,6 +15,11 @@ gets the bytes before it, the listener's outbound batch is flushed, then the
 rest is fed as a second read. Reads without such a frame pass through
 untouched, so the guard costs one header scan per read.
 
+It is also where admission control runs (``wirehub.admission``): the
+guard asks ``admission.admit(transport)`` at accept, answers a refused socket
+once its request arrives, and answers 431 when the request head outgrows
+``admission.max_header_bytes`` -- all before picows parses a byte.
+
 Reference twin: ``wirehub._pure.readahead``.
 """
 
@@ -29,9 +34,15 @@ cdef class ReadAheadGuard:
     Args:
         inner: the picows ``WSProtocol`` for this connection.
         max_frame_size: picows's ``max_frame_size`` (a larger frame is one it refuses).
+        admission: a ``wirehub.admission.Admission``, or None for no limits.
     """
 
     cdef object _inner
+    cdef object _admission
+    cdef object _peer            # admission's key for this socket, once admitted
+    cdef object _refusal         # response bytes for a refused socket, until sent
+    cdef Py_ssize_t _head_bytes  # request-head bytes seen before the upgrade
+    cdef bint _discard           # answered with an error: ignore what still arrives
     cdef object _view
     cdef uint64_t _skip          # payload bytes of the current frame still to come
     cdef uint8_t _header[14]     # a header split across reads
@@ -39,15 +50,25 @@ cdef class ReadAheadGuard:
     cdef uint64_t _max_frame_size
     cdef bint _upgraded
 
-    def __init__(self, inner, uint64_t max_frame_size):
+    def __init__(self, inner, uint64_t max_frame_size, admission=None):
         self._inner = inner
         self._max_frame_size = max_frame_size
+        self._admission = admission
 
     # asyncio protocol interface, forwarded
     def connection_made(self, transport):
+        if self._admission is not None:
+            decision = self._admission.admit(transport)
+            if isinstance(decision, bytes):
+                self._refusal = decision
+            else:
+                self._peer = decision
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc):
+        if self._peer is not None:
+            self._admission.release(self._peer)
+            self._peer = None
         self._inner.connection_lost(exc)
 
     def eof_received(self):
@@ -65,7 +86,19 @@ cdef class ReadAheadGuard:
 
     def buffer_updated(self, Py_ssize_t nbytes):
         if not self._upgraded:
-            # The HTTP upgrade request: picows's concern alone.
+            # The HTTP upgrade request: picows's concern, once admitted.
+            if self._discard:
+                return
+            if self._refusal is not None:
+                self._discard = True
+                self._admission.refuse(self._inner.transport.underlying_transport, self._refusal)
+                self._refusal = None
+                return
+            self._head_bytes += nbytes
+            if self._admission is not None and self._head_bytes > self._admission.max_header_bytes:
+                self._discard = True
+                self._admission.refuse_header(self._inner.transport.underlying_transport)
+                return
             self._inner.buffer_updated(nbytes)
             self._upgraded = self._inner.listener is not None
             return

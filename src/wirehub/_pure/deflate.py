@@ -217,10 +217,16 @@ class Inflater:
             raise InvalidData("the inflater failed earlier; the connection must be closed")
         data = bytes(fragment)
         self._in_bytes += len(data)
-        if fin:
-            data += _TAIL
         out = []
-        while data:
+        # The frame's bytes, then the 00 00 ff ff tail as a separate input,
+        # exactly as the compiled twin feeds zlib: where damaged data fails
+        # (too big or invalid) depends on how the input is cut.
+        tail_fed = False
+        while True:
+            if not data:
+                if not fin or tail_fed:
+                    break
+                data, tail_fed = _TAIL, True
             allowance = self._allowance()
             try:
                 # max_length bounds what zlib allocates: one byte more than
@@ -237,10 +243,11 @@ class Inflater:
                 # The peer ended its stream with a BFINAL block (§7.2.3.4)
                 # and must start a new one for whatever follows (it had to
                 # reset its compressor too). The 00 00 ff ff we append
-                # (§7.2.2) is no block on its own: drop what is left of it.
-                data = self._decompressor.unused_data
-                if fin and len(data) <= len(_TAIL):
-                    data = b""
+                # (§7.2.2) is no block on its own: drop what is left of it,
+                # or skip it when the frame ended with the stream.
+                data = b"" if tail_fed else self._decompressor.unused_data
+                if not data:
+                    tail_fed = True
                 self._decompressor = zlib.decompressobj(-self.window_bits)
             else:
                 # Output stopped short of allowance + 1, so zlib consumed all input.

@@ -10,18 +10,32 @@ from typing import Any
 class ReadAheadGuard(asyncio.BufferedProtocol):
     """The loop's protocol; forwards to ``inner`` and splits reads before risky frames."""
 
-    def __init__(self, inner: Any, max_frame_size: int) -> None:
+    def __init__(self, inner: Any, max_frame_size: int, admission: Any = None) -> None:
         self._inner = inner
         self._max_frame_size = max_frame_size
+        self._admission = admission
+        self._peer: str | None = None
+        self._refusal: bytes | None = None
+        self._head_bytes = 0
+        self._discard = False
         self._view: memoryview | None = None
         self._skip = 0
         self._header = bytearray()
         self._upgraded = False
 
     def connection_made(self, transport: Any) -> None:
+        if self._admission is not None:
+            decision = self._admission.admit(transport)
+            if isinstance(decision, bytes):
+                self._refusal = decision
+            else:
+                self._peer = decision
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._peer is not None:
+            self._admission.release(self._peer)
+            self._peer = None
         self._inner.connection_lost(exc)
 
     def eof_received(self) -> bool | None:
@@ -39,6 +53,18 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if not self._upgraded:
+            if self._discard:
+                return
+            if self._refusal is not None:  # refused at accept: answer now the request is here
+                self._discard = True
+                self._admission.refuse(self._inner.transport.underlying_transport, self._refusal)
+                self._refusal = None
+                return
+            self._head_bytes += nbytes
+            if self._admission is not None and self._head_bytes > self._admission.max_header_bytes:
+                self._discard = True
+                self._admission.refuse_header(self._inner.transport.underlying_transport)
+                return
             self._inner.buffer_updated(nbytes)
             self._upgraded = self._inner.listener is not None
             return

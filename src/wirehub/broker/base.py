@@ -28,6 +28,13 @@ class Broker(Protocol):
     def unsubscribe(self, channel: str) -> None:
         """The last local subscriber of ``channel`` left."""
 
+    def subscribe_pattern(self, pattern: str) -> None:
+        """Route here the publications of every channel ``pattern`` covers
+        (``protocol.patterns``); the hub filters them per subscriber."""
+
+    def unsubscribe_pattern(self, pattern: str) -> None:
+        """The last local subscriber of ``pattern`` left."""
+
     def publish(self, channel: str, data: bytes, *, binary: bool = False,
                 origin: str | None = None) -> StreamPosition:
         """Append a publication to ``channel`` and deliver it; return its position."""

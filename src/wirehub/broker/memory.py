@@ -37,6 +37,7 @@ class MemoryBroker:
         self._idle: dict[str, None] = {}  # insertion-ordered: oldest first
         self._max_idle = max_idle_channels
         self._handler: BrokerEventHandler | None = None
+        self._patterns: dict[str, None] = {}
 
     def bind(self, handler: BrokerEventHandler) -> None:
         self._handler = handler
@@ -65,11 +66,18 @@ class MemoryBroker:
             stream.subscribed = False
             self._mark_idle(channel)
 
+    def subscribe_pattern(self, pattern: str) -> None:
+        self._patterns[pattern] = None
+
+    def unsubscribe_pattern(self, pattern: str) -> None:
+        self._patterns.pop(pattern, None)
+
     def publish(self, channel: str, data: bytes, *, binary: bool = False,
                 origin: str | None = None) -> StreamPosition:
         stream = self._stream(channel)
         stream.offset += 1
-        if stream.subscribed and self._handler is not None:
+        # One process: with any pattern subscribed, the hub sees everything and matches.
+        if (stream.subscribed or self._patterns) and self._handler is not None:
             self._handler.handle_publication(
                 Publication(channel, data, stream.offset, stream.epoch, binary), origin)
         return StreamPosition(stream.offset, stream.epoch)

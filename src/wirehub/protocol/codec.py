@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidField, InvalidMessage, UnknownType
-from .messages import (ClientMessage, Command, CustomMessage, Id, Message, Ping, Publish,
+from .messages import (Auth, ClientMessage, Command, CustomMessage, Id, Message, Ping, Publish,
                        Reply, Subscribe, Unsubscribe)
 
 _TYPE_PATH = re.compile(r"at `\$\.type`$")
@@ -55,13 +55,18 @@ class JsonCodec:
             return self._decoder.decode(payload)
         except msgspec.ValidationError as exc:
             return self._decode_untyped(payload, str(exc))
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # (Text frames are UTF-8 checked before they get here; the codec
+            # does not rely on it.)
             raise InvalidMessage(f"invalid JSON: {exc}") from None
 
     def _decode_untyped(self, payload: bytes, reason: str) -> CustomMessage:
         # The slow path, only for messages that failed typed decoding: either
         # an application-defined type, or an error to classify.
-        obj = self._generic.decode(payload)
+        try:
+            obj = self._generic.decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise InvalidMessage(f"invalid JSON: {exc}") from None
         msg_id = _best_effort_id(obj)
         if not isinstance(obj, dict):
             raise InvalidMessage("expected a JSON object", id=msg_id)
@@ -98,6 +103,11 @@ class Tag:
     ERROR = 0x08
     CLIENT_ID = 0x09
     SERVER = 0x0A
+    # 0x10-0x1F: authentication
+    TOKEN = 0x10
+    SUB = 0x11
+    EXP = 0x12
+    REASON = 0x13
     # 0x20-0x2F: sources
     TAIL = 0x20
 
@@ -106,8 +116,10 @@ _FIELD_BY_TAG = {
     Tag.TYPE: "type", Tag.CHANNEL: "channel", Tag.DATA: "data", Tag.ID: "id",
     Tag.OFFSET: "offset", Tag.EXCLUDE_SELF: "exclude_self", Tag.CODE: "code",
     Tag.ERROR: "error", Tag.CLIENT_ID: "client_id", Tag.SERVER: "server",
+    Tag.TOKEN: "token", Tag.SUB: "sub", Tag.EXP: "exp", Tag.REASON: "reason",
     Tag.TAIL: "tail",
 }
+_U64_FIELDS = frozenset({"offset", "exp", "tail"})
 _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
 _MESSAGE_TYPE = b"message"
@@ -115,7 +127,7 @@ _MESSAGE_TYPE = b"message"
 
 class TlvCodec:
     """TLV records on binary frames; values are UTF-8 text except ``data``,
-    ``offset`` (u64 big-endian) and ``exclude_self`` (one byte)."""
+    ``offset`` and ``exp`` (u64 big-endian) and ``exclude_self`` (one byte)."""
 
     def __init__(self, tlv: SimpleNamespace, custom_types: Container[str] = ()) -> None:
         self._decode_records: Callable[[bytes], list[tuple[int, bytes]]] = tlv.decode
@@ -148,6 +160,8 @@ class TlvCodec:
             return Unsubscribe(self._require(fields, "channel"), msg_id)
         if msg_type == "ping":
             return Ping(msg_id)
+        if msg_type == "auth":
+            return Auth(self._require(fields, "token"), msg_id)
         if msg_type in self._custom_types:
             return CustomMessage(msg_type, {"type": msg_type, **fields}, msg_id)
         raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
@@ -164,13 +178,9 @@ class TlvCodec:
     def _field_value(name: str, value: bytes) -> Any:
         if name == "data":
             return value
-        if name == "tail":
+        if name in _U64_FIELDS:
             if len(value) != 8:
-                raise InvalidField("TLV `tail` must be 8 bytes (u64 big-endian)")
-            return _U64.unpack(value)[0]
-        if name == "offset":
-            if len(value) != 8:
-                raise InvalidField("TLV `offset` must be 8 bytes")
+                raise InvalidField(f"TLV `{name}` must be 8 bytes")
             return _U64.unpack(value)[0]
         if name == "exclude_self":
             if value not in (b"\x00", b"\x01"):
@@ -192,7 +202,7 @@ class TlvCodec:
             elif isinstance(value, bool):
                 value = b"\x01" if value else b"\x00"
             elif isinstance(value, int):
-                value = _U64.pack(value) if name == "offset" else str(value).encode()
+                value = _U64.pack(value) if name in _U64_FIELDS else str(value).encode()
             elif isinstance(value, str):
                 value = value.encode()
             records.append((_TAG_BY_FIELD[name], value))

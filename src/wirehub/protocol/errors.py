@@ -13,7 +13,12 @@
     ├── ContainerNotFound        ``container_not_found``
     ├── TooManySubscriptions     ``too_many_subscriptions``
     ├── NotSubscribed            ``not_subscribed``
+    ├── Forbidden                ``forbidden``: the token's claims do not allow it
+    ├── NotAuthenticated         ``not_authenticated``: only ``auth`` is accepted yet
     └── Rejected                 ``rejected``: an application middleware said no
+
+    AuthError                    a token was refused: 401 before the upgrade,
+                                 ``auth_error`` then close 1008 after it
 
 Protocol violations at the WebSocket level are not exceptions here: the
 receive path closes the connection with a ``CloseCode``
@@ -40,6 +45,8 @@ class ErrorCode:
     NOT_SUBSCRIBED = "not_subscribed"
     RATE_LIMITED = "rate_limited"
     REJECTED = "rejected"
+    FORBIDDEN = "forbidden"
+    NOT_AUTHENTICATED = "not_authenticated"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -114,6 +121,14 @@ class NotSubscribed(WirehubError):
     code = ErrorCode.NOT_SUBSCRIBED
 
 
+class Forbidden(WirehubError):
+    code = ErrorCode.FORBIDDEN
+
+
+class NotAuthenticated(WirehubError):
+    code = ErrorCode.NOT_AUTHENTICATED
+
+
 class Rejected(WirehubError):
     """Raise from a middleware to refuse a message (``code`` may be overridden)."""
 
@@ -122,4 +137,21 @@ class Rejected(WirehubError):
     def __init__(self, message: str, *, code: str = ErrorCode.REJECTED,
                  id: str | int | None = None) -> None:
         super().__init__(message, id=id)
+        self.code = code
+
+
+class AuthCode:
+    """The ``code`` values of ``auth_error`` messages and 401 bodies (docs/security.md)."""
+
+    INVALID_TOKEN = "invalid_token"
+    TOKEN_EXPIRED = "token_expired"
+    SUBJECT_CHANGED = "subject_changed"
+
+
+class AuthError(Exception):
+    """A token was refused; ``code`` is an ``AuthCode``, the message says why."""
+
+    def __init__(self, message: str, code: str = AuthCode.INVALID_TOKEN) -> None:
+        super().__init__(message)
+        self.message = message
         self.code = code

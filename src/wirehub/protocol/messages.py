@@ -44,7 +44,14 @@ class Ping(Command, tag="ping"):
     id: Id = None
 
 
-ClientMessage = Union[Subscribe, Unsubscribe, Publish, Ping]
+class Auth(Command, tag="auth"):
+    """Authenticate, or refresh the token of an authenticated connection."""
+
+    token: str
+    id: Id = None
+
+
+ClientMessage = Union[Subscribe, Unsubscribe, Publish, Ping, Auth]
 
 
 class CustomMessage(msgspec.Struct, gc=False):
@@ -76,6 +83,9 @@ class Subscribed(Reply, tag="subscribed"):
 class Unsubscribed(Reply, tag="unsubscribed"):
     channel: str
     id: Id = None
+    # Set when the server ended the subscription (``forbidden``: a refreshed
+    # token no longer covers the channel).
+    reason: Union[str, None] = None
 
 
 class Published(Reply, tag="published"):
@@ -92,6 +102,24 @@ class Message(Reply, tag="message"):
 
 class Pong(Reply, tag="pong"):
     id: Id = None
+
+
+class Authenticated(Reply, tag="authenticated"):
+    sub: str
+    id: Id = None
+    exp: Union[int, None] = None
+
+
+class AuthFailed(Reply, tag="auth_error"):
+    code: str
+    error: str
+    id: Id = None
+
+
+class TokenExpiring(Reply, tag="token_expiring"):
+    """Sent ahead of ``exp``: answer with a fresh ``auth`` to stay connected."""
+
+    exp: int
 
 
 class Error(Reply, tag="error"):

@@ -18,11 +18,10 @@ this module does not import the gateway).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
-from ..protocol.errors import ContainerNotFound, InvalidField, Rejected, WirehubError
+from ..protocol.errors import ContainerNotFound, InvalidField, WirehubError
 from ..protocol.messages import Subscribe
 from .base import Answer, Source, SourceHost, Subscriber
 from .docker_engine import Engine
@@ -30,6 +29,7 @@ from .docker_events import DockerEventsSource
 from .docker_logs import DockerLogsSource
 
 PERMISSION = "runners:delete"
+COMMANDS = frozenset({"runner_stop", "runner_delete"})
 MAX_STOP_TIMEOUT_S = 600
 
 audit = logging.getLogger("wirehub.audit")
@@ -81,12 +81,11 @@ class DockerSources:
     def install(self, gateway: Any) -> None:
         """Add the channels, the ``runner_*`` commands and the metrics to ``gateway``."""
         gateway.add_source(self)
-        if "permission" in inspect.signature(gateway.on).parameters:
-            gateway.on("runner_stop", self.runner_stop, permission=PERMISSION)
-            gateway.on("runner_delete", self.runner_delete, permission=PERMISSION)
-        else:  # a gateway without permission checks: the commands are refused to everyone
-            gateway.on("runner_stop", self._refuse)
-            gateway.on("runner_delete", self._refuse)
+        gateway.on("runner_stop", self.runner_stop, permission=PERMISSION)
+        gateway.on("runner_delete", self.runner_delete, permission=PERMISSION)
+        # The connection refuses a command without the permission before the
+        # handler runs; this middleware sees the attempt first, for the audit log.
+        gateway.use(self._audit_refusals)
         gateway.metrics.collectors.append(self.metrics_lines)
 
     # -- Source: each channel goes to the part that owns it ----------------------
@@ -184,8 +183,11 @@ class DockerSources:
                    extra={"action": action, "runner": target["id"], "runner_name": target["name"],
                           "sub": sub, "client_id": conn.client_id, "remote": remote, "result": result})
 
-    async def _refuse(self, conn: Any, msg: dict[str, Any]) -> None:
-        target = {"id": None, "name": msg.get("runner")}
-        self._audit(conn, msg.get("type", "runner_command"), target, "forbidden")
-        raise Rejected(f"{msg.get('type')} needs the {PERMISSION} permission", code="forbidden",
-                       id=msg.get("id"))
+    def _audit_refusals(self, conn: Any, msg: Any) -> None:
+        if getattr(msg, "type", None) not in COMMANDS:
+            return
+        principal = getattr(conn, "principal", None)
+        if principal is None or not principal.has_permission(PERMISSION):
+            runner = msg.body.get("runner")
+            self._audit(conn, msg.type, {"id": None, "name": runner if isinstance(runner, str) else None},
+                        "forbidden")

@@ -1,0 +1,158 @@
+"""Who may open a connection: limits checked at TCP accept, before any HTTP parsing.
+
+The read-ahead guard (``_ext.readahead``) asks ``Admission.admit`` for every
+accepted socket. A refused socket is answered once its request arrives
+(503 past ``max_connections``, 429 past the per-IP count or rate) and never
+reaches picows; an oversized request head gets 431. Each refusal is counted
+in ``wirehub_refusals_total{reason=...}``.
+
+Counting happens here, not in the upgrade handler, so a flood costs the
+gateway one dict lookup per socket, and a slowloris client that never
+finishes its headers still counts against its IP (and is cut off by the
+handshake timeout).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from picows import WSUpgradeResponse
+
+from .config import Config
+from .metrics import Metrics
+
+
+class RefusalReason:
+    """The ``reason`` label of ``wirehub_refusals_total`` (docs/security.md)."""
+
+    MAX_CONNECTIONS = "max_connections"
+    MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
+    CONNECTION_RATE = "connection_rate"
+    HEADER_TOO_LARGE = "header_too_large"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    ORIGIN = "origin"
+    UNAUTHORIZED = "unauthorized"
+
+
+def _response(status: HTTPStatus, text: str, **headers: str) -> bytes:
+    response = WSUpgradeResponse.create_error_response(
+        status, f"{text}\n".encode(), {"Connection": "close", "Content-Type": "text/plain", **headers})
+    return bytes(response.to_bytes())
+
+
+class _Peer:
+    """One client IP: open connections and its new-connection token bucket."""
+
+    __slots__ = ("open", "tokens", "updated_at")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.open = 0
+        self.tokens = burst
+        self.updated_at = now
+
+
+class Admission:
+    """Connection limits per gateway and per client IP.
+
+    Args:
+        config: ``max_connections``, ``max_connections_per_ip``,
+            ``new_connections_per_ip_per_s``/``_burst_per_ip``, ``max_header_bytes``.
+        metrics: where refusals are counted.
+        clock: monotonic seconds (injected by tests).
+    """
+
+    def __init__(self, config: Config, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_header_bytes = config.max_header_bytes
+        self._max_total = config.max_connections
+        self._max_per_ip = config.max_connections_per_ip
+        self._rate = config.new_connections_per_ip_per_s
+        self._burst = config.new_connections_burst_per_ip
+        self._metrics = metrics
+        self._clock = clock
+        self._peers: dict[str, _Peer] = {}
+        self.open = 0
+        retry_after = str(max(1, round(1 / self._rate))) if self._rate else "1"
+        self._refusals = {
+            RefusalReason.MAX_CONNECTIONS: _response(
+                HTTPStatus.SERVICE_UNAVAILABLE, "too many connections", **{"Retry-After": "1"}),
+            RefusalReason.MAX_CONNECTIONS_PER_IP: _response(
+                HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address"),
+            RefusalReason.CONNECTION_RATE: _response(
+                HTTPStatus.TOO_MANY_REQUESTS, "new connections too fast from this address",
+                **{"Retry-After": retry_after}),
+        }
+        self._header_too_large = _response(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"request head larger than {self.max_header_bytes} bytes")
+
+    def admit(self, transport: Any) -> str | bytes:
+        """The peer key of an admitted socket (hand it back to ``release``),
+        or the response bytes that refuse it."""
+        peer = transport.get_extra_info("peername")
+        key = peer[0] if isinstance(peer, tuple) else ""
+        reason = self._check(key)
+        if reason is not None:
+            self._metrics.refusals_total[reason] += 1
+            return self._refusals[reason]
+        return key
+
+    def _check(self, key: str) -> str | None:
+        if self._max_total and self.open >= self._max_total:
+            return RefusalReason.MAX_CONNECTIONS
+        now = self._clock()
+        state = self._peers.get(key)
+        if state is None:
+            state = self._peers[key] = _Peer(self._burst, now)
+        if self._max_per_ip and state.open >= self._max_per_ip:
+            return RefusalReason.MAX_CONNECTIONS_PER_IP
+        if self._rate:
+            state.tokens = min(self._burst, state.tokens + (now - state.updated_at) * self._rate)
+            state.updated_at = now
+            if state.tokens < 1:
+                return RefusalReason.CONNECTION_RATE
+            state.tokens -= 1
+        state.open += 1
+        self.open += 1
+        return None
+
+    def release(self, key: str) -> None:
+        """An admitted socket closed."""
+        self.open -= 1
+        state = self._peers[key]
+        state.open -= 1
+
+    def refuse(self, transport: Any, response: bytes) -> None:
+        """Answer a refused socket (its request has arrived) and close it."""
+        transport.write(response)
+        transport.close()
+
+    def refuse_header(self, transport: Any) -> None:
+        """Answer 431 and stop reading the oversized head.
+
+        The write side is shut (the client reads the answer, then EOF) rather
+        than the socket closed, so the client's unread bytes do not turn the
+        answer into a reset; the handshake timeout drops whoever lingers.
+        """
+        self._metrics.refusals_total[RefusalReason.HEADER_TOO_LARGE] += 1
+        transport.write(self._header_too_large)
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    def sweep(self) -> None:
+        """Forget IPs with no open connection and a refilled bucket (bounds ``_peers``)."""
+        now = self._clock()
+        rate, burst = self._rate, self._burst
+        idle = [key for key, state in self._peers.items()
+                if state.open == 0 and (not rate or state.tokens + (now - state.updated_at) * rate >= burst)]
+        for key in idle:
+            del self._peers[key]
+
+    @property
+    def tracked_peers(self) -> int:
+        return len(self._peers)

@@ -1,0 +1,76 @@
+"""Channel patterns: what a token may touch, and what a pattern subscription follows.
+
+A channel name is split into segments at ``.`` and ``:``. In a pattern, a
+segment ``*`` matches exactly one segment and a final ``**`` matches one or
+more trailing segments; every other character matches itself, separators
+included::
+
+    runner:*        runner:42            (not runner:42:logs, not runner.42)
+    logs:**         logs:a, logs:a:b     (not logs)
+    telemetry.*.cpu telemetry.node1.cpu
+    **              every channel
+
+Wildcards inside a segment (``run*``) are refused rather than guessed at, so
+a pattern never matches more than it reads as.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+CHANNEL_CHARS = "A-Za-z0-9_\\-.:@/="
+_CHANNEL = re.compile(f"[{CHANNEL_CHARS}]+")
+_SEPARATORS = re.compile(r"([.:])")
+_ONE_SEGMENT = "[^.:]+"
+
+
+class PatternError(ValueError):
+    """A pattern that is not valid; the message says why."""
+
+
+def is_pattern(name: str) -> bool:
+    """Whether ``name`` holds a wildcard (channel names never contain ``*``)."""
+    return "*" in name
+
+
+def is_channel_name(name: str) -> bool:
+    return _CHANNEL.fullmatch(name) is not None
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """The regular expression that fully matches the channels ``pattern`` covers.
+
+    Cached: tokens of many users share the same few patterns.
+
+    Raises:
+        PatternError: empty, a character outside channel names, a wildcard
+            inside a segment, or ``**`` anywhere but last.
+    """
+    if not pattern:
+        raise PatternError("empty channel pattern")
+    parts = _SEPARATORS.split(pattern)
+    segments, separators = parts[0::2], parts[1::2]
+    regex = []
+    for i, segment in enumerate(segments):
+        if i:
+            regex.append(re.escape(separators[i - 1]))
+        if segment == "*":
+            regex.append(_ONE_SEGMENT)
+        elif segment == "**":
+            if i != len(segments) - 1:
+                raise PatternError(f"pattern {pattern[:64]!r}: '**' must be the last segment")
+            regex.append(".+")
+        elif "*" in segment:
+            raise PatternError(f"pattern {pattern[:64]!r}: a wildcard must be a whole segment")
+        elif segment and not is_channel_name(segment):
+            raise PatternError(f"pattern {pattern[:64]!r} has characters outside [A-Za-z0-9_-.:@/=*]")
+        else:
+            regex.append(re.escape(segment))
+    return re.compile("".join(regex))
+
+
+def matches(pattern: str, channel: str) -> bool:
+    """Whether ``channel`` is covered by ``pattern`` (which must be valid)."""
+    return compile_pattern(pattern).fullmatch(channel) is not None
