@@ -22,10 +22,11 @@ from typing import Any
 
 import docker
 import pytest
+import websockets
 from picows import WSListener, WSMsgType, ws_connect
 
 from docker_engine import LABEL, containers, engine_host, managed, run_script, wait_for
-from helpers import connect_recording, json_client, running_gateway
+from helpers import connect_recording, json_client, running_gateway, start_server
 
 from wirehub import Config, Gateway
 from wirehub.sources.docker import DockerSources
@@ -355,6 +356,45 @@ async def test_engine_unavailable(tmp_path):
         assert (await c.request(type="subscribe", channel="runners", id=2))["code"] == "engine_unavailable"
         assert await c.request(type="ping", id=3) == {"type": "pong", "id": 3}
         assert "wirehub_docker_engine_up 0" in gw.metrics.render(0, 0)
+
+
+async def test_engine_refusal_is_engine_forbidden(tmp_path):
+    """An engine that answers 403 (as with an authorization plugin): ``engine_forbidden``
+    with the engine's own message."""
+    path = tmp_path / "refusing.sock"
+    body = b'{"message":"authorization denied by plugin opa: request rejected"}'
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(refuse, str(path))
+    gw, _ = docker_gateway(f"unix://{path}")
+    async with server, running_gateway(gateway=gw), json_client(gw) as c:
+        expected = {"type": "error", "code": "engine_forbidden", "id": 1,
+                    "error": "the engine refused: authorization denied by plugin opa: request rejected"}
+        assert await c.request(type="subscribe", channel="logs:web", id=1) == expected
+        assert await c.request(type="subscribe", channel="runners", id=1) == expected
+        assert gw.metrics.errors_total["engine_forbidden"] == 2
+
+
+async def test_wirehub_serve_docker(docker_host, made):
+    """``wirehub serve --docker --docker-host ... --runner-label ...`` serves the channels."""
+    label = made.test_label
+    cid = made.create("echo from-serve", name=f"wh-{label}-serve")
+    with start_server("--docker", "--docker-host", docker_host, "--runner-label", f"{LABEL}={label}") as (_, port):
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(json.dumps({"type": "subscribe", "channel": "runners"}))
+            assert json.loads(await ws.recv()) == {"type": "subscribed", "channel": "runners"}
+            state = json.loads(await ws.recv())["data"]
+            assert [r["name"] for r in state["runners"]] == [f"wh-{label}-serve"]
+            await ws.send(json.dumps({"type": "subscribe", "channel": f"logs:{cid}", "tail": 10}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            assert json.loads(await ws.recv())["data"]["line"] == "from-serve"
 
 
 # -- runners ------------------------------------------------------------------------

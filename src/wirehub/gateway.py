@@ -137,8 +137,10 @@ class Gateway:
         for source in sources:
             self.add_source(source)
         if cfg.docker:
-            from .sources.docker import DockerSources
-
+            try:
+                from .sources.docker import DockerSources
+            except ImportError as exc:
+                raise ValueError(f"docker needs the docker SDK: pip install 'wirehub[docker]' ({exc})") from None
             DockerSources.from_config(cfg).install(self)
 
     # -- application API ------------------------------------------------------

@@ -17,7 +17,7 @@ from .broker.base import Broker
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
-from .protocol.messages import Publication, Reply, StreamPosition, Subscribe
+from .protocol.messages import Error, Publication, Reply, StreamPosition, Subscribe
 from .protocol.patterns import PatternError, compile_pattern, is_channel_name, is_pattern
 
 if TYPE_CHECKING:
@@ -152,11 +152,21 @@ class Hub:
         if not pattern and self.sources and request is not None and answer is not None:
             source = self.source_for(name)
             if source is not None:
-                return source.subscribe(conn, name, request, answer)
+                return source.subscribe(conn, name, request, self._counted(answer))
         if request is not None and request.tail is not None:
             raise InvalidField("`tail` is only supported on source channels such as logs:<container>")
         self.join(conn, name)
         return True
+
+    def _counted(self, answer: Callable[[Reply], None]) -> Callable[[Reply], None]:
+        """``answer``, counting the errors a source answers with (it may answer later)."""
+        errors = self._metrics.errors_total
+
+        def counted(reply: Reply) -> None:
+            if type(reply) is Error:
+                errors[reply.code] += 1
+            answer(reply)
+        return counted
 
     def join(self, conn: Connection, name: str) -> None:
         """Add ``conn`` to the channel or pattern ``name`` (validated) without asking a source."""

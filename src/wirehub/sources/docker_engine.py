@@ -116,13 +116,15 @@ class Engine:
         """Map a docker SDK / transport exception to a wirehub error code."""
         if isinstance(exc, WirehubError):
             return exc
-        if isinstance(exc, docker.errors.NotFound):
-            what = f"no such container: {container}" if container else _explanation(exc)
+        # The SDK wraps some answers (the version negotiation's) in a DockerException.
+        api_error = _caused_by(exc, docker.errors.APIError)
+        if isinstance(api_error, docker.errors.NotFound):
+            what = f"no such container: {container}" if container else _explanation(api_error)
             return ContainerNotFound(what)
-        if isinstance(exc, docker.errors.APIError) and exc.status_code is not None:
-            if exc.status_code in (401, 403):
-                return EngineForbidden(f"the engine refused: {_explanation(exc)}")
-            return EngineError(f"the engine answered {exc.status_code}: {_explanation(exc)}")
+        if isinstance(api_error, docker.errors.APIError) and api_error.status_code is not None:
+            if api_error.status_code in (401, 403):
+                return EngineForbidden(f"the engine refused: {_explanation(api_error)}")
+            return EngineError(f"the engine answered {api_error.status_code}: {_explanation(api_error)}")
         if _caused_by(exc, PermissionError) is not None:
             return EngineForbidden(f"permission denied on the engine socket {self.address}")
         if isinstance(exc, (requests.exceptions.RequestException, docker.errors.DockerException,
