@@ -67,6 +67,9 @@ class ScriptedSource:
     def admit_all(self):
         pending, self.pending = self.pending, {}
         for conn, channel, request, answer in pending.values():
+            if not self.host.allowed(conn, channel):
+                answer(Error("forbidden", "not allowed", request.id))
+                continue
             answer(Subscribed(channel, request.id))
             tail = request.tail or 0
             self.host.send_history(conn, channel, self.ring.get(channel, [])[-tail:] if tail else [])
@@ -165,3 +168,21 @@ class TestSourceContract:
             await c.ws.send(record(Tag.TYPE, b"subscribe") + record(Tag.CHANNEL, b"feed:t")
                             + record(Tag.TAIL, b"\x01"))
             assert b"TLV `tail` must be 8 bytes" in await c.recv()
+
+    async def test_a_subscribe_waiting_while_the_token_changes_is_checked_again(self, impl_name):
+        from wirehub.auth import mint_token
+
+        secret = "sources-test-secret-0123456789abcdef"
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0, jwt_secret=secret), implementation=impl_name, sources=[source])
+        wide = mint_token(secret, sub="u", subscribe=["feed:*"], ttl_s=600)
+        narrow = mint_token(secret, sub="u", subscribe=["feed:a"], ttl_s=600)
+        async with running_gateway(gateway=gw), json_client(gw, f"/ws?token={wide}") as c:
+            await c.send(type="subscribe", channel="feed:a", id=1)
+            await c.send(type="subscribe", channel="feed:b", id=2)
+            await until(lambda: len(source.pending) == 2)
+            assert (await c.request(type="auth", token=narrow))["type"] == "authenticated"
+            source.admit_all()
+            replies = {m["id"]: m for m in [await c.recv(), await c.recv()]}
+            assert replies[1] == {"type": "subscribed", "channel": "feed:a", "id": 1}
+            assert replies[2]["code"] == "forbidden"

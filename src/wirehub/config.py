@@ -170,7 +170,7 @@ HELP: dict[str, str] = {
     "log_level": "debug, info, warning or error",
     "log_format": "text or json (one JSON object per line)",
     "docker": "serve Docker channels: logs:<container>, runners, runner:<id> (needs the docker extra)",
-    "docker_host": "Docker engine address, e.g. unix:///var/run/docker.sock (default: DOCKER_HOST)",
+    "docker_host": "Docker engine address, e.g. unix:///var/run/docker.sock; unset: DOCKER_HOST and the SDK's defaults",
     "runner_label": "only containers with this label (key or key=value) are runners",
     "docker_log_ring_lines": "log lines kept per followed container: the largest tail a subscriber may ask",
     "docker_max_log_streams": "containers whose logs are followed at once",

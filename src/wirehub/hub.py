@@ -294,6 +294,10 @@ class Hub:
         found = self.channels.get(channel)
         return len(found.members) if found is not None else 0
 
+    def allowed(self, conn: Connection, channel: str) -> bool:
+        principal = conn.principal
+        return principal is not None and principal.can_subscribe(channel)
+
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         channel = self.channels.get(pub.channel)
         by_pattern = self._targets_for(pub.channel) if self.patterns else None

@@ -61,6 +61,10 @@ class SourceHost(Protocol):
     def viewers(self, channel: str) -> int:
         """How many connections are subscribed to ``channel`` (pending ones not included)."""
 
+    def allowed(self, conn: Subscriber, channel: str) -> bool:
+        """Whether ``conn`` may still subscribe to ``channel`` (its token may have
+        changed while its subscribe waited); a source checks before admitting."""
+
 
 class Source(Protocol):
     """A producer of channels, started and stopped by their subscribers."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from ..protocol.errors import ContainerNotFound, EngineUnavailable, InvalidField, WirehubError
+from ..protocol.errors import ContainerNotFound, EngineUnavailable, Forbidden, InvalidField, WirehubError
 from ..protocol.messages import Error, Subscribe, Subscribed
 from .base import Answer, Handoff, SourceHost, Subscriber
 from .docker_engine import Engine
@@ -199,6 +199,9 @@ class DockerEventsSource:
         return None
 
     def _admit(self, conn: Subscriber, channel: str, request: Subscribe, answer: Answer) -> None:
+        if not self._host.allowed(conn, channel):
+            answer(Error(Forbidden.code, f"not allowed to subscribe to {channel[:64]!r}", request.id))
+            return
         if not self.available:
             answer(Error(self._error.code, self._error.message, request.id))
             return

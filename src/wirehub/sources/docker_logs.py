@@ -41,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from ..protocol.errors import (InvalidChannel, InvalidField, TooManySubscriptions, WirehubError)
+from ..protocol.errors import Forbidden, InvalidChannel, InvalidField, TooManySubscriptions, WirehubError
 from ..protocol.messages import Error, Subscribe, Subscribed
 from .base import Answer, Handoff, SourceHost, Subscriber
 from .docker_engine import Engine
@@ -400,6 +400,9 @@ class DockerLogsSource:
             self._stop(state)
 
     def _admit(self, state: _LogChannel, conn: Subscriber, request: Subscribe, answer: Answer) -> None:
+        if not self._host.allowed(conn, state.name):
+            answer(Error(Forbidden.code, f"not allowed to subscribe to {state.name[:64]!r}", request.id))
+            return
         # One callback: the reply, the history, the join. Nothing is published in between.
         answer(Subscribed(state.name, request.id))
         tail = request.tail or 0
