@@ -311,8 +311,11 @@ class DockerLogsSource:
         for state in list(self.channels.values()):
             self._stop(state)
         threads, self._threads = self._threads, []
-        for thread in threads:
-            await asyncio.to_thread(thread.join, 2.0)
+        # Readers wake up at once (their sockets are shut down); one stuck in
+        # a request to a hung engine is a daemon thread and is left behind.
+        deadline = time.monotonic() + 2.0
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     def subscribe(self, conn: Subscriber, channel: str, request: Subscribe, answer: Answer) -> bool:
         tail = request.tail or 0
