@@ -14,6 +14,7 @@ import inspect
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from .hub import OP_BINARY, OP_TEXT
 from .protocol.codec import JsonCodec, TlvCodec
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wirehub.connection")
 
+_NO_SUBSCRIPTIONS: frozenset[str] = frozenset()
+
 
 class Connection:
     """A connected client, as the application sees it (hooks, handlers, middleware).
@@ -37,19 +40,27 @@ class Connection:
     Attributes:
         client_id: unique id, sent to the client in ``welcome``.
         subscriptions: names of the channels it is subscribed to.
-        request: the HTTP upgrade request (path, headers).
+        request: the HTTP upgrade request (path, headers), for the connect
+            hooks; ``None`` once they have returned (coroutine hooks: once
+            they have finished). Copy what you need from the headers there:
+            a browser's upgrade request costs 1-3 KiB per connection.
+        path: the path the client connected to (kept; see ``query``).
+        query: the upgrade request's query string, parsed with
+            ``urllib.parse.parse_qs`` (kept).
         remote_address: ``(host, port)`` of the peer.
     """
 
     __slots__ = ("client_id", "subscriptions", "request", "remote_address", "listener", "batch",
-                 "compressor", "fanout_group", "_threshold", "_gateway", "_hub", "_json", "_tlv",
-                 "_middleware", "_metrics", "__weakref__")
+                 "compressor", "fanout_group", "_target", "_threshold", "_gateway", "_hub", "_json",
+                 "_tlv", "_middleware", "_metrics", "__weakref__")
 
     def __init__(self, gateway: Gateway, request: WSUpgradeRequest,
                  deflate: DeflateParams | None = None) -> None:
         self.client_id = secrets.token_hex(8)
-        self.subscriptions: set[str] = set()
-        self.request = request
+        # Hub.subscribe makes it a set: idle connections share this empty one.
+        self.subscriptions: set[str] | frozenset[str] = _NO_SUBSCRIPTIONS
+        self.request: WSUpgradeRequest | None = request
+        self._target: bytes = request.path
         self.remote_address: tuple[str, int] | None = None
         self._gateway = gateway
         self._hub = gateway.hub
@@ -73,6 +84,16 @@ class Connection:
 
     # -- public API -----------------------------------------------------------
 
+    @property
+    def path(self) -> str:
+        """The path of the upgrade request, without the query string."""
+        return urlsplit(self._target.decode("latin-1")).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The upgrade request's query parameters (``urllib.parse.parse_qs``)."""
+        return parse_qs(urlsplit(self._target.decode("latin-1")).query)
+
     def send(self, obj: Any) -> bool:
         """Send ``obj`` (a reply Struct, or anything msgspec encodes) as a JSON text frame."""
         return self.push(OP_TEXT, self._json.encode(obj))
@@ -95,7 +116,23 @@ class Connection:
         self._metrics.connections_total += 1
         self._metrics.connections_current += 1
         self.send(Welcome(self.client_id, self._gateway.server_name))
-        self._gateway.run_hooks("connect", self)
+        running = self._gateway.run_hooks("connect", self)
+        if running:
+            self._release_request_after(running)
+        else:
+            self.request = None
+
+    def _release_request_after(self, hooks: list[asyncio.Future[Any]]) -> None:
+        left = len(hooks)
+
+        def done(_: object) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                self.request = None
+
+        for hook in hooks:
+            hook.add_done_callback(done)
 
     def on_close(self) -> None:
         self._hub.drop(self)

@@ -97,6 +97,8 @@ class Hub:
         else:
             channel.groups.setdefault(conn.fanout_group, []).append(conn.batch)
         channel.members[conn.client_id] = conn
+        if not conn.subscriptions:
+            conn.subscriptions = set()  # idle connections share one empty frozenset
         conn.subscriptions.add(name)
         self.subscription_count += 1
 

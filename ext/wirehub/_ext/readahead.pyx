@@ -66,10 +66,15 @@ cdef class ReadAheadGuard:
     def buffer_updated(self, Py_ssize_t nbytes):
         if not self._upgraded:
             # The HTTP upgrade request: picows's concern alone.
+            self._view = None
             self._inner.buffer_updated(nbytes)
             self._upgraded = self._inner.listener is not None
             return
         self._feed(nbytes)
+        # The loop asks for a new buffer before every read; keeping this one
+        # until then would hold a memoryview and its buffer (~300 bytes) on
+        # every idle connection.
+        self._view = None
 
     cdef _feed(self, Py_ssize_t nbytes):
         cdef Py_buffer view

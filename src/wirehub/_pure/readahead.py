@@ -39,6 +39,7 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         if not self._upgraded:
+            self._view = None
             self._inner.buffer_updated(nbytes)
             self._upgraded = self._inner.listener is not None
             return
@@ -46,6 +47,7 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
             data = bytes(self._view[:nbytes])
             split = self._find_split(data)
             if split <= 0:
+                self._view = None  # not kept between reads (idle memory)
                 self._inner.buffer_updated(nbytes)
                 return
             tail = data[split:]
