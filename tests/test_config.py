@@ -94,3 +94,29 @@ def test_port_in_use_is_reported(tmp_path):
         result = run_cli("serve", "--port", str(s.getsockname()[1]))
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:" in result.stderr
+
+
+def test_list_options_from_file_env_and_flags(tmp_path):
+    path = tmp_path / "wirehub.toml"
+    path.write_text('jwt_secret = "s"\ndefault_subscribe = ["public.*"]\n')
+    assert config_module.load(str(path), environ={}).default_subscribe == ["public.*"]
+    cfg = config_module.load(str(path), environ={"WIREHUB_JWT_ALGORITHMS": "HS256, HS512"})
+    assert cfg.jwt_algorithms == ["HS256", "HS512"]
+    from wirehub import cli
+
+    args = cli.build_parser().parse_args(["serve", "--allowed-origins", "https://a.example,https://b.example",
+                                          "--allowed-origins", "https://c.example", "--auth-timeout", "3"])
+    assert config_module.split_list(args.allowed_origins) == [
+        "https://a.example", "https://b.example", "https://c.example"]
+    assert args.auth_timeout_s == "3"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"tls_cert": "c.pem"}, "tls_cert and tls_key go together"),
+    ({"jwt_audience": "x"}, "jwt_audience needs a key"),
+    ({"jwt_secret": "s", "default_publish": ["bad*"]}, "wildcard must be a whole segment"),
+    ({"max_header_bytes": 20_000}, "max_header_bytes"),
+])
+def test_security_options_are_validated(values, message):
+    with pytest.raises(ConfigError, match=message):
+        config_module.load(environ={}, overrides=values)

@@ -282,6 +282,40 @@ class TestEmbeddingApi:
         with pytest.raises(ValueError):
             Gateway(Config(port=0), implementation=impl_name).on("publish", lambda c, m: None)
 
+    async def test_upgrade_request_is_kept_for_the_connect_hooks_only(self, impl_name):
+        gw = Gateway(Config(port=0), implementation=impl_name)
+        seen = []
+        gw.on_connect(lambda conn: seen.append(("sync", conn.request.headers.get("X-Tenant"))))
+
+        @gw.on_connect
+        async def later(conn):
+            await asyncio.sleep(0.05)
+            seen.append(("async", conn.request.headers.get("X-Tenant")))
+
+        async with running_gateway(gateway=gw):
+            async with json_client(gw, "/ws?token=abc&x=1&x=2",
+                                   additional_headers={"X-Tenant": "acme"}) as c:
+                await asyncio.sleep(0.2)
+                assert seen == [("sync", "acme"), ("async", "acme")]
+                [conn] = gw.connections
+                assert conn.request is None   # headers let go once the hooks are done
+                assert conn.path == "/ws"
+                assert conn.query == {"token": ["abc"], "x": ["1", "2"]}
+                assert conn.subscriptions == set()
+                await c.subscribe("a")
+                assert conn.subscriptions == {"a"}
+
+    async def test_idle_connection_holds_no_handshake_state(self, impl_name):
+        # picows keeps the request and the 101 response on its transport;
+        # the compiled listener lets go of both (docs/benchmarks.md, idle memory).
+        async with running_gateway(impl_name) as gw, json_client(gw):
+            await asyncio.sleep(0.05)
+            [conn] = gw.connections
+            assert conn.request is None
+            if impl_name == "ext":
+                assert conn.listener.transport.request is None
+                assert conn.listener.transport.response is None
+
     async def test_connect_and_disconnect_hooks(self, impl_name):
         gw = Gateway(Config(port=0), implementation=impl_name)
         events = []

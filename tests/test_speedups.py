@@ -275,6 +275,17 @@ class TestOutBatch:
         assert overflows == [1]
         assert transport.writes == []
 
+    def test_trim_keeps_pending_frames_and_the_batch_usable(self, impl):
+        loop, transport, batch, _ = self.make(impl)
+        big = impl.frame.build_frame(1, b"x" * 1000)   # grows the buffer past its first size
+        batch.push(big)
+        batch.trim()                                   # pending: nothing is given back
+        loop.run_tick()
+        batch.trim()                                   # idle: the buffer goes
+        batch.push(b"\x81\x01a")
+        loop.run_tick()
+        assert transport.writes == [big, b"\x81\x01a"]
+
     def test_closed_batch_refuses_frames(self, impl):
         loop, transport, batch, _ = self.make(impl)
         batch.close()

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 from .auth import Principal
 from .hub import OP_BINARY, OP_TEXT
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wirehub.connection")
 
+_NO_SUBSCRIPTIONS: frozenset[str] = frozenset()
+
 
 class Connection:
     """A connected client, as the application sees it (hooks, handlers, middleware).
@@ -42,23 +45,31 @@ class Connection:
     Attributes:
         client_id: unique id, sent to the client in ``welcome``.
         subscriptions: names of the channels (and patterns) it is subscribed to.
-        request: the HTTP upgrade request (path, headers).
+        request: the HTTP upgrade request (path, headers), for the connect
+            hooks; ``None`` once they have returned (coroutine hooks: once
+            they have finished). Copy what you need from the headers there:
+            a browser's upgrade request costs 1-3 KiB per connection.
+        path: the path the client connected to (kept; see ``query``).
+        query: the upgrade request's query string, parsed with
+            ``urllib.parse.parse_qs`` (kept).
         remote_address: ``(host, port)`` of the peer.
         principal: who it is and what its token allows (``wirehub.auth``);
             ``None`` until it authenticates.
     """
 
     __slots__ = ("client_id", "subscriptions", "request", "remote_address", "principal", "listener",
-                 "batch", "compressor", "fanout_group", "_threshold", "_gateway", "_hub", "_json",
-                 "_tlv", "_middleware", "_metrics", "_timer", "__weakref__")
+                 "batch", "compressor", "fanout_group", "_target", "_threshold", "_gateway", "_hub",
+                 "_json", "_tlv", "_middleware", "_metrics", "_timer", "__weakref__")
 
     def __init__(self, gateway: Gateway, request: WSUpgradeRequest,
                  deflate: DeflateParams | None = None, principal: Principal | None = None) -> None:
         self.client_id = secrets.token_hex(8)
         self.principal = principal
         self._timer: asyncio.TimerHandle | None = None
-        self.subscriptions: set[str] = set()
-        self.request = request
+        # Hub.subscribe makes it a set: idle connections share this empty one.
+        self.subscriptions: set[str] | frozenset[str] = _NO_SUBSCRIPTIONS
+        self.request: WSUpgradeRequest | None = request
+        self._target: bytes = request.path
         self.remote_address: tuple[str, int] | None = None
         self._gateway = gateway
         self._hub = gateway.hub
@@ -81,6 +92,16 @@ class Connection:
         return self.batch.push_frame(opcode, payload)
 
     # -- public API -----------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The path of the upgrade request, without the query string."""
+        return urlsplit(self._target.decode("latin-1")).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The upgrade request's query parameters (``urllib.parse.parse_qs``)."""
+        return parse_qs(urlsplit(self._target.decode("latin-1")).query)
 
     def send(self, obj: Any) -> bool:
         """Send ``obj`` (a reply Struct, or anything msgspec encodes) as a JSON text frame."""
@@ -109,7 +130,23 @@ class Connection:
                 self._gateway.config.auth_timeout_s, self._auth_timeout)
         else:
             self._watch_expiry()
-        self._gateway.run_hooks("connect", self)
+        running = self._gateway.run_hooks("connect", self)
+        if running:
+            self._release_request_after(running)
+        else:
+            self.request = None
+
+    def _release_request_after(self, hooks: list[asyncio.Future[Any]]) -> None:
+        left = len(hooks)
+
+        def done(_: object) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                self.request = None
+
+        for hook in hooks:
+            hook.add_done_callback(done)
 
     def on_close(self) -> None:
         if self._timer is not None:

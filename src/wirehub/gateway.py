@@ -188,14 +188,17 @@ class Gateway:
         self._hooks["disconnect"].append(hook)
         return hook
 
-    def run_hooks(self, event: str, conn: Connection) -> None:
+    def run_hooks(self, event: str, conn: Connection) -> list[asyncio.Future[Any]]:
+        """Call the ``event`` hooks; return the tasks of those that are coroutines."""
+        running = []
         for hook in self._hooks[event]:
             try:
                 result = hook(conn)
                 if asyncio.iscoroutine(result):
-                    asyncio.ensure_future(result)
+                    running.append(asyncio.ensure_future(result))
             except Exception:
                 logger.exception("%s hook failed", event)
+        return running
 
     def publish(self, channel: str, data: Any) -> StreamPosition:
         """Publish from Python: ``bytes`` go out as a binary message, anything

@@ -182,6 +182,8 @@ class Hub:
             else:
                 self._broker.subscribe(name)
         channel.add(conn)
+        if not conn.subscriptions:
+            conn.subscriptions = set()  # idle connections share one empty frozenset
         conn.subscriptions.add(name)
         self.subscription_count += 1
         self._forget_targets(name, pattern)

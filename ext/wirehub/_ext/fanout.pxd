@@ -44,6 +44,7 @@ cdef class OutBatch:
     cpdef bint push(self, bytes frame)
     cpdef bint push_frame(self, int opcode, object payload, bint rsv1=*)
     cpdef flush(self)
+    cpdef trim(self)
     cpdef pause(self)
     cpdef resume(self)
     cpdef close(self)

@@ -31,7 +31,7 @@ cdef extern from "sys/socket.h" nogil:
     int MSG_DONTWAIT
 
 cdef enum:
-    INITIAL_CAPACITY = 256      # bytes; first allocation (idle connections hold only this)
+    INITIAL_CAPACITY = 256      # bytes; first allocation, freed after a flush until outgrown
     SHRINK_ABOVE = 65536        # bytes; a buffer grown past this is freed after a flush
     SHARE_ABOVE = 16384         # bytes; frames this large are queued by reference
     WRITE_THROUGH = 65536       # bytes; a batch this full is written at once, not at tick end
@@ -109,7 +109,7 @@ cdef class OutBatch:
         self._on_overflow = on_overflow
         self._call_soon = flusher._call_soon
         self.high_water_bytes = high_water_bytes
-        self._segments = []
+        self._segments = None    # created when a large frame is queued
         # Raw send() is only safe on a plain TCP socket; TLS goes through the transport.
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("ssl_object") is None:
@@ -141,6 +141,8 @@ cdef class OutBatch:
         # Move the contiguous small-frame bytes into the segment list so that
         # a by-reference frame queued next keeps its place in the order.
         if self._len:
+            if self._segments is None:
+                self._segments = []
             self._segments.append(PyBytes_FromStringAndSize(self._buf, self._len))
             self._len = 0
         return 0
@@ -154,6 +156,8 @@ cdef class OutBatch:
             return False
         if n >= SHARE_ABOVE:
             self._seal()
+            if self._segments is None:
+                self._segments = []
             self._segments.append(frame)
         else:
             self._reserve(n)
@@ -234,19 +238,37 @@ cdef class OutBatch:
         """Write everything pending now, unless paused or closed."""
         if self.closed or self.paused or self.pending_bytes == 0:
             return
-        if self._segments:
+        if self._segments is not None:
             self._seal()
             segments = self._segments
-            self._segments = []
+            self._segments = None
             self._writelines(segments)
         else:
             self._write_out(self._buf, self._len)
             self._len = 0
         self.pending_bytes = 0
-        if self._cap > SHRINK_ABOVE:
+        # A buffer that never grew past its first allocation serves a
+        # connection that gets a few small frames a tick (the welcome, replies,
+        # pings): give it back, so idle connections hold none (a malloc/free
+        # pair is noise next to the send() just made). A grown one serves
+        # fan-out traffic and is kept for the next tick, up to SHRINK_ABOVE.
+        if self._cap > SHRINK_ABOVE or self._cap <= INITIAL_CAPACITY:
             free(self._buf)
             self._buf = NULL
             self._cap = 0
+
+    cpdef trim(self):
+        """Give back the buffer if nothing is pending (for connections gone quiet).
+
+        A buffer that grew for fan-out traffic is kept between flushes; the
+        gateway's heartbeat sweep calls this so that a subscriber whose
+        channels went quiet does not hold its peak buffer (up to 64 KiB).
+        """
+        if self.pending_bytes == 0 and self._buf != NULL:
+            free(self._buf)
+            self._buf = NULL
+            self._cap = 0
+            self._len = 0
 
     cpdef pause(self):
         """Stop writing (the transport passed its own high-water mark)."""
@@ -269,7 +291,7 @@ cdef class OutBatch:
         self._buf = NULL
         self._cap = 0
         self._len = 0
-        self._segments = []
+        self._segments = None
         self.pending_bytes = 0
 
     cdef int _overflow(self) except -1:

@@ -10,7 +10,8 @@ message *means* is decided upstairs, by the ``sink`` it calls
 ``wirehub._pure.listener``.
 """
 
-from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from cpython.mem cimport PyMem_Free
+from picows.picows cimport MemoryBuffer, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from wirehub._ext.bucket cimport TokenBucket
@@ -27,6 +28,26 @@ cdef inline double _monotonic() noexcept:
 cdef inline bint _is_valid_close_code(int code) noexcept:
     # RFC 6455 §7.4.1/§7.4.2 and the IANA registry: codes a peer may send.
     return (1000 <= code <= 1003 or 1007 <= code <= 1014) or 3000 <= code <= 4999
+
+
+cdef inline void _drop_handshake_state(WSTransport transport) noexcept:
+    # picows keeps, for the connection's lifetime, the upgrade request and the
+    # 101 response on the transport (~1 KiB with their header dicts) and a 1 KiB
+    # write buffer that only its own send path uses. A server never reads the
+    # first two again (the sink keeps what the application may ask for), and
+    # wirehub sends everything but CLOSE and picows's automatic PONGs through
+    # the OutBatch. picows (pinned to 2.3.1) resizes that buffer before every
+    # use and only points into it while a send is in progress (a frame of at
+    # most 8 KiB is copied out or sent before ``_send`` returns; our control
+    # frames are at most 125 bytes), so an empty buffer is regrown when needed.
+    cdef MemoryBuffer buf = transport._write_buffer
+    transport.request = None
+    transport.response = None
+    if buf is not None and buf.data != NULL:
+        PyMem_Free(buf.data)
+        buf.data = NULL
+        buf.capacity = 0
+        buf.size = 0
 
 
 def monotonic() -> float:
@@ -59,8 +80,8 @@ cdef class FrameListener(WSListener):
         self._flusher = flusher
         self._sink = sink
         self._inflater_factory = inflater_factory
-        self._utf8 = Utf8Validator()
-        self._fragments = bytearray()
+        # The UTF-8 validator and the reassembly buffer are created on first
+        # use: an idle connection holds neither.
         self.max_message_bytes = limits.max_payload_bytes
         self._max_fragments = limits.max_fragments
         self._high_water_bytes = limits.high_water_bytes
@@ -77,6 +98,7 @@ cdef class FrameListener(WSListener):
 
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
+        _drop_handshake_state(transport)
         self._last_seen = _monotonic()
         self.batch = OutBatch(self._flusher, transport.underlying_transport,
                               self._high_water_bytes, self._on_overflow)
@@ -132,6 +154,8 @@ cdef class FrameListener(WSListener):
         if frame.fin and not self._compressed:
             # The common case: one uncompressed frame, validated in place.
             if opcode == WSMsgType.TEXT:
+                if self._utf8 is None:
+                    self._utf8 = Utf8Validator()
                 if not self._utf8.feed_ptr(<const unsigned char*>frame.payload_ptr, frame.payload_size) \
                         or not self._utf8.finish():
                     self._utf8.reset()
@@ -141,6 +165,8 @@ cdef class FrameListener(WSListener):
             return
         self._fragmented_opcode = opcode
         self._fragment_count = 0
+        if self._utf8 is None:
+            self._utf8 = Utf8Validator()
         self._add_fragment(frame)
 
     # -- message assembly ---------------------------------------------------
@@ -165,7 +191,8 @@ cdef class FrameListener(WSListener):
                 self.close(WSCloseCode.INVALID_TEXT, "invalid compressed data")
                 return
         else:
-            if len(self._fragments) + frame.payload_size > self.max_message_bytes:
+            if ((len(self._fragments) if self._fragments is not None else 0)
+                    + frame.payload_size > self.max_message_bytes):
                 self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
                 return
             chunk = frame.get_payload_as_memoryview()
@@ -173,15 +200,17 @@ cdef class FrameListener(WSListener):
         if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed(chunk):
             self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
             return
-        if frame.fin and not self._fragments and type(chunk) is bytes:
+        if frame.fin and (self._fragments is None or not self._fragments) and type(chunk) is bytes:
             payload = chunk  # a single compressed frame: the inflated bytes are the message
         else:
+            if self._fragments is None:
+                self._fragments = bytearray()
             self._fragments += chunk
             if not frame.fin:
                 return
             payload = bytes(self._fragments)
-            # Give back a large reassembly buffer instead of keeping its peak size.
-            self._fragments = bytearray()
+            # Give back the reassembly buffer instead of keeping its peak size.
+            self._fragments = None
         cdef int opcode = self._fragmented_opcode
         self._fragmented_opcode = 0
         if opcode == WSMsgType.TEXT and not self._utf8.finish():
@@ -243,10 +272,13 @@ cdef class FrameListener(WSListener):
         Called for every connection by one gateway-wide timer, instead of one
         picows auto-ping task per connection (a task and a timer handle cost
         about 2 KiB per idle connection). Any frame from the peer counts as an
-        answer. Returns 1 if a ping was sent, 2 if the connection was closed.
+        answer. Also gives back the outbound buffer when nothing is pending
+        (``OutBatch.trim``). Returns 1 if a ping was sent, 2 if the connection
+        was closed.
         """
         if self.transport is None or self.transport.is_close_frame_sent:
             return 0
+        self.batch.trim()
         if self._ping_sent_at:
             if self._last_seen >= self._ping_sent_at:
                 self._ping_sent_at = 0
@@ -256,7 +288,9 @@ cdef class FrameListener(WSListener):
             else:
                 return 0
         if now - self._last_seen >= interval_s:
-            self.transport.send_ping()
+            # Through the batch rather than picows's send_ping, which would
+            # regrow the write buffer _drop_handshake_state gave back.
+            self.batch.push_frame(WSMsgType.PING, b"")
             self._ping_sent_at = now
             return 1
         return 0

@@ -99,10 +99,15 @@ cdef class ReadAheadGuard:
                 self._discard = True
                 self._admission.refuse_header(self._inner.transport.underlying_transport)
                 return
+            self._view = None
             self._inner.buffer_updated(nbytes)
             self._upgraded = self._inner.listener is not None
             return
         self._feed(nbytes)
+        # The loop asks for a new buffer before every read; keeping this one
+        # until then would hold a memoryview and its buffer (~300 bytes) on
+        # every idle connection.
+        self._view = None
 
     cdef _feed(self, Py_ssize_t nbytes):
         cdef Py_buffer view

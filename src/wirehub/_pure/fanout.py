@@ -123,6 +123,11 @@ class OutBatch:
             self._buf = bytearray()
         self.pending_bytes = 0
 
+    def trim(self) -> None:
+        """Give back the buffer if nothing is pending (see ``_ext.fanout``)."""
+        if not self.pending_bytes:
+            self._buf = bytearray()
+
     def pause(self) -> None:
         self.paused = True
 

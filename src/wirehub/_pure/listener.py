@@ -34,8 +34,9 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._inflater_factory = inflater_factory
         self._inflater: Inflater | None = None
         self._compressed = False
-        self._utf8 = Utf8Validator()
-        self._fragments = bytearray()
+        # Created on first use: an idle connection holds neither.
+        self._utf8: Utf8Validator | None = None
+        self._fragments: bytearray | None = None
         self._fragmented_opcode = 0
         self._fragment_count = 0
         self._close_received = False
@@ -99,6 +100,8 @@ class FrameListener(WSListener):  # type: ignore[misc]
             self._compressed = bool(frame.rsv1)
             self._fragmented_opcode = opcode
             self._fragment_count = 0
+            if self._utf8 is None:
+                self._utf8 = Utf8Validator()
             self._add_fragment(frame)
 
     def _add_fragment(self, frame: WSFrame) -> None:
@@ -118,13 +121,15 @@ class FrameListener(WSListener):  # type: ignore[misc]
                 self.close(WSCloseCode.INVALID_TEXT, "invalid compressed data")
                 return
         else:
-            if len(self._fragments) + frame.payload_size > self.max_message_bytes:
+            if len(self._fragments or b"") + frame.payload_size > self.max_message_bytes:
                 self.close(WSCloseCode.MESSAGE_TOO_BIG, "message exceeds max_payload_bytes")
                 return
             chunk = frame.get_payload_as_bytes()
         if self._fragmented_opcode == WSMsgType.TEXT and not self._utf8.feed(chunk):
             self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
             return
+        if self._fragments is None:
+            self._fragments = bytearray()
         self._fragments += chunk
         if not frame.fin:
             return
@@ -132,7 +137,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
         if opcode == WSMsgType.TEXT and not self._utf8.finish():
             self.close(WSCloseCode.INVALID_TEXT, "text message is not valid UTF-8")
             return
-        payload, self._fragments = bytes(self._fragments), bytearray()
+        payload, self._fragments = bytes(self._fragments), None
         self._deliver(opcode, payload)
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
@@ -177,6 +182,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
         """Ping an idle peer; close one that did not answer in time (1001)."""
         if self.transport is None or self.transport.is_close_frame_sent:
             return 0
+        self.batch.trim()
         if self._ping_sent_at:
             if self._last_seen >= self._ping_sent_at:
                 self._ping_sent_at = 0.0
@@ -186,7 +192,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
             else:
                 return 0
         if now - self._last_seen >= interval_s:
-            self.transport.send_ping()
+            self.batch.push_frame(WSMsgType.PING, b"")
             self._ping_sent_at = now
             return 1
         return 0

@@ -65,6 +65,7 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
                 self._discard = True
                 self._admission.refuse_header(self._inner.transport.underlying_transport)
                 return
+            self._view = None
             self._inner.buffer_updated(nbytes)
             self._upgraded = self._inner.listener is not None
             return
@@ -72,6 +73,7 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
             data = bytes(self._view[:nbytes])
             split = self._find_split(data)
             if split <= 0:
+                self._view = None  # not kept between reads (idle memory)
                 self._inner.buffer_updated(nbytes)
                 return
             tail = data[split:]
