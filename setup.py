@@ -63,6 +63,7 @@ setup(
         "wirehub._pure",
         "wirehub.broker",
         "wirehub.protocol",
+        "wirehub.sources",
         "wirehub.loadgen",
     ],
     package_data={"wirehub": ["py.typed"]},

@@ -70,3 +70,11 @@ def test_every_compiled_module_has_a_pure_twin():
     compiled = {p.stem for p in (ROOT / "ext" / "wirehub" / "_ext").glob("*.pyx")}
     pure = {p.stem for p in (SRC / "_pure").glob("*.py")} - {"__init__"}
     assert compiled - {"loadgen_client"} <= pure
+
+
+def test_every_package_is_installed():
+    """A package missing from setup.py's list works in an editable install and
+    is absent from a real one (as CI installs it)."""
+    listed = set(re.findall(r'"(wirehub(?:\.\w+)*)"', (ROOT / "setup.py").read_text()))
+    found = {".".join(p.parent.relative_to(SRC.parent).parts) for p in SRC.rglob("__init__.py")}
+    assert found <= listed, f"add to setup.py packages: {sorted(found - listed)}"
