@@ -265,6 +265,7 @@ class DockerEventsSource:
             self.runners = {r.id: r for r in runners}
         else:
             if not was_available:
+                logger.warning("Docker engine available again")
                 self._publish(RUNNERS, EngineStatus("available"))
             fresh = {r.id: r for r in runners}
             for runner_id, old in list(self.runners.items()):
@@ -279,6 +280,8 @@ class DockerEventsSource:
         self._admit_pending()
 
     def _went_down(self, error: WirehubError) -> None:
+        if not self._attempted:
+            logger.warning("Docker engine unavailable, retrying in the background: %s", error.message)
         self._error = error
         self._attempted = True
         if self.available:
