@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,17 +245,21 @@ def measure(server: Server, sc: Scenario, opts: argparse.Namespace,
                     "--no-progress", "--max-errors", "1000000000"]
             if sc.kind in ("echo", "fanout"):
                 args += ["--duration", str(opts.duration), "--warmup", str(opts.warmup)]
-            base = rss_kib(srv.proc.pid)
-            peak = [base]
+            base = peak = rss_kib(srv.proc.pid)
+
+            def sample_rss() -> None:
+                nonlocal peak
+                peak = max(peak, rss_kib(srv.proc.pid))
+
             if sc.kind == "idle":
-                result = _with_rss_sampling(srv, args, client_cores, peak)
+                result = run_loadgen_sampled(args, client_cores, sample_rss)
             else:
                 result = run_loadgen(args, client_cores, timeout_s=600)
             figures = {}
             for metric in sc.metrics:
                 if metric == "rss_kib_per_conn":
                     n = max(result["connect"]["established"], 1)
-                    figures[metric] = (peak[0] - base) / n
+                    figures[metric] = (peak - base) / n
                 else:
                     path = METRICS[metric][0]
                     value: Any = result
@@ -272,16 +277,17 @@ def measure(server: Server, sc: Scenario, opts: argparse.Namespace,
             "runs": runs, "errors": errors}
 
 
-def _with_rss_sampling(srv: Running, args: list[str], cores: set[int] | None,
-                       peak: list[int]) -> dict[str, Any]:
-    """Run the loadgen in the background and keep the server's peak VmRSS."""
+def run_loadgen_sampled(args: list[str], cores: set[int] | None, sample: Callable[[], None],
+                        interval_s: float = 0.1) -> dict[str, Any]:
+    """Run the loadgen in the background, calling ``sample()`` every ``interval_s``
+    meanwhile (to watch the server's memory or CPU time from outside)."""
     cmd = [sys.executable, "-m", "tools.loadgen", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True,
                             preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     while proc.poll() is None:
-        peak[0] = max(peak[0], rss_kib(srv.proc.pid))
-        time.sleep(0.1)
+        sample()
+        time.sleep(interval_s)
     out, err = proc.communicate()
     try:
         return json.loads(out)

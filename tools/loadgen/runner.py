@@ -70,7 +70,12 @@ class Runner:
         stopped = self._gather("stopped", START_DELAY_S + run_s + PHASE_SLACK_S)
         self._broadcast(("expect", self._expected(stopped)))
         reports = self._gather("report", cfg.drain_s + PHASE_SLACK_S)
-        return aggregate(cfg, reports, self.failures)
+        result = aggregate(cfg, reports, self.failures)
+        # The scheduled measured window on CLOCK_MONOTONIC (shared by every
+        # process here), so that a caller sampling the server meanwhile (the
+        # server's CPU time in bench/ci.py) can cut its samples to the same window.
+        result["window_ns"] = [warmup_end_ns, go["end_ns"]]
+        return result
 
     def _expected(self, stopped: dict[int, dict[int, list[int]]]) -> dict[str, list[int]]:
         """Messages sent per channel (wirehub) and per publisher (raw broadcast)."""
