@@ -110,6 +110,27 @@ def test_subscriber_raw_streams_and_malformed(impl) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_json_message_in_any_field_order(impl) -> None:
+    """The gateway's own field order takes a fast path; any other order still parses."""
+    rec = impl.Recorder()
+    sub = impl.Subscriber(impl.KIND_WIREHUB_JSON, rec, 1)
+    seen = []
+    sub.control = lambda _l, t, p: seen.append(p)
+    data = header(0, 9, time.monotonic_ns()).decode()
+    _feed(sub, ('{"type":"message","channel":"a.b:c","offset":1,"data":"%s"}' % data).encode())
+    _feed(sub, ('{"channel":"a","data":"%s","offset":2,"type":"message"}' % data).encode())
+    _feed(sub, ('{"type":"message","channel":"a","offset": 3,"data":"%s"}' % data).encode())
+    _feed(sub, ('{"type":"message","channel":"a","offset":4,"data":"%s"}' % data.upper()).encode())
+    _feed(sub, b'{"type":"message","channel":"a","offset":5,"data":"short"}')
+    _feed(sub, b'{"type":"message","channel":"a","offset":x,"data":"%s"}' % data.encode())
+    _feed(sub, b'{"type":"subscribed","channel":"a"}')
+    # Upper-case hex, a short header and a non-numeric offset are malformed;
+    # only the subscribed reply goes to the control hook.
+    assert (sub.received, sub.highest(0), rec.malformed) == (3, 3, 3)
+    assert seen == [b'{"type":"subscribed","channel":"a"}']
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_tlv_message_and_control_frames(impl) -> None:
     import struct
 
