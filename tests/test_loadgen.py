@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tools.loadgen import _pure
 from tools.loadgen.cli import main
 from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_index
 from tools.loadgen.payload import header
+from tools.loadgen.server_cpu import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "bench" / "servers"
@@ -158,6 +160,9 @@ def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.split()[1])
 
 
+_pids: dict[int, int] = {}  # port -> server process id
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, int]]:
     specs = {"echo": ("picows_server.py", "--mode", "echo"),
@@ -167,6 +172,7 @@ def servers() -> Iterator[dict[str, int]]:
              "slow": ("mock_wirehub.py", "--close-after", "3"),
              "reset": ("mock_wirehub.py", "--reset")}
     started = {name: _start(*spec) for name, spec in specs.items()}
+    _pids.update({port: proc.pid for proc, port in started.values()})
     yield {name: port for name, (_, port) in started.items()}
     for proc, _ in started.values():
         proc.terminate()
@@ -185,6 +191,34 @@ def test_echo_raw(servers, capsys) -> None:
     assert res["throughput"]["round_trips_per_s"] > 0
     assert res["latency_us"]["count"] > 0 and res["latency_us"]["p50"] > 0
     assert res["client"]["processes"][0]["cpu_percent"] >= 0
+
+
+def test_server_cpu_is_measured_over_the_window(servers, capsys) -> None:
+    """--server-pid: the server's CPU share and its work per CPU-second."""
+    pid = _pids[servers["broadcast"]]
+    code, res = _run(capsys, "fanout", "--protocol", "raw", "--subscribers", "20",
+                     "--server-pid", str(pid), "--url", f"ws://127.0.0.1:{servers['broadcast']}/")
+    server = res["server"]
+    assert code == 0 and server["pid"] == pid
+    assert 0 < server["cpu_percent"] <= 100 * (os.cpu_count() or 1)
+    # Work per CPU-second is the window's deliveries over the server's CPU time.
+    delivered = res["throughput"]["deliveries_per_s"] * res["window_s"]
+    assert server["deliveries_per_cpu_s"] == pytest.approx(delivered / server["cpu_s"], rel=0.01)
+
+
+def test_server_pid_must_exist(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fanout", "--server-pid", str(2**22 + 1), "--url", "ws://127.0.0.1:9/"])
+    assert exc.value.code == 2
+    assert "no such process" in capsys.readouterr().err
+
+
+def test_cpu_seconds_counts_this_process() -> None:
+    before = cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    assert cpu_seconds(os.getpid()) - before >= 0.05
 
 
 def test_fanout_raw_broadcast_counts_every_delivery(servers, capsys) -> None:

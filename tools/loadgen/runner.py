@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from .config import Config, publisher_channels
 from .report import aggregate
+from .server_cpu import ServerCpuProbe
 from .worker import raise_nofile_limit, worker_main
 
 START_DELAY_S = 0.3          # lets every worker be asleep before the first send
@@ -65,12 +66,16 @@ class Runner:
         go = {"start_ns": start_ns, "warmup_end_ns": warmup_end_ns,
               "end_ns": warmup_end_ns + int(cfg.duration_s * 1e9)}
         self._broadcast(("go", go))
+        probe = ServerCpuProbe(cfg.server_pid) if cfg.server_pid else None
+        if probe is not None:
+            probe.start(warmup_end_ns, go["end_ns"])
         run_s = (cfg.connect_timeout_s * 2 + cfg.connections / 200 + cfg.hold_s
                  if cfg.mode == "connect" else cfg.warmup_s + cfg.duration_s)
         stopped = self._gather("stopped", START_DELAY_S + run_s + PHASE_SLACK_S)
         self._broadcast(("expect", self._expected(stopped)))
         reports = self._gather("report", cfg.drain_s + PHASE_SLACK_S)
-        return aggregate(cfg, reports, self.failures)
+        return aggregate(cfg, reports, self.failures,
+                         server=probe.result() if probe is not None else None)
 
     def _expected(self, stopped: dict[int, dict[int, list[int]]]) -> dict[str, list[int]]:
         """Messages sent per channel (wirehub) and per publisher (raw broadcast)."""
