@@ -14,6 +14,12 @@ class NullLoop:
     def call_soon(self, fn, *args):
         pass
 
+    def call_at(self, when, fn, *args):
+        pass
+
+    def time(self):
+        return 0.0
+
 
 class NullTransport:
     """Accepts writes and discards them (measures batching, not the kernel)."""
