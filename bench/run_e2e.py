@@ -66,6 +66,7 @@ METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
     "handshakes_per_s": (("connect", "handshakes_per_s"), True),
     # The server's capacity whether or not the client saturated (--server-pid).
     "deliveries_per_cpu_s": (("server", "deliveries_per_cpu_s"), True),
+    "handshakes_per_cpu_s": (("server", "handshakes_per_cpu_s"), True),
     "server_cpu_percent": (("server", "cpu_percent"), False),
     "rss_kib_per_conn": ((), False),          # measured here, from /proc
 }
@@ -96,7 +97,7 @@ def scenarios() -> list[Scenario]:
                         ("rss_kib_per_conn",)))
     out.append(Scenario("handshake-2k", "handshake", ("connect", "--connections", "2000",
                                                       "--concurrency", "100"),
-                        ("handshakes_per_s",)))
+                        ("handshakes_per_s", "handshakes_per_cpu_s")))
     return out
 
 
@@ -250,8 +251,9 @@ def measure(server: Server, sc: Scenario, opts: argparse.Namespace,
                     "--protocol", server.protocol, "--procs", str(procs), "--json",
                     "--no-progress", "--max-errors", "1000000000"]
             if sc.kind in ("echo", "fanout"):
-                args += ["--duration", str(opts.duration), "--warmup", str(opts.warmup),
-                         "--server-pid", str(srv.proc.pid)]
+                args += ["--duration", str(opts.duration), "--warmup", str(opts.warmup)]
+            if sc.kind != "idle":
+                args += ["--server-pid", str(srv.proc.pid)]
             base = rss_kib(srv.proc.pid)
             peak = [base]
             if sc.kind == "idle":

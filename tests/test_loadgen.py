@@ -27,7 +27,7 @@ from tools.loadgen import _pure
 from tools.loadgen.cli import main
 from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_index
 from tools.loadgen.payload import header
-from tools.loadgen.server_cpu import cpu_seconds
+from tools.loadgen.server_cpu import ServerCpuProbe, cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "bench" / "servers"
@@ -213,12 +213,28 @@ def test_server_pid_must_exist(capsys) -> None:
     assert "no such process" in capsys.readouterr().err
 
 
-def test_cpu_seconds_counts_this_process() -> None:
-    before = cpu_seconds(os.getpid())
-    deadline = time.process_time() + 0.1
-    while time.process_time() < deadline:
+def test_cpu_probe_interpolates_over_a_window() -> None:
+    probe = ServerCpuProbe(os.getpid())
+    probe.start()
+    time.sleep(0.1)
+    start = time.monotonic_ns()
+    while time.monotonic_ns() - start < 300_000_000:  # busy: ~100 % of one core
         pass
-    assert cpu_seconds(os.getpid()) - before >= 0.05
+    end = time.monotonic_ns()
+    time.sleep(0.1)
+    probe.stop()
+    busy = probe.result(start, end)
+    assert 60 <= busy["cpu_percent"] <= 110, busy
+    assert "error" in probe.result(end, end + 10**10)  # not sampled
+    assert cpu_seconds(os.getpid()) >= busy["cpu_s"]
+
+
+def test_connect_mode_reports_server_handshakes_per_cpu_second(servers, capsys) -> None:
+    pid = _pids[servers["echo"]]
+    code, res = _run(capsys, "connect", "--protocol", "raw", "--connections", "300",
+                     "--server-pid", str(pid), "--url", f"ws://127.0.0.1:{servers['echo']}/")
+    assert code == 0 and res["connect"]["established"] == 300
+    assert res["server"]["pid"] == pid and res["server"]["cpu_percent"] >= 0
 
 
 def test_fanout_raw_broadcast_counts_every_delivery(servers, capsys) -> None:

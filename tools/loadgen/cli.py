@@ -78,7 +78,8 @@ def build_parser(prog: str = "python -m tools.loadgen") -> argparse.ArgumentPars
     g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds per handshake")
     g.add_argument("--server-pid", type=int, default=0, metavar="PID",
                    help="a server process on this machine: report its CPU use over the "
-                        "measured window and the work done per server CPU-second")
+                        "measured window (connect: the handshakes) and the work done per "
+                        "server CPU-second")
     g = common.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     g.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
@@ -137,8 +138,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         problems.append(f"--size must be >= {min_size(cfg.protocol, cfg.codec)}")
     if cfg.server_pid and not os.path.exists(f"/proc/{cfg.server_pid}/stat"):
         problems.append(f"--server-pid {cfg.server_pid}: no such process (or no /proc)")
-    if cfg.server_pid and cfg.mode == "connect":
-        problems.append("--server-pid measures echo and fanout windows; connect mode has none")
     if cfg.procs < 1 or cfg.concurrency < 1:
         problems.append("--procs and --concurrency must be >= 1")
     if cfg.mode == "fanout":

@@ -128,6 +128,9 @@ def aggregate(cfg: Config, reports: dict[int, dict[str, Any]], failures: list[st
                 if key in ("deliveries_per_s", "round_trips_per_s"):
                     per_cpu_s = key.replace("_per_s", "_per_cpu_s")
                     result["server"][per_cpu_s] = round(value * window_s / server["cpu_s"])
+            if "connect" in result:
+                result["server"]["handshakes_per_cpu_s"] = round(
+                    result["connect"]["established"] / server["cpu_s"])
     result["ok"] = result["error_count"] <= cfg.max_errors
     return result
 

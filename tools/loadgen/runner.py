@@ -65,17 +65,24 @@ class Runner:
         warmup_end_ns = start_ns + int(cfg.warmup_s * 1e9)
         go = {"start_ns": start_ns, "warmup_end_ns": warmup_end_ns,
               "end_ns": warmup_end_ns + int(cfg.duration_s * 1e9)}
-        self._broadcast(("go", go))
         probe = ServerCpuProbe(cfg.server_pid) if cfg.server_pid else None
         if probe is not None:
-            probe.start(warmup_end_ns, go["end_ns"])
+            probe.start()
+        self._broadcast(("go", go))
         run_s = (cfg.connect_timeout_s * 2 + cfg.connections / 200 + cfg.hold_s
                  if cfg.mode == "connect" else cfg.warmup_s + cfg.duration_s)
         stopped = self._gather("stopped", START_DELAY_S + run_s + PHASE_SLACK_S)
         self._broadcast(("expect", self._expected(stopped)))
         reports = self._gather("report", cfg.drain_s + PHASE_SLACK_S)
-        return aggregate(cfg, reports, self.failures,
-                         server=probe.result() if probe is not None else None)
+        server = None
+        if probe is not None:
+            probe.stop()
+            if cfg.mode == "connect":  # the window is the handshakes
+                connect_s = max((r.get("connect_s", 0.0) for r in reports.values()), default=0.0)
+                server = probe.result(start_ns, start_ns + int(connect_s * 1e9))
+            else:
+                server = probe.result(warmup_end_ns, go["end_ns"])
+        return aggregate(cfg, reports, self.failures, server=server)
 
     def _expected(self, stopped: dict[int, dict[int, list[int]]]) -> dict[str, list[int]]:
         """Messages sent per channel (wirehub) and per publisher (raw broadcast)."""

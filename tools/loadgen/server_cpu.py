@@ -2,17 +2,19 @@
 
 A load generator that saturates before the server reports the client's
 ceiling, not the server's. Knowing how busy the server was during the same
-window tells the two apart, and deliveries per server CPU-second is the
+window tells the two apart, and the work done per server CPU-second is the
 server's capacity even when the client is the limit (``--server-pid``).
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 import time
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+SAMPLE_INTERVAL_S = 0.01
 
 
 def cpu_seconds(pid: int) -> float:
@@ -25,41 +27,55 @@ def cpu_seconds(pid: int) -> float:
 
 
 class ServerCpuProbe:
-    """Sample a process's CPU time at the start and end of the measured window.
+    """Sample a process's CPU time every 10 ms, for any window read afterwards.
 
-    A thread sleeps until each instant (``CLOCK_MONOTONIC`` ns, the clock the
-    workers time the window with) and reads ``/proc/<pid>/stat``.
+    The window is not always known in advance (``connect`` mode ends when the
+    last handshake does), so a thread records ``(CLOCK_MONOTONIC ns, CPU
+    seconds)`` pairs and ``result`` interpolates at the window's edges. The
+    kernel counts CPU time in clock ticks (10 ms), so figures over windows
+    shorter than about a second are rough.
     """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._samples: list[tuple[float, float]] = []
+        self._times: list[int] = []
+        self._cpu: list[float] = []
         self._error: str | None = None
-        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="server-cpu-probe", daemon=True)
 
-    def start(self, window_start_ns: int, window_end_ns: int) -> None:
-        self._thread = threading.Thread(target=self._run, args=(window_start_ns, window_end_ns),
-                                        name="server-cpu-probe", daemon=True)
+    def start(self) -> None:
         self._thread.start()
 
-    def _run(self, *instants_ns: int) -> None:
-        for at_ns in instants_ns:
-            delay = (at_ns - time.monotonic_ns()) / 1e9
-            if delay > 0:
-                time.sleep(delay)
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
+
+    def _run(self) -> None:
+        while True:
             try:
-                self._samples.append((time.monotonic(), cpu_seconds(self.pid)))
+                cpu = cpu_seconds(self.pid)
             except (OSError, ValueError, IndexError) as exc:
                 self._error = f"cannot read /proc/{self.pid}/stat: {exc}"
                 return
+            self._times.append(time.monotonic_ns())
+            self._cpu.append(cpu)
+            if self._stop.wait(SAMPLE_INTERVAL_S):
+                return
 
-    def result(self, timeout_s: float = 1.0) -> dict[str, object]:
+    def _at(self, t_ns: int) -> float | None:
+        i = bisect.bisect_left(self._times, t_ns)
+        if i == 0 or i == len(self._times):
+            return None  # outside what was sampled
+        t0, t1 = self._times[i - 1], self._times[i]
+        c0, c1 = self._cpu[i - 1], self._cpu[i]
+        return c0 + (c1 - c0) * (t_ns - t0) / (t1 - t0)
+
+    def result(self, start_ns: int, end_ns: int) -> dict[str, object]:
         """``{"pid", "cpu_s", "cpu_percent"}`` over the window, or ``{"pid", "error"}``."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        if len(self._samples) < 2:
-            return {"pid": self.pid, "error": self._error or "the window did not end"}
-        (t0, c0), (t1, c1) = self._samples[:2]
-        cpu_s = c1 - c0
+        start, end = self._at(start_ns), self._at(end_ns)
+        if start is None or end is None or end_ns <= start_ns:
+            return {"pid": self.pid, "error": self._error or "the window was not sampled"}
+        cpu_s = end - start
         return {"pid": self.pid, "cpu_s": round(cpu_s, 3),
-                "cpu_percent": round(100 * cpu_s / (t1 - t0), 1) if t1 > t0 else 0.0}
+                "cpu_percent": round(100 * cpu_s * 1e9 / (end_ns - start_ns), 1)}
