@@ -146,19 +146,6 @@ def callgrind_total(dump: str) -> int:
     raise ValueError("no totals: line in the callgrind dump")
 
 
-def cpu_between(samples: list[tuple[int, float]], start_ns: int, end_ns: int) -> float:
-    """CPU seconds spent between two CLOCK_MONOTONIC instants, interpolated
-    linearly between the ``(time_ns, cumulative cpu_s)`` samples around each."""
-    def at(t: int) -> float:
-        if not samples or not samples[0][0] <= t <= samples[-1][0]:
-            raise ValueError("the samples do not cover the measured window")
-        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
-            if t0 <= t <= t1:
-                return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c0
-        return samples[-1][1]
-    return at(end_ns) - at(start_ns)
-
-
 # -- measuring ----------------------------------------------------------------
 
 def log(msg: str) -> None:
@@ -190,50 +177,31 @@ def measure_callgrind() -> tuple[dict[str, float], dict[str, Any]]:
     return ratios, {"instructions": counts}
 
 
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds ``pid`` has run so far, all threads (``/proc/<pid>/task/*/schedstat``).
-
-    schedstat's first field is the scheduler's own run time in nanoseconds;
-    ``/proc/<pid>/stat`` has the same total in 10 ms ticks, coarse against the
-    0.5–1.5 s of CPU a server uses in the measured window.
-    """
-    total_ns = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total_ns += int((task / "schedstat").read_text().split()[0])
-        except OSError:
-            pass  # a thread that just exited
-    return total_ns / 1e9
-
-
 def fanout_run(server: run_e2e.Server,
                cores: tuple[set[int] | None, set[int] | None]) -> dict[str, float]:
     """One fan-out run: deliveries/s, and deliveries per server CPU-second.
 
     deliveries/s follows how much CPU the loadgen and the server get on a
-    shared machine; what the server spends per delivery hardly does. Its CPU
-    time is cut to the loadgen's measured window (``window_ns``, on the
-    monotonic clock all processes share).
+    shared machine; what the server spends per delivery hardly does. The
+    loadgen measures the server's CPU time over its own measured window
+    (``--server-pid``: ``/proc/<pid>/task/*/schedstat``, nanoseconds).
     """
     server_cores, client_cores = cores
     srv = run_e2e.Running(server.commands["broadcast"], server_cores)
-    samples: list[tuple[int, float]] = []
     try:
         args = [*FANOUT_ARGS, "--url", f"ws://127.0.0.1:{srv.port}{server.path}",
                 "--protocol", server.protocol, "--procs", str(len(client_cores or [0])),
+                "--server-pid", str(srv.proc.pid),
                 "--json", "--no-progress", "--max-errors", "1000000000"]
-
-        def sample() -> None:
-            samples.append((time.monotonic_ns(), proc_cpu_s(srv.proc.pid)))
-
-        result = run_e2e.run_loadgen_sampled(args, client_cores, sample, interval_s=0.02)
+        result = run_e2e.run_loadgen(args, client_cores, timeout_s=120)
     finally:
         srv.stop()
-    start_ns, end_ns = result["window_ns"]
-    busy = cpu_between(samples, start_ns, end_ns) / ((end_ns - start_ns) / 1e9)
-    rate = result["throughput"]["deliveries_per_s"]
-    return {"deliveries_per_s": rate, "server_cpu_percent": 100 * busy,
-            "deliveries_per_cpu_s": rate / busy if busy else 0.0,
+    cpu = result.get("server", {})
+    if "deliveries_per_cpu_s" not in cpu:
+        raise RuntimeError(f"no server CPU figure: {cpu.get('error', 'the server did no work')}")
+    return {"deliveries_per_s": result["throughput"]["deliveries_per_s"],
+            "server_cpu_percent": cpu["cpu_percent"],
+            "deliveries_per_cpu_s": cpu["deliveries_per_cpu_s"],
             "client_cpu_percent": max(p["cpu_percent"] for p in result["client"]["processes"]),
             "errors": result["error_count"]}
 

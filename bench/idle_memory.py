@@ -62,7 +62,11 @@ def census() -> tuple[Counter, Counter]:
 async def measure(opts: argparse.Namespace) -> dict:
     from wirehub import Config, Gateway
 
-    gateway = Gateway(Config(port=0, **json.loads(opts.config)))
+    # Every load-generator connection comes from 127.0.0.1: the per-IP
+    # admission limits would refuse most of them.
+    overrides = {"max_connections_per_ip": 0, "new_connections_per_ip_per_s": 0,
+                 **json.loads(opts.config)}
+    gateway = Gateway(Config(port=0, **overrides))
     await gateway.start()
     await asyncio.sleep(0.2)
     gc.collect()
@@ -85,6 +89,9 @@ async def measure(opts: argparse.Namespace) -> dict:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)           # let the last welcomes flush
     held = len(gateway.hub.clients)
+    if held == 0:
+        _, err = await client.communicate()
+        raise SystemExit(f"no connection was established: {err.decode()[-400:]}")
     gc.collect()
     rss1 = rss_kib()
     result = {"connections": held, "rss_kib_per_conn": (rss1 - rss0) / max(held, 1)}

@@ -14,6 +14,12 @@ class NullLoop:
     def call_soon(self, fn, *args):
         pass
 
+    def call_at(self, when, fn, *args):
+        pass
+
+    def time(self):
+        return 0.0
+
 
 class NullTransport:
     """Accepts writes and discards them (measures batching, not the kernel)."""
@@ -87,3 +93,63 @@ def test_bucket(benchmark, impl):
             now += 1e-6
 
     benchmark(consume_many)
+
+
+JSON_1K = json.dumps([{"host": f"node-{i}", "cpu": i * 1.5, "state": "running"}
+                      for i in range(24)]).encode()[:1024]
+
+
+@pytest.mark.benchmark(group="deflate.compress 1 KiB JSON (no context takeover)")
+def test_deflate_compress(benchmark, impl):
+    deflater = impl.deflate.Deflater(no_context_takeover=True)
+    benchmark(deflater.compress, JSON_1K)
+
+
+@pytest.mark.benchmark(group="deflate.inflate 1 KiB JSON (no context takeover)")
+def test_deflate_inflate(benchmark, impl):
+    compressed = impl.deflate.Deflater(no_context_takeover=True).compress(JSON_1K)
+    inflater = impl.deflate.Inflater(no_context_takeover=True, max_message_bytes=1 << 20)
+    benchmark(inflater.feed, compressed, True)
+
+
+@pytest.mark.benchmark(group="frame.build_frame (130 B message)")
+def test_build_frame(benchmark, impl):
+    payload = b'{"type":"message","channel":"c","offset":1,"data":' + DATA_64 + b"}"
+    benchmark(impl.frame.build_frame, 1, payload)
+
+
+class _PicowsStandIn:
+    """The guard's inner protocol: hands out one read buffer, drops what is read.
+
+    ``listener`` is set, as picows sets it once the upgrade request is
+    answered: the guard's first read is the request, every later one is scanned.
+    """
+
+    listener = object()
+
+    def __init__(self, size):
+        self.buffer = bytearray(size)
+
+    def get_buffer(self, size_hint):
+        return memoryview(self.buffer)
+
+    def buffer_updated(self, nbytes):
+        pass
+
+
+@pytest.mark.benchmark(group="readahead scan of a 65 KiB read (500 masked frames)")
+def test_readahead_scan(benchmark, impl):
+    # 500 masked 125-byte text frames: what a busy publisher's read looks like.
+    frame = bytes([0x81, 0x80 | 125]) + b"\x00\x00\x00\x00" + b"x" * 125
+    data = frame * 500
+    inner = _PicowsStandIn(len(data))
+    inner.buffer[:] = data
+    guard = impl.readahead.ReadAheadGuard(inner, 1 << 20)
+    guard.get_buffer(-1)
+    guard.buffer_updated(0)  # "the upgrade request"
+
+    def read():
+        guard.get_buffer(-1)
+        guard.buffer_updated(len(data))
+
+    benchmark(read)

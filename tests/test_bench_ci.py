@@ -93,14 +93,6 @@ def test_callgrind_total_reads_the_totals_line():
         ci.callgrind_total("events: Ir\n")
 
 
-def test_cpu_between_interpolates_inside_the_samples():
-    samples = [(0, 0.0), (10, 1.0), (20, 3.0)]
-    assert ci.cpu_between(samples, 5, 15) == pytest.approx(1.5)
-    assert ci.cpu_between(samples, 0, 20) == pytest.approx(3.0)
-    with pytest.raises(ValueError):
-        ci.cpu_between(samples, 5, 25)   # a window the samples do not cover
-
-
 FIGURES = {"callgrind.fanout": 21.6, "callgrind.tlv.decode": 9.7}
 
 

@@ -167,7 +167,7 @@ async def test_streams_long_lines_invalid_utf8_and_exit_code(docker_host, made, 
                            "reason": "exited"}
 
 
-async def test_stream_end_while_watching(docker_host, made):
+async def test_stream_end_while_watching(docker_host, made, api):
     cid = made.create(f"echo started; {wait_for()}; echo bye >&2; exit 3")
     ch = f"logs:{cid}"
     gw, sources = docker_gateway(docker_host)
@@ -185,6 +185,17 @@ async def test_stream_end_while_watching(docker_host, made):
             assert [m["data"]["line"] for m in late_lines] == ["started", "bye"]
             assert late_end == end
         assert sources.logs.stats.streams_started == 1
+        # An ended stream takes no aliases: another name for the container, started
+        # again, is a fresh engine stream (the engine's backlog holds both runs).
+        await asyncio.to_thread(api.start, cid)
+        async with json_client(gw) as other:
+            ch2 = f"logs:{cid[:12]}"
+            assert (await other.request(type="subscribe", channel=ch2, tail=10))["type"] == "subscribed"
+            lines2, end2 = await read_lines(other, ch2)
+            # (stdout and stderr written back to back may arrive in either order)
+            assert sorted(m["data"]["line"] for m in lines2) == ["bye", "bye", "started", "started"]
+            assert end2["data"]["exit_code"] == 3
+        assert sources.logs.stats.streams_started == 2
 
 
 async def test_one_engine_stream_for_50_viewers_stopped_after_the_last_leaves(docker_host, made):
@@ -206,7 +217,7 @@ async def test_one_engine_stream_for_50_viewers_stopped_after_the_last_leaves(do
             got = [json.loads((await asyncio.wait_for(v.messages.get(), 10))[1])["data"]["line"]
                    for _ in range(300)]
             assert got == [str(n) for n in range(1, 301)]
-        reader = logs.channels[ch].reader
+        reader = logs.channels[ch].stream.reader
         for v in viewers[:49]:
             v.transport.disconnect()
         await until(lambda: gw.hub.viewers(ch) == 1, what="49 viewers gone")
@@ -226,6 +237,75 @@ async def test_one_engine_stream_for_50_viewers_stopped_after_the_last_leaves(do
             assert [m["data"]["line"] for m in lines] == ["298", "299", "300"]
         assert logs.stats.streams_started == 2
         await asyncio.to_thread(made.signal, cid, "end")
+
+
+async def test_aliases_of_one_container_share_one_engine_stream(docker_host, made):
+    """``logs:<name>``, ``logs:<id>`` and ``logs:<id prefix>`` from three connections: one
+    engine stream; each channel has its own consecutive offsets and the same lines (same
+    timestamps) in order, the late aliases' tails from the ring. The stream outlives the
+    viewers of two aliases, stops after the last viewer of all of them, starts again as
+    one stream for two aliases subscribing at once, and both get the stream_end."""
+    name = f"wh-{made.test_label}-alias"
+    cid = made.create(f"seq 1 20; {wait_for()}; seq 21 220; {wait_for('end')}; echo last; exit 4", name=name)
+    by_name, by_id, by_prefix = f"logs:{name}", f"logs:{cid}", f"logs:{cid[:12]}"
+    gw, sources = docker_gateway(docker_host)
+    logs = sources.logs
+    async with running_gateway(gateway=gw), json_client(gw) as a, json_client(gw) as b, json_client(gw) as c:
+        assert (await a.request(type="subscribe", channel=by_name, tail=5))["type"] == "subscribed"
+        tail_a, _ = await read_lines(a, by_name, count=5)
+        assert (await b.request(type="subscribe", channel=by_id, tail=10))["type"] == "subscribed"
+        tail_b, _ = await read_lines(b, by_id, count=10)
+        assert numbers(tail_b) == list(range(11, 21))
+        assert [m["data"] for m in tail_b[5:]] == [m["data"] for m in tail_a]
+        assert logs.stats.streams_started == 1 and len(logs.streams) == 1
+
+        await asyncio.to_thread(made.signal, cid)
+        live_a, _ = await read_lines(a, by_name, count=50)        # up to line 70
+        await c.send(type="subscribe", channel=by_prefix, tail=3)  # joins while lines flow
+        rest_a, _ = await read_lines(a, by_name, count=150)
+        rest_b, _ = await read_lines(b, by_id, count=200)
+        assert await c.recv() == {"type": "subscribed", "channel": by_prefix}
+        lines_c: list[dict] = []
+        while not lines_c or lines_c[-1]["data"]["line"] != "220":
+            lines_c += (await read_lines(c, by_prefix, count=1))[0]
+        all_a, all_b = tail_a + live_a + rest_a, tail_b + rest_b
+        first = numbers(lines_c)[0]
+        assert first >= 68  # its tail ends at or after line 70, which a had seen
+        for lines, numbered in ((all_a, range(16, 221)), (all_b, range(11, 221)), (lines_c, range(first, 221))):
+            assert numbers(lines) == list(numbered)
+            assert_consecutive_offsets(lines)
+        by_line = {m["data"]["line"]: m["data"] for m in all_b}
+        assert all(by_line[m["data"]["line"]] == m["data"] for m in all_a + lines_c)
+        assert logs.stats.streams_started == 1 and logs.stats.running == 1
+        assert "wirehub_docker_log_streams 1" in gw.metrics.render(0, 0)
+        assert set(logs.channels) == {by_name, by_id, by_prefix}
+
+        # The stream is held by the viewers of any alias; an unwatched alias detaches.
+        reader = logs.channels[by_id].stream.reader
+        assert (await a.request(type="unsubscribe", channel=by_name))["type"] == "unsubscribed"
+        assert (await c.request(type="unsubscribe", channel=by_prefix))["type"] == "unsubscribed"
+        await asyncio.sleep(0.7)  # longer than the grace period
+        assert set(logs.channels) == {by_id} and reader.thread.is_alive() and logs.stats.running == 1
+        assert (await b.request(type="unsubscribe", channel=by_id))["type"] == "unsubscribed"
+        left = time.monotonic()
+        await until(lambda: not reader.thread.is_alive(), timeout_s=5, what="reader thread ended")
+        assert time.monotonic() - left < 1.0, "the engine stream must stop within a second"
+        assert logs.stats.running == 0 and logs.stats.streams_stopped == 1
+        assert not logs.channels and not logs.streams
+
+        # Two aliases at once: the first reader to resolve the container follows it.
+        await a.send(type="subscribe", channel=by_prefix, tail=2)
+        await c.send(type="subscribe", channel=by_name, tail=2)
+        for client, ch in ((a, by_prefix), (c, by_name)):
+            assert await client.recv() == {"type": "subscribed", "channel": ch}
+            assert numbers((await read_lines(client, ch, count=2))[0]) == [219, 220]
+        assert logs.stats.streams_started == 2 and len(logs.streams) == 1
+        await asyncio.to_thread(made.signal, cid, "end")
+        (lines_a, end_a), (lines_c, end_c) = await read_lines(a, by_prefix), await read_lines(c, by_name)
+        assert [m["data"]["line"] for m in lines_a] == [m["data"]["line"] for m in lines_c] == ["last"]
+        assert end_a["data"] == end_c["data"] == {"type": "stream_end", "container": cid, "exit_code": 4,
+                                                  "status": "exited", "reason": "exited"}
+        assert end_a["offset"] == lines_a[-1]["offset"] + 1 and end_c["offset"] == lines_c[-1]["offset"] + 1
 
 
 class LineCounter(WSListener):  # type: ignore[misc]
@@ -305,7 +385,7 @@ async def test_high_rate_container_keeps_the_loop_responsive(docker_host, made, 
         viewer.transport.send(WSMsgType.TEXT, json.dumps({"type": "subscribe", "channel": ch}).encode())
         await asyncio.wait_for(viewer.subscribed, 10)
         _, pinger = await ws_connect(Pinger, f"ws://127.0.0.1:{gw.port}/ws")
-        handoff = sources.logs.channels[ch].handoff
+        handoff = sources.logs.channels[ch].stream.handoff
         await asyncio.to_thread(made.signal, cid)
         n = 0
         await until(lambda: viewer.expected > 1, what="first line")
@@ -336,10 +416,12 @@ async def test_high_rate_container_keeps_the_loop_responsive(docker_host, made, 
 async def test_log_errors(docker_host, made):
     gw, _ = docker_gateway(docker_host, ring_lines=50)
     cid = made.create("echo hi")
-    async with running_gateway(gateway=gw), json_client(gw) as c:
+    async with running_gateway(gateway=gw), json_client(gw) as c, json_client(gw) as d:
+        await d.send(type="subscribe", channel="logs:no-such-container", id=5)  # both wait for one answer
         assert await c.request(type="subscribe", channel="logs:no-such-container", id=1) == {
             "type": "error", "code": "container_not_found", "id": 1,
             "error": "no such container: no-such-container"}
+        assert (await d.recv())["code"] == "container_not_found"
         assert await c.request(type="subscribe", channel=f"logs:{cid}", tail=51, id=2) == {
             "type": "error", "code": "invalid_field", "id": 2,
             "error": "tail must be at most 50 (the gateway keeps that many lines per container)"}

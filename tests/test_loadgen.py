@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tools.loadgen import _pure
 from tools.loadgen.cli import main
 from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_index
 from tools.loadgen.payload import header
+from tools.loadgen.server_cpu import ServerCpuProbe, cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "bench" / "servers"
@@ -110,6 +112,27 @@ def test_subscriber_raw_streams_and_malformed(impl) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_json_message_in_any_field_order(impl) -> None:
+    """The gateway's own field order takes a fast path; any other order still parses."""
+    rec = impl.Recorder()
+    sub = impl.Subscriber(impl.KIND_WIREHUB_JSON, rec, 1)
+    seen = []
+    sub.control = lambda _l, t, p: seen.append(p)
+    data = header(0, 9, time.monotonic_ns()).decode()
+    _feed(sub, ('{"type":"message","channel":"a.b:c","offset":1,"data":"%s"}' % data).encode())
+    _feed(sub, ('{"channel":"a","data":"%s","offset":2,"type":"message"}' % data).encode())
+    _feed(sub, ('{"type":"message","channel":"a","offset": 3,"data":"%s"}' % data).encode())
+    _feed(sub, ('{"type":"message","channel":"a","offset":4,"data":"%s"}' % data.upper()).encode())
+    _feed(sub, b'{"type":"message","channel":"a","offset":5,"data":"short"}')
+    _feed(sub, b'{"type":"message","channel":"a","offset":x,"data":"%s"}' % data.encode())
+    _feed(sub, b'{"type":"subscribed","channel":"a"}')
+    # Upper-case hex, a short header and a non-numeric offset are malformed;
+    # only the subscribed reply goes to the control hook.
+    assert (sub.received, sub.highest(0), rec.malformed) == (3, 3, 3)
+    assert seen == [b'{"type":"subscribed","channel":"a"}']
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_tlv_message_and_control_frames(impl) -> None:
     import struct
 
@@ -137,6 +160,9 @@ def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(line.split()[1])
 
 
+_pids: dict[int, int] = {}  # port -> server process id
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, int]]:
     specs = {"echo": ("picows_server.py", "--mode", "echo"),
@@ -146,6 +172,7 @@ def servers() -> Iterator[dict[str, int]]:
              "slow": ("mock_wirehub.py", "--close-after", "3"),
              "reset": ("mock_wirehub.py", "--reset")}
     started = {name: _start(*spec) for name, spec in specs.items()}
+    _pids.update({port: proc.pid for proc, port in started.values()})
     yield {name: port for name, (_, port) in started.items()}
     for proc, _ in started.values():
         proc.terminate()
@@ -164,6 +191,50 @@ def test_echo_raw(servers, capsys) -> None:
     assert res["throughput"]["round_trips_per_s"] > 0
     assert res["latency_us"]["count"] > 0 and res["latency_us"]["p50"] > 0
     assert res["client"]["processes"][0]["cpu_percent"] >= 0
+
+
+def test_server_cpu_is_measured_over_the_window(servers, capsys) -> None:
+    """--server-pid: the server's CPU share and its work per CPU-second."""
+    pid = _pids[servers["broadcast"]]
+    code, res = _run(capsys, "fanout", "--protocol", "raw", "--subscribers", "20",
+                     "--server-pid", str(pid), "--url", f"ws://127.0.0.1:{servers['broadcast']}/")
+    server = res["server"]
+    assert code == 0 and server["pid"] == pid
+    assert 0 < server["cpu_percent"] <= 100 * (os.cpu_count() or 1)
+    # Work per CPU-second is the window's deliveries over the server's CPU time.
+    delivered = res["throughput"]["deliveries_per_s"] * res["window_s"]
+    assert server["deliveries_per_cpu_s"] == pytest.approx(delivered / server["cpu_s"], rel=0.01)
+
+
+def test_server_pid_must_exist(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fanout", "--server-pid", str(2**22 + 1), "--url", "ws://127.0.0.1:9/"])
+    assert exc.value.code == 2
+    assert "no such process" in capsys.readouterr().err
+
+
+def test_cpu_probe_interpolates_over_a_window() -> None:
+    probe = ServerCpuProbe(os.getpid())
+    probe.start()
+    time.sleep(0.1)
+    start = time.monotonic_ns()
+    while time.monotonic_ns() - start < 300_000_000:  # busy: ~100 % of one core
+        pass
+    end = time.monotonic_ns()
+    time.sleep(0.1)
+    probe.stop()
+    busy = probe.result(start, end)
+    assert 60 <= busy["cpu_percent"] <= 110, busy
+    assert "error" in probe.result(end, end + 10**10)  # not sampled
+    assert cpu_seconds(os.getpid()) >= busy["cpu_s"]
+
+
+def test_connect_mode_reports_server_handshakes_per_cpu_second(servers, capsys) -> None:
+    pid = _pids[servers["echo"]]
+    code, res = _run(capsys, "connect", "--protocol", "raw", "--connections", "300",
+                     "--server-pid", str(pid), "--url", f"ws://127.0.0.1:{servers['echo']}/")
+    assert code == 0 and res["connect"]["established"] == 300
+    assert res["server"]["pid"] == pid and res["server"]["cpu_percent"] >= 0
 
 
 def test_fanout_raw_broadcast_counts_every_delivery(servers, capsys) -> None:

@@ -175,14 +175,46 @@ class TestTokenBucket:
             assert ext.consume(amount, now) == pure.consume(amount, now)
 
 
+class FakeTimer:
+    def __init__(self, when, fn, args):
+        self.when, self.fn, self.args, self.cancelled = when, fn, args, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
 class FakeLoop:
-    """Collects ``call_soon`` callbacks so a test decides when a tick ends."""
+    """Collects ``call_soon`` callbacks so a test decides when a tick ends.
+
+    Its clock only moves when a test says so (``advance``), so pacing is
+    tested without sleeping.
+    """
 
     def __init__(self):
         self.callbacks = []
+        self.timers = []
+        self.now = 100.0
 
     def call_soon(self, fn, *args):
         self.callbacks.append((fn, args))
+
+    def time(self):
+        return self.now
+
+    def call_at(self, when, fn, *args):
+        timer = FakeTimer(when, fn, args)
+        self.timers.append(timer)
+        return timer
+
+    def advance(self, seconds):
+        """Move the clock, run the timers that came due, then one tick."""
+        self.now += seconds
+        due = [t for t in self.timers if t.when <= self.now]
+        self.timers = [t for t in self.timers if t.when > self.now]
+        for timer in due:
+            if not timer.cancelled:
+                timer.fn(*timer.args)
+        self.run_tick()
 
     def run_tick(self):
         callbacks, self.callbacks = self.callbacks, []
@@ -208,6 +240,87 @@ class RecordingTransport:
 
     def get_extra_info(self, name, default=None):
         return default
+
+
+class SlowTransport(RecordingTransport):
+    """Every write takes ``seconds`` of the fake loop's clock (a busy kernel)."""
+
+    def __init__(self, loop, seconds):
+        super().__init__()
+        self.loop, self.seconds = loop, seconds
+
+    def write(self, data):
+        self.loop.now += self.seconds
+        super().write(data)
+
+
+class TestFlusherPacing:
+    """A fan-out flush that took t delays the next one until min(t, max_pace_s) after it."""
+
+    def make(self, impl, write_s, max_pace_s=0.002, n=2):
+        loop = FakeLoop()
+        flusher = impl.fanout.Flusher(loop, max_pace_s=max_pace_s)
+        transports = [SlowTransport(loop, write_s) for _ in range(n)]
+        batches = [impl.fanout.OutBatch(flusher, t, 1 << 20, lambda: None) for t in transports]
+        return loop, flusher, transports, batches
+
+    def test_publications_during_the_wait_share_one_write(self, impl):
+        loop, _, transports, batches = self.make(impl, write_s=0.0005)
+        a, b, c = (impl.frame.build_frame(1, m) for m in (b"a", b"b", b"c"))
+        impl.fanout.fanout(batches, a)
+        loop.run_tick()                       # the first flush is not delayed; it takes 1 ms
+        assert [t.writes for t in transports] == [[a], [a]]
+        impl.fanout.fanout(batches, b)
+        loop.run_tick()
+        impl.fanout.fanout(batches, c)
+        loop.run_tick()
+        loop.advance(0.0009)                  # 1 ms after the flush ended: not yet
+        assert [t.writes for t in transports] == [[a], [a]]
+        loop.advance(0.0002)
+        assert [t.writes for t in transports] == [[a, b + c], [a, b + c]]
+
+    def test_the_wait_is_capped(self, impl):
+        loop, _, transports, batches = self.make(impl, write_s=0.005, max_pace_s=0.002)
+        frame = impl.frame.build_frame(1, b"x")
+        impl.fanout.fanout(batches, frame)
+        loop.run_tick()                       # took 10 ms
+        impl.fanout.fanout(batches, frame)
+        loop.run_tick()
+        loop.advance(0.0021)
+        assert [len(t.writes) for t in transports] == [2, 2]
+
+    def test_replies_are_not_paced(self, impl):
+        loop, _, transports, batches = self.make(impl, write_s=0.0005)
+        frame = impl.frame.build_frame(1, b"x")
+        impl.fanout.fanout(batches, frame)
+        loop.run_tick()
+        impl.fanout.fanout(batches, frame)    # paced...
+        batches[0].push_frame(1, b"ack")      # ...but a reply goes now, with what its batch holds
+        loop.run_tick()
+        assert transports[0].writes == [frame, frame + impl.frame.build_frame(1, b"ack")]
+        assert transports[1].writes == [frame]
+
+    def test_quick_flushes_are_not_paced(self, impl):
+        loop, _, transports, batches = self.make(impl, write_s=0.00001)
+        frame = impl.frame.build_frame(1, b"x")
+        for _ in range(3):
+            impl.fanout.fanout(batches, frame)
+            loop.run_tick()
+        assert [len(t.writes) for t in transports] == [3, 3]
+
+    @pytest.mark.parametrize("max_pace_s", [0.0, 0.002])
+    def test_flush_writes_everything_now(self, impl, max_pace_s):
+        loop, flusher, transports, batches = self.make(impl, write_s=0.0005, max_pace_s=max_pace_s)
+        frame = impl.frame.build_frame(1, b"x")
+        impl.fanout.fanout(batches, frame)
+        loop.run_tick()
+        impl.fanout.fanout(batches, frame)
+        loop.run_tick()
+        expected = 2 if max_pace_s == 0 else 1
+        assert [len(t.writes) for t in transports] == [expected, expected]
+        flusher.flush()
+        loop.advance(0.01)                    # a cancelled wait writes nothing twice
+        assert [len(t.writes) for t in transports] == [2, 2]
 
 
 class TestOutBatch:

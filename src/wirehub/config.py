@@ -45,6 +45,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rate_limit_violations_per_s: Annotated[float, NonNegative] = 10.0
     rate_limit_burst_violations: Annotated[float, NonNegative] = 100.0
     high_water_bytes: Annotated[int, Positive] = 4 * MiB
+    fanout_pace_max_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.002
     close_timeout_s: Annotated[float, Positive] = 2.0
     shutdown_timeout_s: Annotated[float, Positive] = 5.0
     handshake_timeout_s: Annotated[float, Positive] = 5.0
@@ -133,6 +134,7 @@ HELP: dict[str, str] = {
     "rate_limit_violations_per_s": "refused messages per second tolerated before closing with 1008",
     "rate_limit_burst_violations": "refused-message burst tolerated before closing with 1008",
     "high_water_bytes": "pending outbound bytes past which a slow consumer is closed with 1013",
+    "fanout_pace_max_s": "longest wait between two fan-out flushes under load (0: flush every tick)",
     "close_timeout_s": "seconds to wait for the peer's CLOSE before dropping TCP",
     "shutdown_timeout_s": "seconds SIGTERM/SIGINT waits for clients to close",
     "handshake_timeout_s": "seconds a new TCP connection has to complete the upgrade",

@@ -249,8 +249,8 @@ class Gateway:
     async def start(self) -> None:
         """Bind and start accepting connections."""
         loop = asyncio.get_running_loop()
-        self.flusher = self.impl.fanout.Flusher(loop)
         cfg = self.config
+        self.flusher = self.impl.fanout.Flusher(loop, max_pace_s=cfg.fanout_pace_max_s)
         picows_logger = _PicowsLog(logging.getLogger("wirehub.picows"), self.metrics)
         guard = self.impl.readahead.ReadAheadGuard
 

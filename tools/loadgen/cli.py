@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import CODECS, PROTOCOLS, Config
@@ -75,6 +76,10 @@ def build_parser(prog: str = "python -m tools.loadgen") -> argparse.ArgumentPars
     g.add_argument("--procs", type=int, default=1, help="client worker processes")
     g.add_argument("--concurrency", type=int, default=200, help="handshakes in progress at once")
     g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds per handshake")
+    g.add_argument("--server-pid", type=int, default=0, metavar="PID",
+                   help="a server process on this machine: report its CPU use over the "
+                        "measured window (connect: the handshakes) and the work done per "
+                        "server CPU-second")
     g = common.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     g.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
@@ -115,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                   binary=args.binary, size=args.size, rate=args.rate, duration_s=args.duration,
                   warmup_s=args.warmup, drain_s=args.drain, procs=args.procs,
                   concurrency=args.concurrency, connect_timeout_s=args.connect_timeout,
-                  max_errors=args.max_errors)
+                  max_errors=args.max_errors, server_pid=args.server_pid)
     if args.mode in ("echo", "connect"):
         fields["connections"] = args.connections
     if args.mode == "echo":
@@ -131,6 +136,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     problems = []
     if cfg.size < min_size(cfg.protocol, cfg.codec):
         problems.append(f"--size must be >= {min_size(cfg.protocol, cfg.codec)}")
+    if cfg.server_pid and not os.path.exists(f"/proc/{cfg.server_pid}/stat"):
+        problems.append(f"--server-pid {cfg.server_pid}: no such process (or no /proc)")
     if cfg.procs < 1 or cfg.concurrency < 1:
         problems.append("--procs and --concurrency must be >= 1")
     if cfg.mode == "fanout":

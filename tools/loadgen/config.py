@@ -43,6 +43,7 @@ class Config:
     hold_s: float = 0.0
     connect_timeout_s: float = 10.0
     max_errors: int = 0
+    server_pid: int = 0
     channel_prefix: str = field(default_factory=lambda: "lg-" + secrets.token_hex(4))
 
     @property

@@ -20,9 +20,12 @@ SATURATED_CPU_PERCENT = 90.0
 MAX_TIMER_LAG_FRACTION = 0.1
 
 
-def aggregate(cfg: Config, reports: dict[int, dict[str, Any]],
-              failures: list[str]) -> dict[str, Any]:
-    """Combine per-worker reports (``worker.Worker._report``) into the result dict."""
+def aggregate(cfg: Config, reports: dict[int, dict[str, Any]], failures: list[str],
+              server: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Combine per-worker reports (``worker.Worker._report``) into the result dict.
+
+    ``server``: the server's CPU over the window (``ServerCpuProbe.result``).
+    """
     hist = Histogram()
     errors: Counter[str] = Counter()
     samples: list[str] = []
@@ -117,6 +120,17 @@ def aggregate(cfg: Config, reports: dict[int, dict[str, Any]],
         # Frames the client handled per second of its own CPU: its ceiling per core.
         "frames_per_cpu_s": round(events / busy_s) if busy_s > 0 else 0,
     }
+    if server is not None:
+        result["server"] = dict(server)
+        if server.get("cpu_s"):
+            # The server's capacity, whether or not the client saturated.
+            for key, value in result.get("throughput", {}).items():
+                if key in ("deliveries_per_s", "round_trips_per_s"):
+                    per_cpu_s = key.replace("_per_s", "_per_cpu_s")
+                    result["server"][per_cpu_s] = round(value * window_s / server["cpu_s"])
+            if "connect" in result:
+                result["server"]["handshakes_per_cpu_s"] = round(
+                    result["connect"]["established"] / server["cpu_s"])
     result["ok"] = result["error_count"] <= cfg.max_errors
     return result
 
@@ -156,6 +170,13 @@ def format_text(result: dict[str, Any]) -> str:
                  + f"  ({result['client']['frames_per_cpu_s']:,} frames per client cpu-second)"
                  + ("  (SATURATED: the client may be the bottleneck)"
                     if result["client"]["saturated"] else ""))
+    server = result.get("server")
+    if server:
+        lines.append(f"  server pid {server['pid']}: " + (
+            server["error"] if "error" in server else
+            f"cpu {server['cpu_percent']:.0f}%" + "".join(
+                f"  {_fmt_rate(v)} {k.replace('_per_cpu_s', '')} per server cpu-second"
+                for k, v in server.items() if k.endswith("_per_cpu_s"))))
     if result["errors"]:
         lines.append("errors " + ", ".join(f"{k}={v}" for k, v in sorted(result["errors"].items())))
         lines += [f"  - {s}" for s in result["error_samples"]]

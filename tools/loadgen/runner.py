@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from .config import Config, publisher_channels
 from .report import aggregate
+from .server_cpu import ServerCpuProbe
 from .worker import raise_nofile_limit, worker_main
 
 START_DELAY_S = 0.3          # lets every worker be asleep before the first send
@@ -64,18 +65,24 @@ class Runner:
         warmup_end_ns = start_ns + int(cfg.warmup_s * 1e9)
         go = {"start_ns": start_ns, "warmup_end_ns": warmup_end_ns,
               "end_ns": warmup_end_ns + int(cfg.duration_s * 1e9)}
+        probe = ServerCpuProbe(cfg.server_pid) if cfg.server_pid else None
+        if probe is not None:
+            probe.start()
         self._broadcast(("go", go))
         run_s = (cfg.connect_timeout_s * 2 + cfg.connections / 200 + cfg.hold_s
                  if cfg.mode == "connect" else cfg.warmup_s + cfg.duration_s)
         stopped = self._gather("stopped", START_DELAY_S + run_s + PHASE_SLACK_S)
         self._broadcast(("expect", self._expected(stopped)))
         reports = self._gather("report", cfg.drain_s + PHASE_SLACK_S)
-        result = aggregate(cfg, reports, self.failures)
-        # The scheduled measured window on CLOCK_MONOTONIC (shared by every
-        # process here), so that a caller sampling the server meanwhile (the
-        # server's CPU time in bench/ci.py) can cut its samples to the same window.
-        result["window_ns"] = [warmup_end_ns, go["end_ns"]]
-        return result
+        server = None
+        if probe is not None:
+            probe.stop()
+            if cfg.mode == "connect":  # the window is the handshakes
+                connect_s = max((r.get("connect_s", 0.0) for r in reports.values()), default=0.0)
+                server = probe.result(start_ns, start_ns + int(connect_s * 1e9))
+            else:
+                server = probe.result(warmup_end_ns, go["end_ns"])
+        return aggregate(cfg, reports, self.failures, server=server)
 
     def _expected(self, stopped: dict[int, dict[int, list[int]]]) -> dict[str, list[int]]:
         """Messages sent per channel (wirehub) and per publisher (raw broadcast)."""

@@ -6,10 +6,18 @@ cdef class Flusher:
     cdef list _dirty
     cdef bint _scheduled
     cdef object _call_soon
+    cdef object _call_at
+    cdef object _time
     cdef object _run
+    cdef object _run_paced
+    cdef object _paced                  # TimerHandle of a paced fan-out flush, or None
+    cdef double _not_before             # loop time before which fan-out waits
+    cdef readonly double max_pace_s
     cdef readonly object loop
 
     cdef void mark(self, OutBatch batch, bint urgent) except *
+    cdef void _write(self, list batches) except *
+    cpdef tick(self)
     cpdef flush(self)
 
 

@@ -36,6 +36,9 @@ cdef enum:
     SHARE_ABOVE = 16384         # bytes; frames this large are queued by reference
     WRITE_THROUGH = 65536       # bytes; a batch this full is written at once, not at tick end
 
+# A fan-out flush shorter than this does not delay the next one (Flusher).
+cdef double PACE_ABOVE_S = 0.0002
+
 logger = logging.getLogger("wirehub.fanout")
 
 
@@ -48,35 +51,88 @@ cdef class Flusher:
     writing to every subscriber, so it can send its next publications while
     that happens and the next tick has a full batch to fan out. (Measured: 1
     publisher, 1,000 subscribers, window 32, acks last: ~1.0M deliveries/s.)
+
+    Fan-out writes are paced: after a fan-out flush that took ``t`` seconds
+    (``t`` >= ``PACE_ABOVE_S``), the next one waits until ``min(t,
+    max_pace_s)`` after it ended. Writing to 1,000 sockets costs one
+    ``send()`` each, almost all of it in the kernel, whether a socket gets one
+    frame or twenty; a server that starts a flush for every publication as it
+    arrives spends its whole core on ``send()`` at ~1 M deliveries/s and
+    queues the rest. Waiting as long as the last flush took puts the
+    publications that arrive meanwhile into the same ``send()``: at most
+    half the core goes to flushing, a publication waits at most about two
+    flushes, and a quiet channel (a flush long ago) is written at once.
+    Replies are never paced.
+
+    Args:
+        loop: the event loop.
+        max_pace_s: longest wait between fan-out flushes; 0 disables pacing.
     """
 
-    def __init__(self, loop):
+    def __init__(self, loop, double max_pace_s=0.002):
         self._urgent = []
         self._dirty = []
         self._scheduled = False
+        self._paced = None
+        self._not_before = 0.0
+        self.max_pace_s = max_pace_s
         self.loop = loop
         self._call_soon = loop.call_soon
-        self._run = self.flush
+        self._call_at = loop.call_at
+        self._time = loop.time
+        self._run = self.tick
+        self._run_paced = self._on_paced
 
     cdef void mark(self, OutBatch batch, bint urgent) except *:
         if urgent:
             self._urgent.append(batch)
         else:
             self._dirty.append(batch)
-        if not self._scheduled:
+        if not self._scheduled and (urgent or self._paced is None):
             self._scheduled = True
             self._call_soon(self._run)
 
+    cpdef tick(self):
+        """Write replies now and fan-out traffic unless it must wait (the loop calls this)."""
+        cdef list batches = self._urgent
+        cdef double started, took
+        self._urgent = []
+        self._scheduled = False
+        self._write(batches)
+        if not self._dirty or self._paced is not None:
+            return
+        if self.max_pace_s <= 0:
+            batches, self._dirty = self._dirty, []
+            self._write(batches)
+            return
+        started = self._time()
+        if started < self._not_before:
+            self._paced = self._call_at(self._not_before, self._run_paced)
+            return
+        batches, self._dirty = self._dirty, []
+        self._write(batches)
+        took = self._time() - started
+        self._not_before = started + took + min(took, self.max_pace_s) if took >= PACE_ABOVE_S else 0.0
+
+    def _on_paced(self):
+        self._paced = None
+        self.tick()
+
     cpdef flush(self):
-        """Flush all dirty batches now (normally called by the loop)."""
-        cdef list dirty = self._urgent
-        cdef OutBatch batch
-        if self._dirty:
-            dirty.extend(self._dirty)
+        """Write every dirty batch now, paced or not (shutdown, tests)."""
+        cdef list batches = self._urgent
+        if self._paced is not None:
+            self._paced.cancel()
+            self._paced = None
+        batches.extend(self._dirty)
         self._urgent = []
         self._dirty = []
         self._scheduled = False
-        for obj in dirty:
+        self._write(batches)
+
+    cdef void _write(self, list batches) except *:
+        cdef OutBatch batch
+        for obj in batches:
             batch = <OutBatch>obj
             batch._dirty = False
             batch._urgent = False

@@ -21,7 +21,7 @@ Payload header (ASCII, so it fits text frames and JSON strings), 40 bytes::
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
@@ -61,6 +61,15 @@ HISTOGRAM_BUCKETS = N_BUCKETS
 IMPLEMENTATION = "cython"
 
 cdef const char* HEX_DIGITS = b"0123456789abcdef"
+# The gateway's JSON ``message`` envelope, field by field (msgspec keeps the
+# Struct's order: tag first).
+cdef const char* MSG_PREFIX = b'{"type":"message","channel":"'
+cdef const char* OFFSET_KEY = b'","offset":'
+cdef const char* DATA_KEY = b',"data":"'
+cdef enum:
+    MSG_PREFIX_LEN = 29
+    OFFSET_KEY_LEN = 11
+    DATA_KEY_LEN = 9
 
 
 cdef inline uint64_t now_ns() noexcept nogil:
@@ -76,20 +85,31 @@ cdef inline void put_hex(char* p, uint64_t v, int width) noexcept nogil:
         v >>= 4
 
 
-cdef inline bint get_hex(const char* p, int width, uint64_t* out) noexcept nogil:
-    cdef uint64_t v = 0
+cdef uint8_t HEX_VALUE[256]           # digit value, or 0x10 for "not a hex digit"
+
+
+cdef void _fill_hex_value() noexcept:
     cdef int i
-    cdef char c
+    memset(HEX_VALUE, 0x10, sizeof(HEX_VALUE))
+    for i in range(16):
+        HEX_VALUE[<uint8_t>HEX_DIGITS[i]] = <uint8_t>i
+
+
+_fill_hex_value()
+
+
+cdef inline bint get_hex(const char* p, int width, uint64_t* out) noexcept nogil:
+    # Table lookup without a branch per digit: this runs three times for every
+    # received frame, several million times a second.
+    cdef uint64_t v = 0
+    cdef uint8_t d, bad = 0
+    cdef int i
     for i in range(width):
-        c = p[i]
-        if c'0' <= c <= c'9':
-            v = (v << 4) | <uint64_t>(c - c'0')
-        elif c'a' <= c <= c'f':
-            v = (v << 4) | <uint64_t>(c - c'a' + 10)
-        else:
-            return False
+        d = HEX_VALUE[<uint8_t>p[i]]
+        bad |= d
+        v = (v << 4) | (d & 15)
     out[0] = v
-    return True
+    return (bad & 0x10) == 0
 
 
 cdef inline bint parse_header(const char* p, Py_ssize_t n, uint64_t* pub,
@@ -115,6 +135,33 @@ cdef inline bint json_uint(const char* p, const char* end, uint64_t* out) noexce
         p += 1
     out[0] = v
     return True
+
+
+cdef inline const char* json_message_fast(const char* p, Py_ssize_t n, uint64_t* offset) noexcept nogil:
+    """Parse a ``message`` in the order the gateway encodes it; NULL if it is not.
+
+    ``{"type":"message","channel":"<name>","offset":<n>,"data":"<header>...``:
+    three fixed-prefix compares and one ``memchr`` instead of a ``memmem``
+    per field (which cost the client half its CPU at 4 M deliveries/s).
+    Returns where the ``data`` string's contents start.
+    """
+    cdef const char* end = p + n
+    cdef const char* q
+    if n < MSG_PREFIX_LEN or memcmp(p, MSG_PREFIX, MSG_PREFIX_LEN) != 0:
+        return NULL
+    q = <const char*>memchr(p + MSG_PREFIX_LEN, c'"', <size_t>(n - MSG_PREFIX_LEN))
+    if q == NULL or end - q < OFFSET_KEY_LEN or memcmp(q, OFFSET_KEY, OFFSET_KEY_LEN) != 0:
+        return NULL
+    q += OFFSET_KEY_LEN
+    offset[0] = 0
+    if q >= end or not (c'0' <= q[0] <= c'9'):
+        return NULL
+    while q < end and c'0' <= q[0] <= c'9':
+        offset[0] = offset[0] * 10 + <uint64_t>(q[0] - c'0')
+        q += 1
+    if end - q < DATA_KEY_LEN or memcmp(q, DATA_KEY, DATA_KEY_LEN) != 0:
+        return NULL
+    return q + DATA_KEY_LEN
 
 
 cdef inline uint64_t load_be64(const uint8_t* p) noexcept nogil:
@@ -388,18 +435,24 @@ cdef class Subscriber(_Conn):
             hdr = p
             hdr_len = n
         elif self.kind == WIREHUB_JSON:
-            if frame.msg_type != WSMsgType.TEXT or find(p, n, b'"type":"message"') == NULL:
+            if frame.msg_type != WSMsgType.TEXT:
                 self._control(frame)
                 return
-            q = find(p, n, b'"offset":')
-            if q == NULL or not json_uint(q + 9, p + n, &seq):
-                self.recorder.malformed += 1
-                return
-            q = find(p, n, b'"data":"')
-            if q == NULL:
-                self.recorder.malformed += 1
-                return
-            hdr = q + 8
+            hdr = json_message_fast(p, n, &seq)
+            if hdr == NULL:
+                # Not the gateway's own field order: search for each field.
+                if find(p, n, b'"type":"message"') == NULL:
+                    self._control(frame)
+                    return
+                q = find(p, n, b'"offset":')
+                if q == NULL or not json_uint(q + 9, p + n, &seq):
+                    self.recorder.malformed += 1
+                    return
+                q = find(p, n, b'"data":"')
+                if q == NULL:
+                    self.recorder.malformed += 1
+                    return
+                hdr = q + 8
             hdr_len = n - (hdr - p)
         else:
             if frame.msg_type != WSMsgType.BINARY:

@@ -16,31 +16,66 @@ from .frame import build_frame
 
 SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
 WRITE_THROUGH = 65536  # bytes; a batch this full is written at once, not at tick end
+PACE_ABOVE_S = 0.0002  # a fan-out flush shorter than this does not delay the next one
 
 logger = logging.getLogger("wirehub.fanout")
 
 
 class Flusher:
     """Write every dirty ``OutBatch`` once, on the next event-loop iteration;
-    batches holding a direct reply first (see ``_ext.fanout.Flusher``)."""
+    batches holding a direct reply first, fan-out traffic paced (see
+    ``_ext.fanout.Flusher``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.002) -> None:
         self.loop = loop
+        self.max_pace_s = max_pace_s
         self._urgent: list[OutBatch] = []
         self._dirty: list[OutBatch] = []
         self._scheduled = False
+        self._paced: asyncio.TimerHandle | None = None
+        self._not_before = 0.0
 
     def mark(self, batch: OutBatch, urgent: bool) -> None:
         (self._urgent if urgent else self._dirty).append(batch)
-        if not self._scheduled:
+        if not self._scheduled and (urgent or self._paced is None):
             self._scheduled = True
-            self.loop.call_soon(self.flush)
+            self.loop.call_soon(self.tick)
+
+    def tick(self) -> None:
+        batches, self._urgent = self._urgent, []
+        self._scheduled = False
+        self._write(batches)
+        if not self._dirty or self._paced is not None:
+            return
+        if self.max_pace_s <= 0:
+            batches, self._dirty = self._dirty, []
+            self._write(batches)
+            return
+        started = self.loop.time()
+        if started < self._not_before:
+            self._paced = self.loop.call_at(self._not_before, self._on_paced)
+            return
+        batches, self._dirty = self._dirty, []
+        self._write(batches)
+        took = self.loop.time() - started
+        self._not_before = started + took + min(took, self.max_pace_s) if took >= PACE_ABOVE_S else 0.0
+
+    def _on_paced(self) -> None:
+        self._paced = None
+        self.tick()
 
     def flush(self) -> None:
-        dirty = self._urgent + self._dirty
+        if self._paced is not None:
+            self._paced.cancel()
+            self._paced = None
+        batches = self._urgent + self._dirty
         self._urgent, self._dirty = [], []
         self._scheduled = False
-        for batch in dirty:
+        self._write(batches)
+
+    @staticmethod
+    def _write(batches: list[OutBatch]) -> None:
+        for batch in batches:
             batch._dirty = batch._urgent = False
             try:
                 batch.flush()

@@ -1,11 +1,23 @@
 """``logs:<container>`` channels: one engine log stream per container, however many viewers.
 
-The first subscriber to ``logs:web`` starts a reader thread that follows the
-container's logs (``follow=1&timestamps=1&tail=<ring size>``), decodes them
+The first subscriber to ``logs:web`` starts a reader thread that resolves the
+container (``inspect``), asks the loop whether another channel already
+follows that container id, and if not follows its logs
+(``follow=1&timestamps=1&tail=<ring size>``), decodes them
 (``docker_stream``) and hands whole lines to the loop in batches through a
 ``Handoff``. On the loop, each line is published on the channel and kept in
 the channel's ring buffer, so a later subscriber's ``tail`` comes from the
 ring, not from a second engine request.
+
+Aliases: ``logs:web``, ``logs:<id>`` and ``logs:<id prefix>`` name one
+container. When a reader finds its container already followed, it ends
+without a logs request and its channel *attaches* to that stream: every line
+is then published on every attached channel. Channels are independent in
+the hub, so each keeps its own offsets and its own ring of (offset, line)
+(the line's bytes are shared). An attaching channel is seeded by publishing
+the stream's ring on it before anyone has joined it, exactly the backlog a
+stream of its own would have started with; from then on its ring holds the
+same lines as the others', with its own offsets.
 
 Joining without a gap or a duplicate: subscribers wait (``pending``) until
 the engine's backlog has been read — the reader says so when the engine has
@@ -14,11 +26,13 @@ that never pauses. Admission is one loop callback: ``subscribed``, the last
 ``tail`` lines of the ring with their original offsets, then the join, so
 every live line after it reaches the subscriber exactly once.
 
-The stream stops ``stop_grace_s`` after the last subscriber left (a viewer
-reloading a page does not restart it) and starts afresh on the next
-subscribe. When the container stops, the engine ends the stream and the
-channel publishes ``{"type": "stream_end", "exit_code": ...}``; later
-subscribers get the ring and that ``stream_end``.
+A channel detaches ``stop_grace_s`` after its last subscriber left (a viewer
+reloading a page does not restart anything); the stream stops when its last
+channel detaches and starts afresh on the next subscribe. When the container
+stops, the engine ends the stream and every attached channel publishes
+``{"type": "stream_end", "exit_code": ...}``; later subscribers of those
+channels get the ring and that ``stream_end``. An ended stream takes no new
+aliases: another name for the container starts a fresh stream.
 
 Backpressure: the handoff holds at most ``queue_lines`` lines /
 ``queue_bytes`` bytes; past that the reader thread blocks, stops reading
@@ -30,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import select
@@ -50,7 +65,7 @@ from .docker_stream import ChunkedDecoder, EngineStreamError, LogDecoder, Stream
 logger = logging.getLogger("wirehub.sources.docker_logs")
 
 PREFIX = "logs:"
-CONNECTED, CAUGHT_UP, END, ERROR = "connected", "caught_up", "end", "error"
+RESOLVED, CAUGHT_UP, END, ERROR = "resolved", "caught_up", "end", "error"
 
 
 class StreamEnd(msgspec.Struct, tag_field="type", tag="stream_end", omit_defaults=True, gc=False):
@@ -122,6 +137,7 @@ class _Reader:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._claim: concurrent.futures.Future[bool] | None = None
         self.thread = threading.Thread(target=self._run, name=f"wirehub-logs-{container[:32]}", daemon=True)
 
     def start(self) -> None:
@@ -132,6 +148,8 @@ class _Reader:
         self._stopped.set()
         self._handoff.close()
         with self._lock:
+            if self._claim is not None:
+                self._claim.cancel()
             if self._sock is not None:
                 try:
                     self._sock.shutdown(socket.SHUT_RDWR)
@@ -141,6 +159,22 @@ class _Reader:
     def _put(self, items: list[tuple[Any, int]]) -> bool:
         return not self._stopped.is_set() and self._handoff.put(items)
 
+    def _claimed(self, container_id: str) -> bool:
+        """Whether to follow ``container_id``: the loop answers False when
+        another channel's stream already follows it (this channel attached to
+        that stream), and ``stop`` cancels the question."""
+        claim: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        with self._lock:
+            if self._stopped.is_set():
+                return False
+            self._claim = claim
+        if not self._put([((RESOLVED, (container_id, claim)), 0)]):
+            return False
+        try:
+            return claim.result()
+        except concurrent.futures.CancelledError:
+            return False
+
     def _run(self) -> None:
         client = None
         response = None
@@ -149,6 +183,8 @@ class _Reader:
                 client = self._engine.client()
                 info = client.inspect_container(self._container)
                 container_id, tty = info["Id"], bool(info["Config"].get("Tty"))
+                if not self._claimed(container_id):
+                    return
                 params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 1, "tail": self._engine_tail}
                 response = client._get(client._url("/containers/{0}/logs", container_id),
                                        params=params, stream=True)
@@ -162,8 +198,6 @@ class _Reader:
                 if self._stopped.is_set():
                     return
                 self._sock = sock
-            if not self._put([((CONNECTED, container_id), 0)]):
-                return
             chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
             end = self._follow(sock, leftover, ChunkedDecoder() if chunked else None, LogDecoder(tty),
                                container_id)
@@ -239,23 +273,48 @@ class _Reader:
             return None, "removed" if error.code == "container_not_found" else None
 
 
-class _LogChannel:
-    __slots__ = ("name", "container", "container_id", "handoff", "reader", "ring", "ring_bytes",
-                 "pending", "caught_up", "end", "stop_timer", "running")
+class _Stream:
+    """One engine log stream (one reader thread) and the channels it feeds.
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.container = name[len(PREFIX):]
-        self.container_id: str | None = None
+    A stream starts for one channel and resolves its container; it is
+    *claimed* (followed, counted in ``LogStats.running``) unless another
+    stream already follows that container, in which case it is dropped and
+    its channel attaches to that one.
+    """
+
+    __slots__ = ("container", "container_id", "handoff", "reader", "channels", "caught_up", "running")
+
+    def __init__(self, container: str) -> None:
+        self.container = container              # as the first channel named it
+        self.container_id: str | None = None    # once claimed
         self.handoff: Handoff | None = None
         self.reader: _Reader | None = None
+        self.channels: list[_LogChannel] = []
+        self.caught_up = False
+        self.running = False
+
+
+class _LogChannel:
+    """One ``logs:<container>`` channel: its own offsets, ring and pending subscribers."""
+
+    __slots__ = ("name", "stream", "ring", "ring_bytes", "pending", "end", "stop_timer")
+
+    def __init__(self, name: str, stream: _Stream) -> None:
+        self.name = name
+        self.stream = stream
         self.ring: collections.deque[tuple[int, bytes]] = collections.deque()
         self.ring_bytes = 0
         self.pending: dict[str, tuple[Subscriber, Subscribe, Answer]] = {}
-        self.caught_up = False
         self.end: tuple[int, bytes] | None = None
         self.stop_timer: asyncio.TimerHandle | None = None
-        self.running = False
+
+    def keep(self, offset: int, line: bytes, max_lines: int, max_bytes: int) -> None:
+        """Add a published line to the ring; the oldest go past either limit."""
+        ring = self.ring
+        ring.append((offset, line))
+        self.ring_bytes += len(line)
+        while len(ring) > max_lines or self.ring_bytes > max_bytes:
+            self.ring_bytes -= len(ring.popleft()[1])
 
 
 class DockerLogsSource:
@@ -293,6 +352,8 @@ class DockerLogsSource:
         self.batch_lines = batch_lines
         self.stats = LogStats()
         self.channels: dict[str, _LogChannel] = {}
+        self.streams: set[_Stream] = set()        # starting, followed, or ended with viewers
+        self._by_id: dict[str, _Stream] = {}      # container id -> the stream following it
         self._host: SourceHost | None = None
         self._threads: list[threading.Thread] = []
 
@@ -308,8 +369,8 @@ class DockerLogsSource:
         pass  # streams start with their first subscriber
 
     async def close(self) -> None:
-        for state in list(self.channels.values()):
-            self._stop(state)
+        for stream in list(self.streams):
+            self._stop(stream)
         threads, self._threads = self._threads, []
         # Readers wake up at once (their sockets are shut down); one stuck in
         # a request to a hung engine is a daemon thread and is left behind.
@@ -326,14 +387,15 @@ class DockerLogsSource:
         if state is None:
             if len(channel) == len(PREFIX):
                 raise InvalidChannel("logs:<container> needs a container id or name")
-            if len(self.channels) >= self.max_streams:
+            # A new name may turn out to be an alias, but only the engine can
+            # tell: it takes a place (and a thread) while it is resolved.
+            if len(self.streams) >= self.max_streams:
                 raise TooManySubscriptions(f"the gateway follows at most {self.max_streams} containers at once")
-            state = self.channels[channel] = _LogChannel(channel)
-            self._start(state)
+            state = self.channels[channel] = self._start(channel)
         if state.stop_timer is not None:
             state.stop_timer.cancel()
             state.stop_timer = None
-        if state.caught_up:
+        if state.stream.caught_up:
             self._admit(state, conn, request, answer)
         else:
             state.pending[conn.client_id] = (conn, request, answer)
@@ -356,51 +418,95 @@ class DockerLogsSource:
         if state is not None:
             self._release(state)
 
-    # -- streams --------------------------------------------------------------
+    # -- streams and channels --------------------------------------------------
 
-    def _start(self, state: _LogChannel) -> None:
-        loop = asyncio.get_running_loop()
-        state.handoff = Handoff(loop, lambda items: self._deliver(state, items),
-                                max_items=self.queue_lines, max_bytes=self.queue_bytes,
-                                batch_items=self.batch_lines)
-        state.reader = _Reader(self.engine, state.container, state.handoff, engine_tail=self.ring_lines,
-                               quiet_s=self.quiet_s, catch_up_max_s=self.catch_up_max_s)
-        state.running = True
-        self.stats.streams_started += 1
-        self.stats.running += 1
+    def _start(self, name: str) -> _LogChannel:
+        """A channel with a stream of its own, whose reader resolves the container."""
+        stream = _Stream(name[len(PREFIX):])
+        state = _LogChannel(name, stream)
+        stream.channels.append(state)
+        stream.handoff = Handoff(asyncio.get_running_loop(), lambda items: self._deliver(stream, items),
+                                 max_items=self.queue_lines, max_bytes=self.queue_bytes,
+                                 batch_items=self.batch_lines)
+        stream.reader = _Reader(self.engine, stream.container, stream.handoff, engine_tail=self.ring_lines,
+                                quiet_s=self.quiet_s, catch_up_max_s=self.catch_up_max_s)
+        self.streams.add(stream)
         self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(state.reader.thread)
-        state.reader.start()
-        logger.info("following logs of %s", state.container)
+        self._threads.append(stream.reader.thread)
+        stream.reader.start()
+        return state
 
-    def _finished(self, state: _LogChannel) -> None:
-        if state.running:
-            state.running = False
+    def _resolved(self, stream: _Stream, container_id: str, claim: concurrent.futures.Future[bool]) -> None:
+        """The reader found its container: follow it, or attach to the stream that does."""
+        other = self._by_id.get(container_id)
+        if other is None:
+            stream.container_id = container_id
+            self._by_id[container_id] = stream
+            stream.running = True
+            self.stats.streams_started += 1
+            self.stats.running += 1
+            claim.set_result(True)
+            logger.info("following logs of %s (%s)", stream.container, container_id)
+            return
+        claim.set_result(False)  # its reader ends without a logs request
+        stream.reader = None
+        self.streams.discard(stream)
+        for state in stream.channels:
+            self._attach(state, other)
+
+    def _attach(self, state: _LogChannel, stream: _Stream) -> None:
+        """Make ``state`` an alias of ``stream``: give it the lines the others
+        have (published on it, nobody has joined it yet), then the live ones."""
+        state.stream = stream
+        emit, name = self._host.emit, state.name
+        for _, line in stream.channels[0].ring:
+            state.keep(emit(name, line), line, self.ring_lines, self.ring_bytes)
+        stream.channels.append(state)
+        if stream.caught_up:
+            self._admit_pending(state)
+        logger.info("%s is an alias of %s (%s)", name, stream.channels[0].name, stream.container_id)
+
+    def _finished(self, stream: _Stream) -> None:
+        """The engine stream is over (ended or stopped): no longer counted nor aliased."""
+        if stream.running:
+            stream.running = False
             self.stats.streams_stopped += 1
             self.stats.running -= 1
+        if stream.container_id is not None and self._by_id.get(stream.container_id) is stream:
+            del self._by_id[stream.container_id]
 
-    def _stop(self, state: _LogChannel) -> None:
-        if self.channels.get(state.name) is state:
-            del self.channels[state.name]
-        if state.stop_timer is not None:
-            state.stop_timer.cancel()
-            state.stop_timer = None
-        if state.reader is not None:
-            state.reader.stop()
-            state.reader = None
-        self._finished(state)
-        logger.info("stopped following logs of %s", state.container)
+    def _stop(self, stream: _Stream) -> None:
+        """Stop the stream and forget its channels."""
+        self.streams.discard(stream)
+        for state in stream.channels:
+            if self.channels.get(state.name) is state:
+                del self.channels[state.name]
+            if state.stop_timer is not None:
+                state.stop_timer.cancel()
+                state.stop_timer = None
+        if stream.reader is not None:
+            stream.reader.stop()
+            stream.reader = None
+        self._finished(stream)
+        logger.info("stopped following logs of %s", stream.container)
 
     def _release(self, state: _LogChannel) -> None:
-        """A subscriber left: stop the stream after the grace period if it was the last."""
+        """A subscriber left: detach the channel after the grace period if it was the last."""
         if state.stop_timer is None and not state.pending and self._host.viewers(state.name) == 0:
             state.stop_timer = asyncio.get_running_loop().call_later(
-                self.stop_grace_s, self._stop_if_unwatched, state)
+                self.stop_grace_s, self._detach_if_unwatched, state)
 
-    def _stop_if_unwatched(self, state: _LogChannel) -> None:
+    def _detach_if_unwatched(self, state: _LogChannel) -> None:
+        """Forget an unwatched channel; the stream stops with its last channel."""
         state.stop_timer = None
-        if not state.pending and self._host.viewers(state.name) == 0:
-            self._stop(state)
+        if state.pending or self._host.viewers(state.name) != 0:
+            return
+        stream = state.stream
+        if len(stream.channels) == 1:
+            self._stop(stream)
+            return
+        del self.channels[state.name]
+        stream.channels.remove(state)
 
     def _admit(self, state: _LogChannel, conn: Subscriber, request: Subscribe, answer: Answer) -> None:
         if not self._host.allowed(conn, state.name):
@@ -416,51 +522,56 @@ class DockerLogsSource:
             self._host.send_history(conn, state.name, history)
         self._host.join(conn, state.name)
 
-    def _catch_up(self, state: _LogChannel) -> None:
-        if state.caught_up:
-            return
-        state.caught_up = True
+    def _admit_pending(self, state: _LogChannel) -> None:
         pending, state.pending = state.pending, {}
         for conn, request, answer in pending.values():
             self._admit(state, conn, request, answer)
 
-    def _deliver(self, state: _LogChannel, items: list[Any]) -> None:
-        if self.channels.get(state.name) is not state:
+    def _catch_up(self, stream: _Stream) -> None:
+        if stream.caught_up:
+            return
+        stream.caught_up = True
+        for state in stream.channels:
+            self._admit_pending(state)
+
+    def _deliver(self, stream: _Stream, items: list[Any]) -> None:
+        if stream not in self.streams:
             return  # stopped while these were queued
         emit = self._host.emit
-        name, ring = state.name, state.ring
+        channels = stream.channels
         max_lines, max_bytes = self.ring_lines, self.ring_bytes
         lines = 0
         for item in items:
             if type(item) is bytes:
-                ring.append((emit(name, item), item))
-                state.ring_bytes += len(item)
-                while len(ring) > max_lines or state.ring_bytes > max_bytes:
-                    state.ring_bytes -= len(ring.popleft()[1])
+                for state in channels:
+                    state.keep(emit(state.name, item), item, max_lines, max_bytes)
                 lines += 1
                 continue
             kind, value = item
-            if kind == CONNECTED:
-                state.container_id = value
+            if kind == RESOLVED:
+                self._resolved(stream, *value)
             elif kind == CAUGHT_UP:
-                self._catch_up(state)
+                self._catch_up(stream)
             elif kind == END:
-                self._catch_up(state)
-                state.end = (emit(name, value), value)
-                state.reader = None
-                self._finished(state)
-                self._release(state)
+                self._catch_up(stream)
+                for state in channels:
+                    state.end = (emit(state.name, value), value)
+                stream.reader = None
+                self._finished(stream)
+                for state in channels:
+                    self._release(state)
             elif kind == ERROR:
-                self._fail(state, value)
+                self._fail(stream, value)
         self.stats.lines += lines
 
-    def _fail(self, state: _LogChannel, error: WirehubError) -> None:
-        """The stream could not start: answer the waiting subscribers and forget the channel."""
-        pending, state.pending = state.pending, {}
-        state.reader = None
-        self._stop(state)
-        for _, request, answer in pending.values():
-            answer(Error(error.code, error.message, request.id))
+    def _fail(self, stream: _Stream, error: WirehubError) -> None:
+        """The stream could not start: answer the waiting subscribers and forget its channels."""
+        stream.reader = None
+        self._stop(stream)
+        for state in stream.channels:
+            pending, state.pending = state.pending, {}
+            for _, request, answer in pending.values():
+                answer(Error(error.code, error.message, request.id))
 
     def metrics_lines(self) -> list[str]:
         s = self.stats
