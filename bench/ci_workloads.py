@@ -47,10 +47,16 @@ Run = Callable[[], object]
 
 
 class NullLoop:
-    """A loop whose ``call_soon`` drops the callback: flushes are called explicitly."""
+    """A loop that drops callbacks and timers: flushes are called explicitly."""
 
     def call_soon(self, fn: Callable[..., object], *args: object) -> None:
         pass
+
+    def call_at(self, when: float, fn: Callable[..., object], *args: object) -> None:
+        pass
+
+    def time(self) -> float:
+        return 0.0
 
 
 class NullTransport:

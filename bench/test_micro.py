@@ -5,36 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from ci_workloads import NullLoop, NullTransport  # bench/ is on sys.path under pytest
 
 CHANNEL = b"telemetry.node-17.cpu"
 DATA_64 = json.dumps({"seq": 123456, "t": 1732600000.123456, "v": "x" * 20}).encode()[:64]
-
-
-class NullLoop:
-    def call_soon(self, fn, *args):
-        pass
-
-    def call_at(self, when, fn, *args):
-        pass
-
-    def time(self):
-        return 0.0
-
-
-class NullTransport:
-    """Accepts writes and discards them (measures batching, not the kernel)."""
-
-    def write(self, data):
-        pass
-
-    def writelines(self, chunks):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def get_extra_info(self, name, default=None):
-        return default
 
 
 @pytest.mark.benchmark(group="tlv.encode message (64 B data)")
