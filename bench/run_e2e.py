@@ -290,7 +290,7 @@ def measure(server: Server, sc: Scenario, opts: argparse.Namespace,
 def run_loadgen_sampled(args: list[str], cores: set[int] | None, sample: Callable[[], None],
                         interval_s: float = 0.1) -> dict[str, Any]:
     """Run the loadgen in the background, calling ``sample()`` every ``interval_s``
-    meanwhile (to watch the server's memory or CPU time from outside)."""
+    meanwhile (to watch the server's memory from outside)."""
     cmd = [sys.executable, "-m", "tools.loadgen", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True,

@@ -123,18 +123,21 @@ cdef inline const char* find(const char* p, Py_ssize_t n, bytes needle) noexcept
     return <const char*>memmem(p, <size_t>n, <const char*>needle, <size_t>len(needle))
 
 
-cdef inline bint json_uint(const char* p, const char* end, uint64_t* out) noexcept nogil:
-    """Parse the unsigned decimal that starts at p (after optional spaces)."""
+cdef inline const char* json_uint(const char* p, const char* end, uint64_t* out) noexcept nogil:
+    """Parse the unsigned decimal that starts at p (after optional spaces).
+
+    Returns where the number ends, or NULL when there is none.
+    """
     cdef uint64_t v = 0
     while p < end and p[0] == c' ':
         p += 1
     if p >= end or not (c'0' <= p[0] <= c'9'):
-        return False
+        return NULL
     while p < end and c'0' <= p[0] <= c'9':
         v = v * 10 + <uint64_t>(p[0] - c'0')
         p += 1
     out[0] = v
-    return True
+    return p
 
 
 cdef inline const char* json_message_fast(const char* p, Py_ssize_t n, uint64_t* offset) noexcept nogil:
@@ -152,14 +155,8 @@ cdef inline const char* json_message_fast(const char* p, Py_ssize_t n, uint64_t*
     q = <const char*>memchr(p + MSG_PREFIX_LEN, c'"', <size_t>(n - MSG_PREFIX_LEN))
     if q == NULL or end - q < OFFSET_KEY_LEN or memcmp(q, OFFSET_KEY, OFFSET_KEY_LEN) != 0:
         return NULL
-    q += OFFSET_KEY_LEN
-    offset[0] = 0
-    if q >= end or not (c'0' <= q[0] <= c'9'):
-        return NULL
-    while q < end and c'0' <= q[0] <= c'9':
-        offset[0] = offset[0] * 10 + <uint64_t>(q[0] - c'0')
-        q += 1
-    if end - q < DATA_KEY_LEN or memcmp(q, DATA_KEY, DATA_KEY_LEN) != 0:
+    q = json_uint(q + OFFSET_KEY_LEN, end, offset)
+    if q == NULL or end - q < DATA_KEY_LEN or memcmp(q, DATA_KEY, DATA_KEY_LEN) != 0:
         return NULL
     return q + DATA_KEY_LEN
 
@@ -445,7 +442,7 @@ cdef class Subscriber(_Conn):
                     self._control(frame)
                     return
                 q = find(p, n, b'"offset":')
-                if q == NULL or not json_uint(q + 9, p + n, &seq):
+                if q == NULL or json_uint(q + 9, p + n, &seq) == NULL:
                     self.recorder.malformed += 1
                     return
                 q = find(p, n, b'"data":"')
