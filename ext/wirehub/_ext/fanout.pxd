@@ -1,6 +1,13 @@
 cimport cython
 
 
+@cython.final
+cdef class SharedChunk:
+    cdef char* data
+    cdef Py_ssize_t len
+    cdef Py_ssize_t users               # batches with a run in this chunk
+
+
 cdef class Flusher:
     cdef list _urgent
     cdef list _dirty
@@ -14,6 +21,9 @@ cdef class Flusher:
     cdef double _not_before             # loop time before which fan-out waits
     cdef readonly double max_pace_s
     cdef readonly object loop
+    cdef SharedChunk _chunk             # where fanout() copies frames this tick
+
+    cdef SharedChunk _share(self, const char* frame, Py_ssize_t n)
 
     cdef void mark(self, OutBatch batch, bint urgent) except *
     cdef void _write(self, list batches) except *
@@ -27,6 +37,9 @@ cdef class OutBatch:
     cdef Py_ssize_t _len
     cdef Py_ssize_t _cap
     cdef list _segments
+    cdef SharedChunk _run               # open run: _run.data[_run_start:_run_end]
+    cdef Py_ssize_t _run_start
+    cdef Py_ssize_t _run_end
     cdef readonly Py_ssize_t pending_bytes
     cdef readonly Py_ssize_t high_water_bytes
     cdef readonly bint paused
@@ -43,6 +56,10 @@ cdef class OutBatch:
     cdef object _call_soon
 
     cdef bint _push(self, bytes frame) except -1
+    cdef bint _push_shared(self, SharedChunk chunk, Py_ssize_t start, Py_ssize_t n) except -1
+    cdef int _queued(self) except -1
+    cdef int _spill(self) except -1
+    cdef void _drop_run(self) noexcept
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int _seal(self) except -1
     cdef int _write_out(self, char* ptr, Py_ssize_t n) except -1
