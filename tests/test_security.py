@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -420,3 +421,17 @@ async def test_tls_serves_wss(tmp_path, impl):
         with pytest.raises(ssl.SSLCertVerificationError):  # plain trust store: self-signed refused
             async with websockets.connect(url, ssl=ssl.create_default_context()):
                 pass
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the listen queue")
+async def test_listen_backlog_sizes_the_kernel_accept_queue():
+    # A reconnect storm after a restart fills the accept queue faster than one
+    # loop accepts; a queue of 100 (asyncio's default) drops SYNs and those
+    # clients retry a second later. For a listening socket, ss's Send-Q is
+    # the queue's size.
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    for backlog in (777, 4096):
+        async with running_gateway(listen_backlog=backlog) as gw:
+            out = subprocess.run(["ss", "-Hltn", f"sport = :{gw.port}"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            assert int(out[2]) == min(backlog, somaxconn)

@@ -73,6 +73,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     default_publish: list[str] = []
     allowed_origins: list[str] = []
     max_connections: Annotated[int, NonNegative] = 100_000
+    listen_backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4096
     max_connections_per_ip: Annotated[int, NonNegative] = 10_000
     new_connections_per_ip_per_s: Annotated[float, NonNegative] = 1_000.0
     new_connections_burst_per_ip: Annotated[float, NonNegative] = 2_000.0
@@ -138,6 +139,9 @@ HELP: dict[str, str] = {
     "close_timeout_s": "seconds to wait for the peer's CLOSE before dropping TCP",
     "shutdown_timeout_s": "seconds SIGTERM/SIGINT waits for clients to close",
     "handshake_timeout_s": "seconds a new TCP connection has to complete the upgrade",
+    "listen_backlog": ("connections the kernel queues before the gateway accepts them (capped by "
+                       "net.core.somaxconn); a reconnect storm after a restart overflows a small one "
+                       "and its clients wait a 1 s SYN retry"),
     "read_buffer_bytes": "initial per-connection read buffer (grows on demand)",
     "deflate": "accept permessage-deflate (RFC 7692) offers",
     "deflate_level": "zlib compression level, -1 to 9",

@@ -273,7 +273,8 @@ class Gateway:
 
         admission = self.admission
         tls = _tls_context(cfg) if cfg.tls_cert else None
-        self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls)
+        self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls,
+                                                backlog=cfg.listen_backlog)
         self._heartbeat_task = loop.create_task(self._heartbeat())
         for source in self.sources:
             await source.start()
