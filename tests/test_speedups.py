@@ -196,7 +196,9 @@ class FakeLoop:
         self.now = 100.0
 
     def call_soon(self, fn, *args):
-        self.callbacks.append((fn, args))
+        handle = FakeTimer(self.now, fn, args)
+        self.callbacks.append(handle)
+        return handle
 
     def time(self):
         return self.now
@@ -218,8 +220,9 @@ class FakeLoop:
 
     def run_tick(self):
         callbacks, self.callbacks = self.callbacks, []
-        for fn, args in callbacks:
-            fn(*args)
+        for handle in callbacks:
+            if not handle.cancelled:
+                handle.fn(*handle.args)
 
 
 class RecordingTransport:
@@ -321,6 +324,52 @@ class TestFlusherPacing:
         flusher.flush()
         loop.advance(0.01)                    # a cancelled wait writes nothing twice
         assert [len(t.writes) for t in transports] == [2, 2]
+
+
+class TestFanoutRounds:
+    """A fan-out flush writes ROUND_SLICE batches per loop iteration."""
+
+    def make(self, impl, n, max_pace_s=0.0):
+        loop = FakeLoop()
+        flusher = impl.fanout.Flusher(loop, max_pace_s=max_pace_s)
+        transports = [RecordingTransport() for _ in range(n)]
+        batches = [impl.fanout.OutBatch(flusher, t, 1 << 20, lambda: None) for t in transports]
+        return loop, flusher, transports, batches
+
+    def test_a_publication_during_a_round_reaches_the_rest_of_it(self, impl):
+        slice_ = PURE.fanout.ROUND_SLICE                 # the compiled module uses the same
+        loop, _, transports, batches = self.make(impl, 3 * slice_)
+        a, b = impl.frame.build_frame(1, b"a"), impl.frame.build_frame(1, b"b")
+        impl.fanout.fanout(batches, a)
+        loop.run_tick()                                   # slice 1 of the round
+        assert [len(t.writes) for t in transports] == [1] * slice_ + [0] * 2 * slice_
+        impl.fanout.fanout(batches, b)                    # arrives mid-round
+        loop.run_tick()                                   # slice 2: a and b in one write
+        loop.run_tick()                                   # slice 3
+        assert all(t.writes == [a + b] for t in transports[slice_:])
+        assert all(t.writes == [a] for t in transports[:slice_])
+        loop.run_tick()                                   # next round: b for slice 1
+        assert all(t.writes == [a, b] for t in transports[:slice_])
+        loop.run_tick()
+        assert all(len(t.writes) == 1 for t in transports[slice_:])
+
+    def test_replies_go_out_mid_round(self, impl):
+        loop, _, transports, batches = self.make(impl, 300)
+        impl.fanout.fanout(batches, impl.frame.build_frame(1, b"x"))
+        loop.run_tick()
+        batches[-1].push_frame(1, b"ack")
+        loop.run_tick()                                   # the reply's batch is written now
+        assert transports[-1].writes == [impl.frame.build_frame(1, b"x") + impl.frame.build_frame(1, b"ack")]
+
+    def test_flush_mid_round_writes_the_rest_once(self, impl):
+        loop, flusher, transports, batches = self.make(impl, 300, max_pace_s=0.002)
+        frame = impl.frame.build_frame(1, b"x")
+        impl.fanout.fanout(batches, frame)
+        loop.run_tick()
+        flusher.flush()
+        for _ in range(5):
+            loop.advance(0.01)
+        assert all(t.writes == [frame] for t in transports)
 
 
 class TestOutBatch:

@@ -17,6 +17,11 @@ cdef class Flusher:
     cdef object _time
     cdef object _run
     cdef object _run_paced
+    cdef object _run_slice
+    cdef list _round                    # batches of the fan-out round being written, or None
+    cdef Py_ssize_t _round_pos          # next batch of the round to write
+    cdef double _round_started
+    cdef object _slice_handle           # Handle of the round's next slice
     cdef object _paced                  # TimerHandle of a paced fan-out flush, or None
     cdef double _not_before             # loop time before which fan-out waits
     cdef readonly double max_pace_s
@@ -27,6 +32,7 @@ cdef class Flusher:
 
     cdef void mark(self, OutBatch batch, bint urgent) except *
     cdef void _write(self, list batches) except *
+    cdef void _write_slice(self) except *
     cpdef tick(self)
     cpdef flush(self)
 

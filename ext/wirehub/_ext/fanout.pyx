@@ -46,6 +46,8 @@ cdef enum:
 
 # A fan-out flush shorter than this does not delay the next one (Flusher).
 cdef double PACE_ABOVE_S = 0.0002
+# Batches a fan-out round writes per loop iteration (~0.5 ms of send()s).
+cdef Py_ssize_t ROUND_SLICE = 128
 
 logger = logging.getLogger("wirehub.fanout")
 
@@ -84,6 +86,15 @@ cdef class Flusher:
     flushes, and a quiet channel (a flush long ago) is written at once.
     Replies are never paced.
 
+    A fan-out flush (a *round*) is written ``ROUND_SLICE`` batches at a
+    time, one slice per loop iteration, so the loop reads sockets in between:
+    replies (a publisher's acks) go out mid-round, and a publication that
+    arrives during the round still reaches, in this round, every subscriber
+    not written yet. Without slices a publication that arrived just after a
+    round started waited for the whole round, the pace, and the next round
+    before reaching the last subscriber (two rounds and a pace; one round and
+    a pace with slices).
+
     Args:
         loop: the event loop.
         max_pace_s: longest wait between fan-out flushes; 0 disables pacing.
@@ -102,7 +113,12 @@ cdef class Flusher:
         self._time = loop.time
         self._run = self.tick
         self._run_paced = self._on_paced
+        self._run_slice = self._on_slice
         self._chunk = None
+        self._round = None
+        self._round_pos = 0
+        self._round_started = 0.0
+        self._slice_handle = None
 
     cdef SharedChunk _share(self, const char* frame, Py_ssize_t n):
         """Copy ``frame`` into the current chunk (a new one when it is full)."""
@@ -124,35 +140,53 @@ cdef class Flusher:
             self._urgent.append(batch)
         else:
             self._dirty.append(batch)
-        if not self._scheduled and (urgent or self._paced is None):
+        if not self._scheduled and (urgent or (self._paced is None and self._round is None)):
             self._scheduled = True
             self._call_soon(self._run)
 
     cpdef tick(self):
-        """Write replies now and fan-out traffic unless it must wait (the loop calls this)."""
+        """Write replies now; start a fan-out round unless one runs or must wait (the loop calls this)."""
         cdef list batches = self._urgent
-        cdef double started, took
+        cdef double now
         self._urgent = []
         self._scheduled = False
         self._write(batches)
-        if not self._dirty or self._paced is not None:
+        if not self._dirty or self._paced is not None or self._round is not None:
             return
-        if self.max_pace_s <= 0:
-            batches, self._dirty = self._dirty, []
-            self._write(batches)
-            return
-        started = self._time()
-        if started < self._not_before:
+        now = self._time()
+        if self.max_pace_s > 0 and now < self._not_before:
             self._paced = self._call_at(self._not_before, self._run_paced)
             return
-        batches, self._dirty = self._dirty, []
-        self._write(batches)
-        took = self._time() - started
-        self._not_before = started + took + min(took, self.max_pace_s) if took >= PACE_ABOVE_S else 0.0
+        self._round, self._dirty = self._dirty, []
+        self._round_pos = 0
+        self._round_started = now
+        self._write_slice()
 
     def _on_paced(self):
         self._paced = None
         self.tick()
+
+    def _on_slice(self):
+        self._slice_handle = None
+        self._write_slice()
+
+    cdef void _write_slice(self) except *:
+        cdef list batches = self._round
+        cdef Py_ssize_t end = min(self._round_pos + ROUND_SLICE, len(batches))
+        cdef double took
+        self._write(batches[self._round_pos:end])
+        self._round_pos = end
+        if end < len(batches):
+            self._slice_handle = self._call_soon(self._run_slice)
+            return
+        self._round = None
+        took = self._time() - self._round_started
+        self._not_before = (self._round_started + took + min(took, self.max_pace_s)
+                            if took >= PACE_ABOVE_S and self.max_pace_s > 0 else 0.0)
+        if self._dirty and not self._scheduled:
+            # Batches that got frames after their slice was written.
+            self._scheduled = True
+            self._call_soon(self._run)
 
     cpdef flush(self):
         """Write every dirty batch now, paced or not (shutdown, tests)."""
@@ -160,6 +194,12 @@ cdef class Flusher:
         if self._paced is not None:
             self._paced.cancel()
             self._paced = None
+        if self._round is not None:
+            if self._slice_handle is not None:
+                self._slice_handle.cancel()
+                self._slice_handle = None
+            batches.extend(self._round[self._round_pos:])
+            self._round = None
         batches.extend(self._dirty)
         self._urgent = []
         self._dirty = []

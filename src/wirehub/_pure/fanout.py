@@ -17,14 +17,15 @@ from .frame import build_frame
 SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
 WRITE_THROUGH = 65536  # bytes; a batch this full is written at once, not at tick end
 PACE_ABOVE_S = 0.0002  # a fan-out flush shorter than this does not delay the next one
+ROUND_SLICE = 128  # batches a fan-out round writes per loop iteration
 
 logger = logging.getLogger("wirehub.fanout")
 
 
 class Flusher:
     """Write every dirty ``OutBatch`` once, on the next event-loop iteration;
-    batches holding a direct reply first, fan-out traffic paced (see
-    ``_ext.fanout.Flusher``)."""
+    batches holding a direct reply first, fan-out traffic paced and written
+    ``ROUND_SLICE`` batches per iteration (see ``_ext.fanout.Flusher``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.002) -> None:
         self.loop = loop
@@ -34,10 +35,14 @@ class Flusher:
         self._scheduled = False
         self._paced: asyncio.TimerHandle | None = None
         self._not_before = 0.0
+        self._round: list[OutBatch] | None = None  # the fan-out round being written
+        self._round_pos = 0
+        self._round_started = 0.0
+        self._slice_handle: asyncio.Handle | None = None
 
     def mark(self, batch: OutBatch, urgent: bool) -> None:
         (self._urgent if urgent else self._dirty).append(batch)
-        if not self._scheduled and (urgent or self._paced is None):
+        if not self._scheduled and (urgent or (self._paced is None and self._round is None)):
             self._scheduled = True
             self.loop.call_soon(self.tick)
 
@@ -45,30 +50,54 @@ class Flusher:
         batches, self._urgent = self._urgent, []
         self._scheduled = False
         self._write(batches)
-        if not self._dirty or self._paced is not None:
+        if not self._dirty or self._paced is not None or self._round is not None:
             return
-        if self.max_pace_s <= 0:
-            batches, self._dirty = self._dirty, []
-            self._write(batches)
-            return
-        started = self.loop.time()
-        if started < self._not_before:
+        now = self.loop.time()
+        if self.max_pace_s > 0 and now < self._not_before:
             self._paced = self.loop.call_at(self._not_before, self._on_paced)
             return
-        batches, self._dirty = self._dirty, []
-        self._write(batches)
-        took = self.loop.time() - started
-        self._not_before = started + took + min(took, self.max_pace_s) if took >= PACE_ABOVE_S else 0.0
+        self._round, self._dirty = self._dirty, []
+        self._round_pos = 0
+        self._round_started = now
+        self._write_slice()
 
     def _on_paced(self) -> None:
         self._paced = None
         self.tick()
 
+    def _on_slice(self) -> None:
+        self._slice_handle = None
+        self._write_slice()
+
+    def _write_slice(self) -> None:
+        batches = self._round
+        assert batches is not None
+        end = min(self._round_pos + ROUND_SLICE, len(batches))
+        self._write(batches[self._round_pos:end])
+        self._round_pos = end
+        if end < len(batches):
+            self._slice_handle = self.loop.call_soon(self._on_slice)
+            return
+        self._round = None
+        took = self.loop.time() - self._round_started
+        self._not_before = (self._round_started + took + min(took, self.max_pace_s)
+                            if took >= PACE_ABOVE_S and self.max_pace_s > 0 else 0.0)
+        if self._dirty and not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.tick)
+
     def flush(self) -> None:
         if self._paced is not None:
             self._paced.cancel()
             self._paced = None
-        batches = self._urgent + self._dirty
+        batches = self._urgent
+        if self._round is not None:
+            if self._slice_handle is not None:
+                self._slice_handle.cancel()
+                self._slice_handle = None
+            batches += self._round[self._round_pos:]
+            self._round = None
+        batches += self._dirty
         self._urgent, self._dirty = [], []
         self._scheduled = False
         self._write(batches)
