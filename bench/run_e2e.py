@@ -68,6 +68,7 @@ METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
     # The server's capacity whether or not the client saturated (--server-pid).
     "deliveries_per_cpu_s": (("server", "deliveries_per_cpu_s"), True),
     "handshakes_per_cpu_s": (("server", "handshakes_per_cpu_s"), True),
+    "round_trips_per_cpu_s": (("server", "round_trips_per_cpu_s"), True),
     "server_cpu_percent": (("server", "cpu_percent"), False),
     "rss_kib_per_conn": ((), False),          # measured here, from /proc
 }
@@ -75,7 +76,7 @@ METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
 
 def scenarios() -> list[Scenario]:
     out = [Scenario("echo-100", "echo", ("echo", "--connections", "100", "--inflight", "1"),
-                    ("round_trips_per_s", "p50_us", "p99_us"))]
+                    ("round_trips_per_s", "round_trips_per_cpu_s", "p50_us", "p99_us"))]
     for subs, label in ((100, "100"), (1000, "1k"), (10000, "10k")):
         for size, slabel in ((64, "64"), (1024, "1k")):
             out.append(Scenario(

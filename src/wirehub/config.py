@@ -45,7 +45,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     rate_limit_violations_per_s: Annotated[float, NonNegative] = 10.0
     rate_limit_burst_violations: Annotated[float, NonNegative] = 100.0
     high_water_bytes: Annotated[int, Positive] = 4 * MiB
-    fanout_pace_max_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.002
+    fanout_pace_max_s: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.001
     close_timeout_s: Annotated[float, Positive] = 2.0
     shutdown_timeout_s: Annotated[float, Positive] = 5.0
     handshake_timeout_s: Annotated[float, Positive] = 5.0

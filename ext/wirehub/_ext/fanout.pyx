@@ -100,7 +100,7 @@ cdef class Flusher:
         max_pace_s: longest wait between fan-out flushes; 0 disables pacing.
     """
 
-    def __init__(self, loop, double max_pace_s=0.002):
+    def __init__(self, loop, double max_pace_s=0.001):
         self._urgent = []
         self._dirty = []
         self._scheduled = False

@@ -27,7 +27,7 @@ class Flusher:
     batches holding a direct reply first, fan-out traffic paced and written
     ``ROUND_SLICE`` batches per iteration (see ``_ext.fanout.Flusher``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.002) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.001) -> None:
         self.loop = loop
         self.max_pace_s = max_pace_s
         self._urgent: list[OutBatch] = []
