@@ -299,6 +299,15 @@ def test_connect_mode_reports_handshakes(servers, capsys) -> None:
     assert res["connect"]["handshakes_per_s"] > 0
 
 
+def test_connect_mode_counts_connections_without_a_welcome(servers, capsys) -> None:
+    # wirehub protocol against a server that upgrades but never says welcome.
+    code, res = _run(capsys, "connect", "--connections", "20", "--connect-timeout", "0.5",
+                     "--url", f"ws://127.0.0.1:{servers['echo']}/")
+    assert code == 1
+    assert res["connect"]["established"] == 20
+    assert res["errors"] == {"setup_timeout": 20}
+
+
 def test_help_lists_examples_for_every_mode(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
