@@ -258,8 +258,9 @@ class Worker:
             if not welcome.done() and not listener.disconnected:
                 self.error("setup_timeout", "no welcome reply in time")
 
-    async def _open_all(self, jobs: Iterable[tuple[Any, str | None]]) -> list[float | None]:
-        return await asyncio.gather(*(self._open(lst, ch) for lst, ch in jobs))
+    async def _open_all(self, jobs: Iterable[tuple[Any, str | None]],
+                        await_welcome: bool = True) -> list[float | None]:
+        return await asyncio.gather(*(self._open(lst, ch, await_welcome) for lst, ch in jobs))
 
     def _sender(self, pub: int, rate: float) -> Any:
         cfg = self.cfg
@@ -298,8 +299,7 @@ class Worker:
         self.holders = [Subscriber(self.kind, self.recorder, 1)
                         for _ in mine(cfg.connections, self.index, cfg.procs)]
         t0 = time.monotonic()
-        times = await asyncio.gather(*(self._open(lst, None, await_welcome=False)
-                                       for lst in self.holders))
+        times = await self._open_all(((lst, None) for lst in self.holders), await_welcome=False)
         connect_s = time.monotonic() - t0
         await self._check_welcomes()
         for t in times:

@@ -67,6 +67,8 @@ cdef class OutBatch:
     cdef int _spill(self) except -1
     cdef void _drop_run(self) noexcept
     cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef int _append(self, const char* data, Py_ssize_t n) except -1
+    cdef bint _admit(self, Py_ssize_t n) except -1
     cdef int _seal(self) except -1
     cdef int _write_out(self, char* ptr, Py_ssize_t n) except -1
     cdef void _release(self) noexcept

@@ -269,6 +269,22 @@ cdef class OutBatch:
         self._cap = cap
         return 0
 
+    cdef int _append(self, const char* data, Py_ssize_t n) except -1:
+        self._reserve(n)
+        memcpy(self._buf + self._len, data, n)
+        self._len += n
+        return 0
+
+    cdef bint _admit(self, Py_ssize_t n) except -1:
+        # Whether n more bytes may be queued; past high_water_bytes the
+        # connection is a slow consumer.
+        if self.closed:
+            return False
+        if self.pending_bytes + n > self.high_water_bytes:
+            self._overflow()
+            return False
+        return True
+
     cdef int _seal(self) except -1:
         # Move the contiguous small-frame bytes into the segment list so that
         # a by-reference frame queued next keeps its place in the order.
@@ -286,13 +302,9 @@ cdef class OutBatch:
 
     cdef int _spill(self) except -1:
         """Copy the open run into the connection's own buffer and close it."""
-        cdef Py_ssize_t n
         if self._run is None:
             return 0
-        n = self._run_end - self._run_start
-        self._reserve(n)
-        memcpy(self._buf + self._len, self._run.data + self._run_start, n)
-        self._len += n
+        self._append(self._run.data + self._run_start, self._run_end - self._run_start)
         self._drop_run()
         return 0
 
@@ -303,10 +315,7 @@ cdef class OutBatch:
 
     cdef bint _push_shared(self, SharedChunk chunk, Py_ssize_t start, Py_ssize_t n) except -1:
         """Queue the frame at ``chunk.data[start:start + n]`` (see ``fanout``)."""
-        if self.closed:
-            return False
-        if self.pending_bytes + n > self.high_water_bytes:
-            self._overflow()
+        if not self._admit(n):
             return False
         if self._run is chunk and self._run_end == start:
             self._run_end += n
@@ -314,9 +323,7 @@ cdef class OutBatch:
             self._spill()
             if self.paused:
                 # A socket that does not drain must not pin chunks.
-                self._reserve(n)
-                memcpy(self._buf + self._len, chunk.data + start, n)
-                self._len += n
+                self._append(chunk.data + start, n)
             else:
                 self._run = chunk
                 chunk.users += 1
@@ -328,10 +335,7 @@ cdef class OutBatch:
 
     cdef bint _push(self, bytes frame) except -1:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
-        if self.closed:
-            return False
-        if self.pending_bytes + n > self.high_water_bytes:
-            self._overflow()
+        if not self._admit(n):
             return False
         if n >= SHARE_ABOVE:
             self._seal()
@@ -340,9 +344,7 @@ cdef class OutBatch:
             self._segments.append(frame)
         else:
             self._spill()
-            self._reserve(n)
-            memcpy(self._buf + self._len, PyBytes_AS_STRING(frame), n)
-            self._len += n
+            self._append(PyBytes_AS_STRING(frame), n)
         self.pending_bytes += n
         self._queued()
         return True
@@ -383,8 +385,7 @@ cdef class OutBatch:
                     return False
                 self._mark_urgent()
                 return True
-            if self.pending_bytes + total > self.high_water_bytes:
-                self._overflow()
+            if not self._admit(total):
                 return False
             self._spill()
             self._reserve(total)
