@@ -242,11 +242,11 @@ def measure_idle(connections: int) -> tuple[dict[str, float], dict[str, Any]]:
         ("connect", "--connections", str(connections), "--concurrency", "500", "--hold", "1"),
         ("rss_kib_per_conn",))
     log(f"idle: {connections:,} idle wirehub connections")
-    result = run_e2e.measure(server, scenario, argparse.Namespace(repeat=1, duration=0, warmup=0),
-                             run_e2e.split_cores())
-    kib = result["median"]["rss_kib_per_conn"]
+    figures, errors = run_e2e.run_once(server, scenario, argparse.Namespace(duration=0, warmup=0),
+                                       run_e2e.split_cores())
+    kib = figures["rss_kib_per_conn"]
     log(f"idle: {kib:.2f} KiB per connection")
-    return {"idle.rss_kib_per_conn": kib}, result
+    return {"idle.rss_kib_per_conn": kib}, {"run": figures, "errors": errors}
 
 
 def main(argv: list[str] | None = None) -> int:

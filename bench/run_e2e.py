@@ -3,7 +3,8 @@
 Each server (wirehub, raw picows naive and batched, Python ``websockets`` on
 uvloop, Node ``ws``) is started in turn on 127.0.0.1, pinned to its own
 core(s), and driven by ``python -m tools.loadgen`` pinned to the others. Every
-scenario runs ``--repeat`` times; the median is reported together with its
+scenario runs ``--repeat`` rounds of one run per server (interleaved, see
+``measure_interleaved``); each median is reported together with its
 ratio to ``ws`` measured in the same run (ratio > 1 means better than ws, for
 latencies and memory too).
 
@@ -238,54 +239,84 @@ def run_loadgen(args: list[str], cores: set[int] | None, timeout_s: float) -> di
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
 
 
-def measure(server: Server, sc: Scenario, opts: argparse.Namespace,
-            cores: tuple[set[int] | None, set[int] | None]) -> dict[str, Any]:
-    """Run one scenario ``opts.repeat`` times against a fresh server; medians."""
+def run_once(server: Server, sc: Scenario, opts: argparse.Namespace,
+             cores: tuple[set[int] | None, set[int] | None]) -> tuple[dict[str, float], dict[str, int]]:
+    """Run one scenario once against a fresh server: its figures and error counts."""
     server_cores, client_cores = cores
     mode = "broadcast" if sc.kind == "fanout" else "echo"
     procs = len(client_cores) if client_cores else 1
-    runs: list[dict[str, float]] = []
-    errors: list[dict[str, int]] = []
-    for _ in range(opts.repeat):
-        srv = Running(server.commands[mode], server_cores)
-        try:
-            args = [*sc.args, "--url", f"ws://127.0.0.1:{srv.port}{server.path}",
-                    "--protocol", server.protocol, "--procs", str(procs), "--json",
-                    "--no-progress", "--max-errors", "1000000000"]
-            if sc.kind in ("echo", "fanout"):
-                args += ["--duration", str(opts.duration), "--warmup", str(opts.warmup)]
-            if sc.kind != "idle":
-                args += ["--server-pid", str(srv.proc.pid)]
-            base = peak = rss_kib(srv.proc.pid)
+    srv = Running(server.commands[mode], server_cores)
+    try:
+        args = [*sc.args, "--url", f"ws://127.0.0.1:{srv.port}{server.path}",
+                "--protocol", server.protocol, "--procs", str(procs), "--json",
+                "--no-progress", "--max-errors", "1000000000"]
+        if sc.kind in ("echo", "fanout"):
+            args += ["--duration", str(opts.duration), "--warmup", str(opts.warmup)]
+        if sc.kind != "idle":
+            args += ["--server-pid", str(srv.proc.pid)]
+        base = peak = rss_kib(srv.proc.pid)
 
-            def sample_rss() -> None:
-                nonlocal peak
-                peak = max(peak, rss_kib(srv.proc.pid))
+        def sample_rss() -> None:
+            nonlocal peak
+            peak = max(peak, rss_kib(srv.proc.pid))
 
-            if sc.kind == "idle":
-                result = run_loadgen_sampled(args, client_cores, sample_rss)
-            else:
-                result = run_loadgen(args, client_cores, timeout_s=600)
-            figures = {}
-            for metric in sc.metrics:
-                if metric == "rss_kib_per_conn":
-                    n = max(result["connect"]["established"], 1)
-                    figures[metric] = (peak - base) / n
-                else:
-                    path = METRICS[metric][0]
-                    value: Any = result
-                    for key in path:
-                        value = value.get(key, 0) if isinstance(value, dict) else 0
-                    figures[metric] = float(value or 0)
-            figures["client_cpu_max"] = max(
-                (p["cpu_percent"] for p in result["client"]["processes"]), default=0.0)
-            runs.append(figures)
-            errors.append(result["errors"])
-        finally:
-            srv.stop()
-    keys = runs[0].keys() if runs else []
-    return {"median": {k: statistics.median(r[k] for r in runs) for k in keys},
+        if sc.kind == "idle":
+            result = run_loadgen_sampled(args, client_cores, sample_rss)
+        else:
+            result = run_loadgen(args, client_cores, timeout_s=600)
+    finally:
+        srv.stop()
+    figures = {}
+    for metric in sc.metrics:
+        if metric == "rss_kib_per_conn":
+            n = max(result["connect"]["established"], 1)
+            figures[metric] = (peak - base) / n
+        else:
+            value: Any = result
+            for key in METRICS[metric][0]:
+                value = value.get(key, 0) if isinstance(value, dict) else 0
+            figures[metric] = float(value or 0)
+    figures["client_cpu_max"] = max(
+        (p["cpu_percent"] for p in result["client"]["processes"]), default=0.0)
+    return figures, result["errors"]
+
+
+def summarize(runs: list[dict[str, float]], errors: list[dict[str, int]]) -> dict[str, Any]:
+    """The medians of a server's runs of one scenario, with every run kept."""
+    return {"median": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
             "runs": runs, "errors": errors}
+
+
+def measure_interleaved(servers: list[Server], sc: Scenario, opts: argparse.Namespace,
+                        cores: tuple[set[int] | None, set[int] | None]) -> dict[str, dict[str, Any]]:
+    """Run one scenario against every server in turn, ``opts.repeat`` rounds.
+
+    Round-robin rather than one server's repeats back to back: on a shared VM
+    the speed of the whole machine drifts by 10-20 % over minutes, and a drift
+    then lands on every server's median alike instead of on whichever server
+    ran during it, so the ratios stay comparable. A server that fails is
+    reported as failed and left out of the rounds that follow.
+    """
+    runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+    errors: dict[str, list[dict[str, int]]] = {s.name: [] for s in servers}
+    failed: dict[str, dict[str, str]] = {}
+    for round_no in range(1, opts.repeat + 1):
+        for server in servers:
+            if server.name in failed:
+                continue
+            print(f"{sc.name:<16} {server.name:<16} {round_no}/{opts.repeat}", end=" ",
+                  file=sys.stderr, flush=True)
+            try:
+                figures, errs = run_once(server, sc, opts, cores)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                failed[server.name] = {"skipped": "failed", "error": str(exc)}
+                print(f"failed: {exc}", file=sys.stderr)
+                continue
+            runs[server.name].append(figures)
+            errors[server.name].append(errs)
+            print(json.dumps({k: round(v, 1) for k, v in figures.items()}), file=sys.stderr)
+    return {s.name: failed.get(s.name) or summarize(runs[s.name], errors[s.name])
+            for s in servers}
 
 
 def run_loadgen_sampled(args: list[str], cores: set[int] | None, sample: Callable[[], None],
@@ -423,19 +454,9 @@ def main(argv: list[str] | None = None) -> int:
 
     table: dict[str, dict[str, Any]] = {}
     for sc in chosen:
-        table[sc.name] = {}
-        for srv in all_servers:
-            if srv.name in skipped:
-                table[sc.name][srv.name] = {"skipped": skipped[srv.name]}
-                continue
-            print(f"{sc.name:<16} {srv.name:<16}", end=" ", file=sys.stderr, flush=True)
-            try:
-                table[sc.name][srv.name] = measure(srv, sc, opts, cores)
-                print(json.dumps({k: round(v, 1) for k, v in
-                                  table[sc.name][srv.name]["median"].items()}), file=sys.stderr)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                table[sc.name][srv.name] = {"skipped": "failed", "error": str(exc)}
-                print(f"failed: {exc}", file=sys.stderr)
+        running = [srv for srv in all_servers if srv.name not in skipped]
+        table[sc.name] = measure_interleaved(running, sc, opts, cores)
+        table[sc.name].update({name: {"skipped": why} for name, why in skipped.items()})
     with_ratios(table)
     names = [s.name for s in all_servers]
     print(format_table(table, names, opts.markdown))

@@ -128,3 +128,31 @@ def test_write_baseline_merges_into_the_file(no_measuring, tmp_path):
                                             "idle.rss_kib_per_conn": 6.5}}))
     assert ci.main(["--only", "callgrind", "--baseline", str(path), "--write-baseline"]) == 0
     assert json.loads(path.read_text())["metrics"] == {**FIGURES, "idle.rss_kib_per_conn": 6.5}
+
+
+def test_run_e2e_interleaves_servers_and_drops_a_failed_one(monkeypatch):
+    """Rounds of one run per server, so a drift of the machine's speed lands on
+    every server alike; a server that fails once is not run again."""
+    import argparse
+    import subprocess
+
+    import run_e2e
+
+    servers = [run_e2e.Server(name, "raw") for name in ("a", "b", "ws")]
+    scenario = run_e2e.Scenario("echo-100", "echo", (), ("round_trips_per_s",))
+    calls: list[str] = []
+
+    def run_once(server, sc, opts, cores):
+        calls.append(server.name)
+        if server.name == "b" and calls.count("b") == 2:
+            raise subprocess.TimeoutExpired("loadgen", 1)
+        return {"round_trips_per_s": float(len(calls))}, {}
+
+    monkeypatch.setattr(run_e2e, "run_once", run_once)
+    table = run_e2e.measure_interleaved(servers, scenario, argparse.Namespace(repeat=3),
+                                        (None, None))
+    assert calls == ["a", "b", "ws", "a", "b", "ws", "a", "ws"]
+    assert [r["round_trips_per_s"] for r in table["a"]["runs"]] == [1.0, 4.0, 7.0]
+    assert table["a"]["median"]["round_trips_per_s"] == 4.0
+    assert table["b"]["skipped"] == "failed"
+    assert table["ws"]["median"]["round_trips_per_s"] == 6.0
