@@ -1,4 +1,5 @@
-"""The verdict logic of the CI benchmark step (``bench/ci.py``), without measuring.
+"""The verdict logic of the CI benchmark step (``bench/ci.py``) and the run
+order of ``bench/run_e2e.py``, without measuring.
 
 The measurements themselves take ~1.5 minutes and run as their own CI step;
 here the sections are replaced by fixed figures, so what is tested is the
@@ -7,7 +8,9 @@ comparison: tolerances, budgets, missing figures, baseline merging, the table.
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import ci  # noqa: E402  (bench/ is not a package)
+import run_e2e  # noqa: E402
 
 
 @pytest.mark.parametrize("measured, verdict", [
@@ -133,11 +137,6 @@ def test_write_baseline_merges_into_the_file(no_measuring, tmp_path):
 def test_run_e2e_interleaves_servers_and_drops_a_failed_one(monkeypatch):
     """Rounds of one run per server, so a drift of the machine's speed lands on
     every server alike; a server that fails once is not run again."""
-    import argparse
-    import subprocess
-
-    import run_e2e
-
     servers = [run_e2e.Server(name, "raw") for name in ("a", "b", "ws")]
     scenario = run_e2e.Scenario("echo-100", "echo", (), ("round_trips_per_s",))
     calls: list[str] = []
