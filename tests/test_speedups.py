@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import struct
 
 import pytest
@@ -543,7 +544,6 @@ class SocketTransport(RecordingTransport):
 
 class TestSocketWrites:
     def make(self, impl, n, sndbuf=None):
-        import socket
         loop = FakeLoop()
         flusher = impl.fanout.Flusher(loop, max_pace_s=0.0)
         pairs = [socket.socketpair() for _ in range(n)]
