@@ -13,10 +13,12 @@ import importlib.util
 import json
 import os
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from picows.picows import _make_test_ws_frame
 
 from tools.loadgen import _pure
 from tools.loadgen.cli import main
+from tools.loadgen.handshake import accept_value
 from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_index
 from tools.loadgen.payload import header
 from tools.loadgen.server_cpu import ServerCpuProbe, cpu_seconds
@@ -276,15 +279,16 @@ def test_server_close_is_counted(servers, capsys) -> None:
     assert res["errors"]["closed_by_server_1013"] == 2
 
 
+@pytest.mark.parametrize("mode", ["echo", "connect"])
 @pytest.mark.parametrize("target", ["refused", "reset"])
-def test_refused_and_reset_connections(servers, capsys, target) -> None:
+def test_refused_and_reset_connections(servers, capsys, target, mode) -> None:
     if target == "refused":
         with socket.socket() as s:  # a port nobody listens on
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     else:
         port = servers["reset"]
-    code, res = _run(capsys, "echo", "--connections", "3", "--max-errors", "5",
+    code, res = _run(capsys, mode, "--connections", "3", "--max-errors", "5",
                      "--url", f"ws://127.0.0.1:{port}/ws")
     assert code == 0  # 3 errors <= --max-errors 5
     assert res["errors"] == {f"connect_{target}": 3}
@@ -306,6 +310,87 @@ def test_connect_mode_counts_connections_without_a_welcome(servers, capsys) -> N
     assert code == 1
     assert res["connect"]["established"] == 20
     assert res["errors"] == {"setup_timeout": 20}
+
+
+class _ScriptedServer(socketserver.ThreadingTCPServer):
+    """A TCP server that answers each upgrade the way ``behaviour`` says and
+    records what the client sent back (for the ``connect`` mode's own client)."""
+
+    daemon_threads = True
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.replies: list[tuple[int, bytes]] = []     # (opcode, unmasked payload)
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+
+
+class _ScriptedHandler(socketserver.StreamRequestHandler):
+    server: _ScriptedServer
+
+    def handle(self) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += self.rfile.readline()
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        behaviour = self.server.behaviour
+        if behaviour == "503":
+            self.wfile.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            return
+        accept = accept_value(b"not-" + key if behaviour == "bad-accept" else key)
+        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        if behaviour == "bad-accept":
+            self.rfile.read()  # until the client drops the connection
+            return
+        self.wfile.write(b"\x89\x02hi")                             # PING "hi"
+        self.server.replies.append(self._read_frame())
+        self.wfile.write(b"\x88\x02" + (1001).to_bytes(2, "big"))   # CLOSE 1001
+        self.server.replies.append(self._read_frame())
+
+    def _read_frame(self) -> tuple[int, bytes]:
+        b0, b1 = self.rfile.read(2)
+        assert b1 & 0x80, "client frames must be masked"
+        mask, payload = self.rfile.read(4), self.rfile.read(b1 & 0x7F)
+        return b0 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[str], _ScriptedServer]]:
+    started: list[_ScriptedServer] = []
+
+    def start(behaviour: str) -> _ScriptedServer:
+        server = _ScriptedServer(behaviour)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("behaviour", "kind"), [("503", "handshake_http_503"),
+                                                 ("bad-accept", "handshake_failed")])
+def test_connect_mode_counts_refused_upgrades(scripted, capsys, behaviour, kind) -> None:
+    server = scripted(behaviour)
+    code, res = _run(capsys, "connect", "--protocol", "raw", "--connections", "4",
+                     "--url", f"ws://127.0.0.1:{server.server_address[1]}/")
+    assert code == 1
+    assert res["connect"]["established"] == 0
+    assert res["errors"] == {kind: 4}
+
+
+def test_connect_mode_answers_ping_and_close(scripted, capsys) -> None:
+    """A held connection answers PING with its payload and echoes the server's CLOSE code."""
+    server = scripted("ping-then-close")
+    code, res = _run(capsys, "connect", "--protocol", "raw", "--connections", "3",
+                     "--hold", "0.5", "--url", f"ws://127.0.0.1:{server.server_address[1]}/")
+    assert res["connect"]["established"] == 3
+    assert res["errors"] == {"closed_by_server_1001": 3} and code == 1
+    close_reply = (0x8, (1001).to_bytes(2, "big"))
+    assert sorted(server.replies) == sorted([(0xA, b"hi"), close_reply] * 3)
 
 
 def test_help_lists_examples_for_every_mode(capsys) -> None:

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .config import CODECS, PROTOCOLS, Config
+from .handshake import Target
 from .payload import min_size
 from .report import format_text
 from .runner import Runner
@@ -134,6 +135,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
             fields["channel_prefix"] = args.channel_prefix
     cfg = Config(**fields)
     problems = []
+    try:
+        Target.from_url(cfg.url)
+    except ValueError as exc:
+        problems.append(f"--url: {exc}")
     if cfg.size < min_size(cfg.protocol, cfg.codec):
         problems.append(f"--size must be >= {min_size(cfg.protocol, cfg.codec)}")
     if cfg.server_pid and not os.path.exists(f"/proc/{cfg.server_pid}/stat"):

@@ -42,6 +42,7 @@ from ._speedups import (
     Subscriber,
 )
 from .config import Config, channel, mine, publisher_channels, subscriber_channel
+from .handshake import HandshakeFailed, Holder, Target
 
 PROGRESS_INTERVAL_S = 0.5
 # uvloop timers have 1 ms resolution; the fixed-rate schedule itself is exact
@@ -127,8 +128,8 @@ class Worker:
                      else KIND_WIREHUB_TLV if cfg.codec == "tlv" else KIND_WIREHUB_JSON)
         self.subscribers: list[tuple[int, Any]] = []
         self.senders: list[tuple[int, Any]] = []
-        self.holders: list[Any] = []
-        self.unwelcomed: list[tuple[Any, asyncio.Future[None]]] = []
+        self.holders: list[Holder] = []
+        self.unwelcomed: list[tuple[Holder, asyncio.Future[None]]] = []
         self.errors: Counter[str] = Counter()
         self.samples: list[str] = []
         self.open = 0
@@ -183,14 +184,25 @@ class Worker:
 
     # -- connections ------------------------------------------------------
 
-    async def _open(self, listener: Any, subscribe_to: str | None = None,
-                    await_welcome: bool = True) -> float | None:
-        """Connect one listener; return the handshake time in seconds, None on failure.
+    def _connect_failed(self, exc: BaseException) -> None:
+        """Count a connection that never opened, by what went wrong."""
+        if isinstance(exc, HandshakeFailed):
+            self.error(exc.kind, str(exc))
+        elif isinstance(exc, WSError):
+            self.error("handshake_failed", f"handshake: {exc}")
+        elif isinstance(exc, ConnectionRefusedError):
+            self.error("connect_refused", f"connect: {exc}")
+        elif isinstance(exc, ConnectionResetError):
+            self.error("connect_reset", f"connect: {exc}")
+        elif isinstance(exc, TimeoutError):
+            self.error("connect_timeout", "connect: timed out")
+        else:
+            self.error(f"connect_{type(exc).__name__}", f"connect: {exc}")
 
-        ``await_welcome=False`` (connect mode) returns after the upgrade; the
-        caller checks every wirehub ``welcome`` at once (``_check_welcomes``),
-        so the handshake rate does not include a per-connection wait.
-        """
+    async def _open(self, listener: Any, subscribe_to: str | None = None) -> float | None:
+        """Connect one listener (and wait for wirehub's ``welcome``, then
+        ``subscribed`` if it subscribes); return the handshake time in
+        seconds, None on failure."""
         cfg = self.cfg
         session = None
         if cfg.protocol == "wirehub":
@@ -206,20 +218,8 @@ class Worker:
                     transport, _ = await ws_connect(
                         lambda: listener, cfg.url, enable_auto_pong=True, use_aiofastnet=False,
                         websocket_handshake_timeout=cfg.connect_timeout_s)
-            except ConnectionRefusedError as exc:
-                self.error("connect_refused", f"connect: {exc}")
-                return None
-            except ConnectionResetError as exc:
-                self.error("connect_reset", f"connect: {exc}")
-                return None
-            except TimeoutError:
-                self.error("connect_timeout", "connect: timed out")
-                return None
-            except WSError as exc:
-                self.error("handshake_failed", f"handshake: {exc}")
-                return None
-            except OSError as exc:
-                self.error(f"connect_{type(exc).__name__}", f"connect: {exc}")
+            except (OSError, WSError) as exc:
+                self._connect_failed(exc)
                 return None
             elapsed = time.monotonic() - t0
         if transport.is_disconnected:
@@ -229,9 +229,6 @@ class Worker:
         self.open += 1
         listener.lost = self._on_lost
         if session is None:
-            return elapsed
-        if not await_welcome:
-            self.unwelcomed.append((listener, session.welcome))
             return elapsed
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
@@ -248,7 +245,7 @@ class Worker:
         return elapsed
 
     async def _check_welcomes(self) -> None:
-        """Wait (once, up to the connect timeout) for the welcomes ``_open`` did not await."""
+        """Wait (once, up to the connect timeout) for the welcomes ``_hold`` did not await."""
         pending, self.unwelcomed = self.unwelcomed, []
         waiting = [welcome for _, welcome in pending]
         if waiting:
@@ -258,9 +255,8 @@ class Worker:
             if not welcome.done() and not listener.disconnected:
                 self.error("setup_timeout", "no welcome reply in time")
 
-    async def _open_all(self, jobs: Iterable[tuple[Any, str | None]],
-                        await_welcome: bool = True) -> list[float | None]:
-        return await asyncio.gather(*(self._open(lst, ch, await_welcome) for lst, ch in jobs))
+    async def _open_all(self, jobs: Iterable[tuple[Any, str | None]]) -> list[float | None]:
+        return await asyncio.gather(*(self._open(lst, ch) for lst, ch in jobs))
 
     def _sender(self, pub: int, rate: float) -> Any:
         cfg = self.cfg
@@ -293,13 +289,46 @@ class Worker:
         jobs += [(lst, None) for _, lst in self.senders]
         await self._open_all(jobs)
 
+    async def _hold(self, target: Target) -> float | None:
+        """Open one ``connect``-mode connection; return the handshake time, None on failure.
+
+        wirehub's ``welcome`` is not awaited here but by ``_check_welcomes``,
+        once for all, so the handshake rate does not include a per-connection wait.
+        """
+        if self.cfg.protocol == "wirehub":
+            session = _Session(self, count_errors=True)
+            holder = Holder(target, session.on_control, self.error)
+        else:
+            session = None
+            holder = Holder(target, self._unexpected_frame, self.error)
+        self.holders.append(holder)
+        async with self.sem:
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(self.cfg.connect_timeout_s):
+                    await target.connect(holder)
+                    await holder.upgraded
+            except (OSError, HandshakeFailed) as exc:
+                holder.abort()
+                self._connect_failed(exc)
+                return None
+            elapsed = time.monotonic() - t0
+        self.open += 1
+        holder.lost = self._on_lost
+        if session is not None:
+            self.unwelcomed.append((holder, session.welcome))
+        return elapsed
+
+    def _unexpected_frame(self, holder: Holder, msg_type: WSMsgType, data: bytes) -> None:
+        self.error("unexpected_frame", f"unexpected frame: {data[:80]!r}")
+
     async def connect_and_hold(self) -> dict[str, Any]:
         """``connect`` mode: open connections as fast as allowed, then hold them."""
         cfg = self.cfg
-        self.holders = [Subscriber(self.kind, self.recorder, 1)
-                        for _ in mine(cfg.connections, self.index, cfg.procs)]
+        target = Target.from_url(cfg.url)
         t0 = time.monotonic()
-        times = await self._open_all(((lst, None) for lst in self.holders), await_welcome=False)
+        times = await asyncio.gather(*(self._hold(target)
+                                       for _ in mine(cfg.connections, self.index, cfg.procs)))
         connect_s = time.monotonic() - t0
         await self._check_welcomes()
         for t in times:
@@ -312,14 +341,16 @@ class Worker:
         """Close every connection with 1000 and wait (briefly) until they are gone."""
         self.closing = True
         listeners = [lst for _, lst in self.subscribers] + [lst for _, lst in self.senders]
-        listeners += self.holders
         for lst in listeners:
             if lst.transport is not None and not lst.disconnected:
                 lst.transport.send_close(WSCloseCode.OK)
                 lst.transport.disconnect()
+        for holder in self.holders:
+            holder.close(WSCloseCode.OK)
         deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline and any(
-                lst.transport is not None and not lst.disconnected for lst in listeners):
+        while time.monotonic() < deadline and (
+                any(lst.transport is not None and not lst.disconnected for lst in listeners)
+                or any(h.transport is not None and not h.disconnected for h in self.holders)):
             await asyncio.sleep(0.02)
 
     # -- phases -----------------------------------------------------------
