@@ -96,6 +96,10 @@ class TestErrors:
     @pytest.mark.parametrize("raw, code, text", [
         ("{not json", "invalid_message", None),
         ("[1,2]", "invalid_message", "expected a JSON object"),
+        # Nesting past the interpreter's recursion limit, in the message or in `data`.
+        ("[" * 5000, "invalid_message", "invalid JSON: nested too deeply"),
+        ('{"type":"publish","channel":"a","data":' + "[" * 5000 + "]" * 5000 + "}",
+         "invalid_message", "invalid JSON: nested too deeply"),
         ('{"channel":"a"}', "unknown_type", "missing `type`"),
         ('{"type":"launch"}', "unknown_type", "unknown message type 'launch'"),
         ('{"type":"subscribe","channel":7}', "invalid_field", "Expected `str`, got `int` - at `$.channel`"),

@@ -20,6 +20,9 @@ from .messages import (Auth, ClientMessage, Command, CustomMessage, Id, Message,
                        Reply, Subscribe, Unsubscribe)
 
 _TYPE_PATH = re.compile(r"at `\$\.type`$")
+# msgspec's decoders recurse per nesting level and stop at the interpreter's
+# recursion limit, raising RecursionError rather than DecodeError.
+_TOO_DEEP = "invalid JSON: nested too deeply"
 
 
 def _best_effort_id(obj: Any) -> Id:
@@ -59,6 +62,8 @@ class JsonCodec:
             # (Text frames are UTF-8 checked before they get here; the codec
             # does not rely on it.)
             raise InvalidMessage(f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidMessage(_TOO_DEEP) from None
 
     def _decode_untyped(self, payload: bytes, reason: str) -> CustomMessage:
         # The slow path, only for messages that failed typed decoding: either
@@ -67,6 +72,8 @@ class JsonCodec:
             obj = self._generic.decode(payload)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidMessage(f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidMessage(_TOO_DEEP) from None
         msg_id = _best_effort_id(obj)
         if not isinstance(obj, dict):
             raise InvalidMessage("expected a JSON object", id=msg_id)
