@@ -270,6 +270,20 @@ async def test_publish_outside_claims_delivers_nothing():
         assert 'wirehub_errors_total{code="forbidden"} 1' in await metrics(gw.port)
 
 
+async def test_invalid_names_are_refused_before_the_permission_cache_sees_them():
+    """Each refused name used to stay in the principal's answer cache (up to
+    1,024 names of up to a message's size each); now only valid names reach it."""
+    async with secured() as gw, client(gw, token_=token(sub="eve", publish=["telemetry.*"])) as eve:
+        long_name = "telemetry." + "x" * 100_000
+        for kind in ("publish", "subscribe"):
+            reply = await eve.request(type=kind, channel=long_name, data=1, id=1)
+            assert reply["code"] == "invalid_channel", reply
+        assert (await eve.request(type="publish", channel="system.x", data=1, id=2))["code"] == "forbidden"
+        principal = gw.connections[0].principal
+        cached = [*principal._can_publish, *principal._can_subscribe]
+        assert cached == ["system.x"]
+
+
 async def test_pattern_subscription_is_authorized_per_channel():
     async with secured() as gw:
         publisher = token(sub="pub", publish=["**"])

@@ -192,14 +192,19 @@ class Connection:
                 raise NotAuthenticated('authenticate first: {"type":"auth","token":"<JWT>"}')
             for middleware in self._middleware:
                 middleware(self, msg)
+            # Names are validated before the permission check, whose cache
+            # must only ever hold names of bounded length.
             if kind is Publish:
+                self._hub.check_channel(msg.channel)
                 if not principal.can_publish(msg.channel):
                     raise Forbidden(f"not allowed to publish to {msg.channel[:64]!r}")
                 self._publish(msg, codec, opcode)
             elif kind is Subscribe:
                 # A pattern is authorized per concrete channel as publications arrive.
-                if not is_pattern(msg.channel) and not principal.can_subscribe(msg.channel):
-                    raise Forbidden(f"not allowed to subscribe to {msg.channel[:64]!r}")
+                if not is_pattern(msg.channel):
+                    self._hub.check_channel(msg.channel)
+                    if not principal.can_subscribe(msg.channel):
+                        raise Forbidden(f"not allowed to subscribe to {msg.channel[:64]!r}")
                 # A source channel (logs:*, runners) is answered by its source, maybe later.
                 if self._hub.subscribe(self, msg.channel, msg, lambda r: self._reply(r, codec, opcode)):
                     self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
