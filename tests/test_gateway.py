@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 
 import pytest
@@ -14,7 +15,7 @@ from wirehub import Gateway, Config, Rejected
 from wirehub._speedups import load
 from wirehub.protocol.codec import Tag
 
-from helpers import connect_recording, json_client, running_gateway
+from helpers import RawClient, client_frame, connect_recording, json_client, running_gateway
 
 TLV = load("ext").tlv
 pytestmark = pytest.mark.parametrize("impl_name", ["ext", "pure"], indirect=False)
@@ -192,6 +193,38 @@ class TestLifecycle:
                 assert await silent.wait_closed(timeout=3) == 1001
                 await asyncio.sleep(0.5)
                 assert await alive.request(type="ping") == {"type": "pong"}
+
+    async def test_pings_are_answered_in_order_with_their_payload(self, impl_name):
+        async with running_gateway(impl_name, echo=True) as gw:
+            client = await RawClient.connect(gw.port, "/echo")
+            client.writer.write(client_frame(0x9, b"one") + client_frame(0x1, b"text")
+                                + client_frame(0x9, b"two"))
+            assert [await client.frame() for _ in range(3)] == [(0xA, b"one"), (0x1, b"text"),
+                                                                  (0xA, b"two")]
+
+    async def test_a_peer_that_pings_without_reading_is_a_slow_consumer(self, impl_name):
+        """PONGs are queued like replies, so they meet high_water_bytes (picows's
+        auto-pong wrote them to the transport, whose buffer grew without a bound)."""
+        async with running_gateway(impl_name, max_payload_bytes=1000, high_water_bytes=64_000) as gw:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
+            sock.connect(("127.0.0.1", gw.port))
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            writer.transport.pause_reading()  # from now on, never read
+            ping = client_frame(0x9, b"p" * 125)
+            for _ in range(100):  # 4 MB of PONGs asked for
+                writer.write(ping * 250)
+                await writer.drain()
+            writer.transport.resume_reading()
+            client = RawClient(reader, writer)
+            while (frame := await client.frame(timeout=10))[0] != 0x8:
+                assert frame[0] in (0x1, 0xA)  # the welcome, then PONGs
+            assert struct.unpack(">H", frame[1][:2])[0] == 1013
+            assert gw.metrics.closes_total[1013] == 1
 
     async def test_graceful_shutdown_sends_1001(self, impl_name):
         async with running_gateway(impl_name) as gw, json_client(gw) as c:

@@ -264,7 +264,7 @@ class Gateway:
                 True,                          # disconnect_on_exception
                 cfg.handshake_timeout_s,
                 False, 0, 0, WSAutoPingStrategy.PING_WHEN_IDLE,  # picows auto-ping off
-                True,                          # enable_auto_pong
+                False,                         # auto-pong off: FrameListener answers PINGs
                 cfg.max_payload_bytes,         # max_frame_size
                 None,                          # extra_headers
                 cfg.read_buffer_bytes,

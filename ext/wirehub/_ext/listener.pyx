@@ -2,9 +2,9 @@
 """The receive path: picows frames in, whole validated messages out.
 
 ``FrameListener`` owns everything RFC 6455 leaves to the application on top
-of picows (which parses frames, unmasks, checks opcodes/lengths and answers
-PINGs): fragment reassembly with limits, UTF-8 validation of text, reserved
-bits, the closing handshake, and the per-connection token buckets. What a
+of picows (which parses frames, unmasks and checks opcodes/lengths): PONGs,
+fragment reassembly with limits, UTF-8 validation of text, reserved bits, the
+closing handshake, and the per-connection token buckets. What a
 message *means* is decided upstairs, by the ``sink`` it calls
 (``wirehub.connection.Connection``). Reference twin:
 ``wirehub._pure.listener``.
@@ -35,8 +35,7 @@ cdef inline void _drop_handshake_state(WSTransport transport) noexcept:
     # 101 response on the transport (~1 KiB with their header dicts) and a 1 KiB
     # write buffer that only its own send path uses. A server never reads the
     # first two again (the sink keeps what the application may ask for), and
-    # wirehub sends everything but CLOSE and picows's automatic PONGs through
-    # the OutBatch. picows (pinned to 2.3.1) resizes that buffer before every
+    # wirehub sends everything but CLOSE through the OutBatch. picows (pinned to 2.3.1) resizes that buffer before every
     # use and only points into it while a send is in progress (a frame of at
     # most 8 KiB is copied out or sent before ``_send`` returns; our control
     # frames are at most 125 bytes), so an empty buffer is regrown when needed.
@@ -132,8 +131,14 @@ cdef class FrameListener(WSListener):
         if opcode == WSMsgType.CLOSE:
             self._on_close_frame(frame)
             return
-        if opcode == WSMsgType.PING or opcode == WSMsgType.PONG:
-            return  # picows answers PINGs; an unsolicited PONG needs no answer (§5.5.3).
+        if opcode == WSMsgType.PING:
+            # Answered here rather than by picows's auto-pong, which wrote
+            # straight to the transport: through the batch, a peer that pings
+            # without reading meets high_water_bytes like any slow consumer.
+            self.batch.push_frame(WSMsgType.PONG, frame.get_payload_as_bytes())
+            return
+        if opcode == WSMsgType.PONG:
+            return  # unsolicited or an answer to our heartbeat: nothing to say (§5.5.3)
         if opcode == WSMsgType.CONTINUATION:
             if self._fragmented_opcode == 0:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")

@@ -83,8 +83,12 @@ class FrameListener(WSListener):  # type: ignore[misc]
             self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
         elif opcode == WSMsgType.CLOSE:
             self._on_close_frame(frame)
-        elif opcode in (WSMsgType.PING, WSMsgType.PONG):
-            return
+        elif opcode == WSMsgType.PING:
+            # Through the batch, so a peer that pings without reading meets
+            # high_water_bytes like any slow consumer.
+            self.batch.push_frame(WSMsgType.PONG, frame.get_payload_as_bytes())
+        elif opcode == WSMsgType.PONG:
+            return  # unsolicited or an answer to our heartbeat: nothing to say (§5.5.3)
         elif opcode == WSMsgType.CONTINUATION:
             if not self._fragmented_opcode:
                 self.close(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
