@@ -149,6 +149,47 @@ class TestSourceContract:
                 "error": "Expected `int` >= 0 - at `$.tail`"}
             await c.subscribe("plain")
 
+    async def test_a_waiting_subscribe_counts_and_is_not_asked_twice(self, impl_name):
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0, max_subscriptions_per_connection=2), implementation=impl_name,
+                     sources=[source])
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            await c.send(type="subscribe", channel="feed:a", id=1)
+            await until(lambda: source.pending)
+            # The first request keeps its answer; the second is refused at once.
+            assert await c.request(type="subscribe", channel="feed:a", id=2) == {
+                "type": "error", "code": "invalid_field", "id": 2,
+                "error": "a subscribe to 'feed:a' is already waiting for its answer"}
+            await c.send(type="subscribe", channel="feed:b", id=3)
+            await until(lambda: len(source.pending) == 2)
+            # Two subscriptions waiting: the limit of two is reached.
+            assert (await c.request(type="subscribe", channel="plain", id=4))["code"] == \
+                "too_many_subscriptions"
+            source.admit_all()
+            replies = [await c.recv(), await c.recv()]
+            assert sorted(r["id"] for r in replies) == [1, 3]
+            assert all(r["type"] == "subscribed" for r in replies)
+            assert (await c.request(type="subscribe", channel="plain", id=5))["code"] == \
+                "too_many_subscriptions"
+            await c.request(type="unsubscribe", channel="feed:a")
+            await c.subscribe("plain")
+            assert gw.metrics.errors_total["invalid_field"] == 1
+
+    async def test_tail_on_a_repeated_subscribe_is_refused(self, impl_name):
+        source = ScriptedSource()
+        gw = Gateway(Config(port=0), implementation=impl_name, sources=[source])
+        async with running_gateway(gateway=gw), json_client(gw) as c:
+            await c.send(type="subscribe", channel="feed:r", id=1)
+            await until(lambda: source.pending)
+            source.admit_all()
+            assert (await c.recv())["type"] == "subscribed"
+            assert await c.request(type="subscribe", channel="feed:r", id=2) == {
+                "type": "subscribed", "channel": "feed:r", "id": 2}  # twice is a no-op
+            assert await c.request(type="subscribe", channel="feed:r", tail=3, id=3) == {
+                "type": "error", "code": "invalid_field", "id": 3,
+                "error": "already subscribed to 'feed:r': `tail` needs a new subscription "
+                         "(unsubscribe first)"}
+
     async def test_tail_over_tlv(self, impl_name):
         source = ScriptedSource()
         gw = Gateway(Config(port=0), implementation=impl_name, sources=[source])

@@ -97,6 +97,10 @@ class Hub:
         self._threshold = compress_threshold_bytes
         self.subscription_count = 0
         self.sources: list[Source] = []
+        # Source subscribes not answered yet, per client id: they count
+        # toward the subscription limit, and a second one for the same
+        # channel is refused instead of replacing the first.
+        self._awaiting: dict[str, set[str]] = {}
         broker.bind(self)
 
     def add_source(self, source: Source) -> None:
@@ -144,29 +148,53 @@ class Hub:
             self.check_pattern(name)
         else:
             self.check_channel(name)
+        tail = request.tail if request is not None else None
         if name in conn.subscriptions:
+            if tail is not None:
+                raise InvalidField(f"already subscribed to {name[:64]!r}: `tail` needs a new "
+                                   f"subscription (unsubscribe first)")
             return True
-        if len(conn.subscriptions) >= self._max_subscriptions:
+        awaiting = self._awaiting.get(conn.client_id, ())
+        if name in awaiting:
+            raise InvalidField(f"a subscribe to {name[:64]!r} is already waiting for its answer")
+        if len(conn.subscriptions) + len(awaiting) >= self._max_subscriptions:
             raise TooManySubscriptions(
                 f"a connection may hold at most {self._max_subscriptions} subscriptions")
         if not pattern and self.sources and request is not None and answer is not None:
             source = self.source_for(name)
             if source is not None:
-                return source.subscribe(conn, name, request, self._counted(answer))
-        if request is not None and request.tail is not None:
+                return self._ask_source(source, conn, name, request, answer)
+        if tail is not None:
             raise InvalidField("`tail` is only supported on source channels such as logs:<container>")
         self.join(conn, name)
         return True
 
-    def _counted(self, answer: Callable[[Reply], None]) -> Callable[[Reply], None]:
-        """``answer``, counting the errors a source answers with (it may answer later)."""
+    def _ask_source(self, source: Source, conn: Connection, name: str, request: Subscribe,
+                    answer: Callable[[Reply], None]) -> bool:
+        """Hand a subscribe to ``source``, which answers now or later; until
+        then it is awaiting (counted, and not to be asked twice)."""
+        awaiting = self._awaiting.setdefault(conn.client_id, set())
+        awaiting.add(name)
         errors = self._metrics.errors_total
 
-        def counted(reply: Reply) -> None:
+        def answered(reply: Reply) -> None:
+            self._stop_awaiting(conn.client_id, name)
             if type(reply) is Error:
                 errors[reply.code] += 1
             answer(reply)
-        return counted
+
+        try:
+            return source.subscribe(conn, name, request, answered)
+        except BaseException:
+            self._stop_awaiting(conn.client_id, name)
+            raise
+
+    def _stop_awaiting(self, client_id: str, name: str) -> None:
+        awaiting = self._awaiting.get(client_id)
+        if awaiting is not None:
+            awaiting.discard(name)
+            if not awaiting:
+                del self._awaiting[client_id]
 
     def join(self, conn: Connection, name: str) -> None:
         """Add ``conn`` to the channel or pattern ``name`` (validated) without asking a source."""
@@ -197,6 +225,7 @@ class Hub:
         if name not in conn.subscriptions:
             source = self.source_for(name) if self.sources else None
             if source is not None and source.cancel(conn, name):
+                self._stop_awaiting(conn.client_id, name)
                 return  # a subscribe its source had not answered yet
             raise NotSubscribed(f"not subscribed to {name[:64]!r}")
         conn.subscriptions.discard(name)
@@ -257,6 +286,7 @@ class Hub:
 
     def drop(self, conn: Connection) -> None:
         """Forget a closed connection and all its subscriptions."""
+        self._awaiting.pop(conn.client_id, None)
         for source in self.sources:
             source.forget(conn)
         for name in list(conn.subscriptions):
