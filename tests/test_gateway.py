@@ -315,6 +315,28 @@ class TestEmbeddingApi:
                 {"type": "error", "code": "internal_error", "error": "internal error; see the server log", "id": 1}
             assert (await c.request(type="refuse"))["code"] == "forbidden"
 
+    async def test_running_async_handlers_are_limited_per_connection(self, impl_name):
+        gw = Gateway(Config(port=0, max_pending_handlers_per_connection=2), implementation=impl_name)
+        release = asyncio.Event()
+
+        @gw.on("wait")
+        async def wait(conn, msg):
+            await release.wait()
+            return {"type": "done", "id": msg["id"]}
+
+        async with running_gateway(gateway=gw), json_client(gw) as c, json_client(gw) as other:
+            await c.send(type="wait", id=1)
+            await c.send(type="wait", id=2)
+            assert await c.request(type="wait", id=3) == {
+                "type": "error", "code": "rate_limited", "id": 3,
+                "error": "2 requests of this connection are still running; message not processed"}
+            await other.send(type="wait", id=4)  # the limit is per connection
+            release.set()
+            assert sorted([(await c.recv())["id"], (await c.recv())["id"]]) == [1, 2]
+            assert await other.recv() == {"type": "done", "id": 4}
+            assert await c.request(type="wait", id=5) == {"type": "done", "id": 5}
+            assert gw.metrics.errors_total["rate_limited"] == 1
+
     async def test_builtin_types_cannot_be_overridden(self, impl_name):
         with pytest.raises(ValueError):
             Gateway(Config(port=0), implementation=impl_name).on("publish", lambda c, m: None)

@@ -241,6 +241,7 @@ async def test_open_gateway_allows_everything_but_permissions():
             assert reply["code"] == "auth_not_configured"
             assert (await c.request(type="runner_stop", id=1))["code"] == "forbidden"
             await c.subscribe("still.open")
+        assert 'wirehub_auth_failures_total{code="auth_not_configured"} 1' in await metrics(gw.port)
 
 
 def test_serve_warns_when_open_and_not_when_secured():

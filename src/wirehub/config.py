@@ -36,6 +36,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_fragments: Annotated[int, Positive] = 131_072
     max_subscriptions_per_connection: Annotated[int, Positive] = 128
     max_channel_length: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 255
+    max_pending_handlers_per_connection: Annotated[int, Positive] = 32
     ping_interval_s: Annotated[float, Positive] = 20.0
     ping_timeout_s: Annotated[float, Positive] = 20.0
     rate_limit_messages_per_s: Annotated[float, NonNegative] = 10_000.0
@@ -126,6 +127,8 @@ HELP: dict[str, str] = {
     "max_fragments": "most frames one fragmented message may have",
     "max_subscriptions_per_connection": "subscriptions one connection may hold",
     "max_channel_length": "longest channel name, in characters",
+    "max_pending_handlers_per_connection": ("async application handlers (Gateway.on) one connection "
+                                            "may have running; more are answered rate_limited"),
     "ping_interval_s": "idle seconds before the server pings a client",
     "ping_timeout_s": "seconds a client has to answer a ping before it is closed with 1001",
     "rate_limit_messages_per_s": "messages per second per connection (0 = unlimited)",

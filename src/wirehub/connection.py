@@ -21,7 +21,7 @@ from .auth import Principal
 from .hub import OP_BINARY, OP_TEXT
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, Forbidden, NotAuthenticated,
-                              WirehubError)
+                              RateLimited, WirehubError)
 from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, Ping, Pong,
                                 Publish, Published, Reply, Subscribe, Subscribed, TokenExpiring,
                                 Unsubscribe, Unsubscribed, Welcome)
@@ -59,13 +59,16 @@ class Connection:
 
     __slots__ = ("client_id", "subscriptions", "request", "remote_address", "principal", "listener",
                  "batch", "compressor", "fanout_group", "_target", "_threshold", "_gateway", "_hub",
-                 "_json", "_tlv", "_middleware", "_metrics", "_timer", "__weakref__")
+                 "_json", "_tlv", "_middleware", "_metrics", "_timer", "_handlers", "__weakref__")
 
     def __init__(self, gateway: Gateway, request: WSUpgradeRequest,
                  deflate: DeflateParams | None = None, principal: Principal | None = None) -> None:
         self.client_id = secrets.token_hex(8)
         self.principal = principal
         self._timer: asyncio.TimerHandle | None = None
+        # Running async handlers (Gateway.on): referenced here so they are not
+        # collected mid-run, and counted against a per-connection limit.
+        self._handlers: set[asyncio.Future[Any]] | None = None
         # Hub.subscribe makes it a set: idle connections share this empty one.
         self.subscriptions: set[str] | frozenset[str] = _NO_SUBSCRIPTIONS
         self.request: WSUpgradeRequest | None = request
@@ -235,7 +238,8 @@ class Connection:
         """First authentication, or a token refresh on an authenticated connection."""
         verifier = self._gateway.verifier
         if verifier is None:
-            self._reply(AuthFailed("auth_not_configured", "this gateway has no key configured: "
+            self._metrics.auth_failures_total[AuthCode.AUTH_NOT_CONFIGURED] += 1
+            self._reply(AuthFailed(AuthCode.AUTH_NOT_CONFIGURED, "this gateway has no key configured: "
                                    "it is open to every connection", msg.id), codec, opcode)
             return
         try:
@@ -294,6 +298,11 @@ class Connection:
         if permission is not None and not self.principal.has_permission(permission):
             raise Forbidden(f"{msg.type!r} needs permission {permission!r}")
         handler = self._gateway.handlers[msg.type]
+        running = self._handlers
+        limit = self._gateway.config.max_pending_handlers_per_connection
+        if running is not None and len(running) >= limit:
+            raise RateLimited(f"{limit} requests of this connection are still running; "
+                              f"message not processed")
         try:
             result = handler(self, msg.body)
         except WirehubError:
@@ -303,12 +312,20 @@ class Connection:
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
+            if running is None:
+                running = self._handlers = set()
+            running.add(task)
             task.add_done_callback(lambda t: self._custom_done(t, msg, codec, opcode))
         elif result is not None:
             self.send(result)
 
     def _custom_done(self, task: asyncio.Future, msg: CustomMessage,
                      codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        running = self._handlers
+        if running is not None:
+            running.discard(task)
+            if not running:
+                self._handlers = None
         if task.cancelled() or self.batch.closed:
             return
         exc = task.exception()

@@ -163,7 +163,9 @@ class Gateway:
         ``WirehubError`` answers with that error; any other exception answers
         ``internal_error`` and is logged. With ``permission``, only clients
         whose token lists it (or ``admin``) get through; the others get
-        ``forbidden``.
+        ``forbidden``. A connection may have ``max_pending_handlers_per_connection``
+        async handlers running; more are answered ``rate_limited``. An async
+        handler runs to the end even if its client leaves (its answer is dropped).
         """
         if msg_type in RESERVED_TYPES:
             raise ValueError(f"{msg_type!r} is a built-in message type")

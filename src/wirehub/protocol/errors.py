@@ -13,6 +13,7 @@
     ├── ContainerNotFound        ``container_not_found``
     ├── TooManySubscriptions     ``too_many_subscriptions``
     ├── NotSubscribed            ``not_subscribed``
+    ├── RateLimited              ``rate_limited``: not processed, try again later
     ├── Forbidden                ``forbidden``: the token's claims do not allow it
     ├── NotAuthenticated         ``not_authenticated``: only ``auth`` is accepted yet
     └── Rejected                 ``rejected``: an application middleware said no
@@ -121,6 +122,10 @@ class NotSubscribed(WirehubError):
     code = ErrorCode.NOT_SUBSCRIBED
 
 
+class RateLimited(WirehubError):
+    code = ErrorCode.RATE_LIMITED
+
+
 class Forbidden(WirehubError):
     code = ErrorCode.FORBIDDEN
 
@@ -146,6 +151,7 @@ class AuthCode:
     INVALID_TOKEN = "invalid_token"
     TOKEN_EXPIRED = "token_expired"
     SUBJECT_CHANGED = "subject_changed"
+    AUTH_NOT_CONFIGURED = "auth_not_configured"   # an auth message on a gateway without a key
 
 
 class AuthError(Exception):
