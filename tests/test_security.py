@@ -345,6 +345,32 @@ async def test_connection_limits_answer_503_and_429(impl):
         assert 'wirehub_refusals_total{reason="max_connections_per_ip"} 1' in await metrics(gw.port)
 
 
+async def test_refused_sockets_waiting_for_an_answer_are_bounded(impl):
+    """Refused sockets that send nothing are held for their answer only up
+    to ``max_answering``; past it they are dropped at once."""
+    async with running_gateway(impl.name, max_connections=1, max_connections_per_ip=0) as gw, \
+            client(gw):
+        gw.admission.max_answering = 2
+        silent = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(2)]
+        reader, _ = await asyncio.open_connection("127.0.0.1", gw.port)  # the third: dropped
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        for r, _ in silent:  # the first two are still waiting for their request
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(r.read(1), 0.2)
+        r, w = silent[0]
+        w.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(r.read(), 2)).startswith(b"HTTP/1.1 503 ")
+        await asyncio.sleep(0.05)
+        assert gw.admission.answering == 1  # its place is free again
+        status, _, _ = await http_get(gw.port)
+        assert status == 503
+        for _, w in silent:
+            w.close()
+        await asyncio.sleep(0.05)
+        assert gw.admission.answering == 0
+    assert gw.metrics.refusals_total["max_connections"] == 4
+
+
 async def test_connection_flood_from_one_ip_is_rate_limited(impl):
     async with running_gateway(impl.name, new_connections_per_ip_per_s=2, new_connections_burst_per_ip=5) as gw:
         statuses = await asyncio.gather(*(http_get(gw.port) for _ in range(20)))

@@ -57,12 +57,20 @@ class _Peer:
 class Admission:
     """Connection limits per gateway and per client IP.
 
+    A refused socket is held until its request arrives, so that the answer
+    is read rather than lost to a reset, or until the handshake timeout. At
+    most ``max_answering`` wait like that: past it, a refused socket is
+    dropped at once without an answer, so a flood of sockets that never send
+    a byte cannot hold more than that many descriptors beyond the limits.
+
     Args:
         config: ``max_connections``, ``max_connections_per_ip``,
             ``new_connections_per_ip_per_s``/``_burst_per_ip``, ``max_header_bytes``.
         metrics: where refusals are counted.
         clock: monotonic seconds (injected by tests).
     """
+
+    max_answering = 1024
 
     def __init__(self, config: Config, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -75,6 +83,7 @@ class Admission:
         self._clock = clock
         self._peers: dict[str, _Peer] = {}
         self.open = 0
+        self.answering = 0             # refused sockets waiting for their request
         retry_after = str(max(1, round(1 / self._rate))) if self._rate else "1"
         self._refusals = {
             RefusalReason.MAX_CONNECTIONS: _response(
@@ -89,16 +98,20 @@ class Admission:
             HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
             f"request head larger than {self.max_header_bytes} bytes")
 
-    def admit(self, transport: Any) -> str | bytes:
+    def admit(self, transport: Any) -> str | bytes | None:
         """The peer key of an admitted socket (hand it back to ``release``),
-        or the response bytes that refuse it."""
+        the response bytes that refuse it (call ``release_refused`` when it
+        closes), or None: refused, and to be dropped without an answer."""
         peer = transport.get_extra_info("peername")
         key = peer[0] if isinstance(peer, tuple) else ""
         reason = self._check(key)
-        if reason is not None:
-            self._metrics.refusals_total[reason] += 1
-            return self._refusals[reason]
-        return key
+        if reason is None:
+            return key
+        self._metrics.refusals_total[reason] += 1
+        if self.answering >= self.max_answering:
+            return None
+        self.answering += 1
+        return self._refusals[reason]
 
     def _check(self, key: str) -> str | None:
         if self._max_total and self.open >= self._max_total:
@@ -124,6 +137,10 @@ class Admission:
         self.open -= 1
         state = self._peers[key]
         state.open -= 1
+
+    def release_refused(self) -> None:
+        """A refused socket that was to be answered closed."""
+        self.answering -= 1
 
     def refuse(self, transport: Any, response: bytes) -> None:
         """Answer a refused socket (its request has arrived) and close it."""

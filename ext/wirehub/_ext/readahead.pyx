@@ -17,7 +17,8 @@ untouched, so the guard costs one header scan per read.
 
 It is also where admission control runs (``wirehub.admission``): the
 guard asks ``admission.admit(transport)`` at accept, answers a refused socket
-once its request arrives, and answers 431 when the request head outgrows
+once its request arrives (or drops it at once when too many refused sockets
+already wait for theirs), and answers 431 when the request head outgrows
 ``admission.max_header_bytes`` -- all before picows parses a byte.
 
 Reference twin: ``wirehub._pure.readahead``.
@@ -41,6 +42,7 @@ cdef class ReadAheadGuard:
     cdef object _admission
     cdef object _peer            # admission's key for this socket, once admitted
     cdef object _refusal         # response bytes for a refused socket, until sent
+    cdef bint _refused           # admission counts this socket among those it answers
     cdef Py_ssize_t _head_bytes  # request-head bytes seen before the upgrade
     cdef bint _discard           # answered with an error: ignore what still arrives
     cdef object _view
@@ -57,18 +59,24 @@ cdef class ReadAheadGuard:
 
     # asyncio protocol interface, forwarded
     def connection_made(self, transport):
-        if self._admission is not None:
-            decision = self._admission.admit(transport)
-            if isinstance(decision, bytes):
-                self._refusal = decision
-            else:
-                self._peer = decision
+        decision = None if self._admission is None else self._admission.admit(transport)
+        if isinstance(decision, bytes):
+            self._refusal = decision
+            self._refused = True
+        elif decision is not None:
+            self._peer = decision
         self._inner.connection_made(transport)
+        if self._admission is not None and decision is None:
+            self._discard = True  # refused, with too many others waiting for an answer
+            transport.abort()
 
     def connection_lost(self, exc):
         if self._peer is not None:
             self._admission.release(self._peer)
             self._peer = None
+        elif self._refused:
+            self._admission.release_refused()
+            self._refused = False
         self._inner.connection_lost(exc)
 
     def eof_received(self):

@@ -16,6 +16,7 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
         self._admission = admission
         self._peer: str | None = None
         self._refusal: bytes | None = None
+        self._refused = False  # admission counts this socket among those it answers
         self._head_bytes = 0
         self._discard = False
         self._view: memoryview | None = None
@@ -24,18 +25,24 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
         self._upgraded = False
 
     def connection_made(self, transport: Any) -> None:
-        if self._admission is not None:
-            decision = self._admission.admit(transport)
-            if isinstance(decision, bytes):
-                self._refusal = decision
-            else:
-                self._peer = decision
+        decision = None if self._admission is None else self._admission.admit(transport)
+        if isinstance(decision, bytes):
+            self._refusal = decision
+            self._refused = True
+        elif decision is not None:
+            self._peer = decision
         self._inner.connection_made(transport)
+        if self._admission is not None and decision is None:
+            self._discard = True  # refused, with too many others waiting for an answer
+            transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._peer is not None:
             self._admission.release(self._peer)
             self._peer = None
+        elif self._refused:
+            self._admission.release_refused()
+            self._refused = False
         self._inner.connection_lost(exc)
 
     def eof_received(self) -> bool | None:
