@@ -32,8 +32,6 @@ MAX_RESPONSE_HEAD = 16 * 1024
 # refused like picows's default max_frame_size would.
 MAX_FRAME = 1 << 20
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 CLOSE_NO_STATUS = 1005
 
 
@@ -180,7 +178,8 @@ class Holder(asyncio.Protocol):
             return
         self.closing = True
         if self.is_open:
-            self.transport.write(client_frame(OP_CLOSE, b"" if code is None else code.to_bytes(2, "big")))
+            self.transport.write(client_frame(WSMsgType.CLOSE,
+                                              b"" if code is None else code.to_bytes(2, "big")))
         self.transport.close()
 
     def abort(self) -> None:
@@ -218,16 +217,16 @@ class Holder(asyncio.Protocol):
             self._on_frame(b0 & 0x80, b0 & 0x0F, payload)
 
     def _on_frame(self, fin: int, opcode: int, payload: bytes) -> None:
-        if opcode == OP_PING:
+        if opcode == WSMsgType.PING:
             assert self.transport is not None
-            self.transport.write(client_frame(OP_PONG, payload))
-        elif opcode == OP_CLOSE:
+            self.transport.write(client_frame(WSMsgType.PONG, payload))
+        elif opcode == WSMsgType.CLOSE:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
             self.close_code = CLOSE_NO_STATUS if code is None else code
             self.close(code)  # the usual answer echoes the server's code
-        elif opcode in (OP_TEXT, OP_BINARY) and fin:
+        elif opcode in (WSMsgType.TEXT, WSMsgType.BINARY) and fin:
             self.on_message(self, WSMsgType(opcode), payload)
-        elif opcode != OP_PONG:
+        elif opcode != WSMsgType.PONG:
             # Fragmented messages are not part of any protocol the loadgen speaks.
             self.on_error("malformed", f"unexpected frame: opcode {opcode}, fin {bool(fin)}")
 
