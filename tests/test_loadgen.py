@@ -217,17 +217,21 @@ def test_server_pid_must_exist(capsys) -> None:
 
 
 def test_cpu_probe_interpolates_over_a_window() -> None:
+    # Spin until this process has used 0.3 CPU-seconds rather than for a wall
+    # time: on a loaded machine a wall-clock spin gets a fraction of a core.
     probe = ServerCpuProbe(os.getpid())
     probe.start()
     time.sleep(0.1)
-    start = time.monotonic_ns()
-    while time.monotonic_ns() - start < 300_000_000:  # busy: ~100 % of one core
+    start, cpu_start = time.monotonic_ns(), time.process_time()
+    while time.process_time() - cpu_start < 0.3:
         pass
-    end = time.monotonic_ns()
+    end, used = time.monotonic_ns(), time.process_time() - cpu_start
     time.sleep(0.1)
     probe.stop()
     busy = probe.result(start, end)
-    assert 60 <= busy["cpu_percent"] <= 110, busy
+    # Interpolation at each edge can be off by one 10 ms sample's CPU.
+    assert abs(busy["cpu_s"] - used) <= 0.05, (busy, used)
+    assert busy["cpu_percent"] == pytest.approx(100 * used * 1e9 / (end - start), abs=20)
     assert "error" in probe.result(end, end + 10**10)  # not sampled
     assert cpu_seconds(os.getpid()) >= busy["cpu_s"]
 
