@@ -520,11 +520,16 @@ class TestSharedRuns:
         assert run_schedule(EXT, ops) == run_schedule(PURE, ops)
 
     def test_a_run_survives_a_full_chunk(self, impl):
-        # 200 x 1 KiB frames in one tick overflow the 64 KiB shared chunk.
-        ops = [("fanout", ([0, 1, 2], None, 1000, 65 + i % 26)) for i in range(200)]
-        streams, _, _ = run_schedule(impl, ops + [("tick", None)])
-        expected = b"".join(impl.frame.build_frame(1, bytes([65 + i % 26]) * 1000) for i in range(200))
-        assert streams[:3] == [expected] * 3
+        # The shared chunk (1 MiB) is reused once no batch points into it, and
+        # a batch is written through once it holds 64 KiB. Batch 1 starts 33
+        # frames ahead, so it writes through at other times than batches 0 and
+        # 2, some run always pins the chunk, and ~1.1 MB in one tick overflows it.
+        lead = [("fanout", ([1], None, 1000, 64)) for _ in range(33)]
+        ops = [("fanout", ([0, 1, 2], None, 1000, 65 + i % 26)) for i in range(1100)]
+        streams, _, _ = run_schedule(impl, lead + ops + [("tick", None)])
+        frames = b"".join(impl.frame.build_frame(1, bytes([65 + i % 26]) * 1000) for i in range(1100))
+        ahead = impl.frame.build_frame(1, b"@" * 1000) * 33
+        assert streams[:3] == [frames, ahead + frames, frames]
 
 
 class SocketTransport(RecordingTransport):

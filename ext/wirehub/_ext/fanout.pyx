@@ -42,7 +42,13 @@ cdef enum:
     SHRINK_ABOVE = 65536        # bytes; a buffer grown past this is freed after a flush
     SHARE_ABOVE = 16384         # bytes; frames this large are queued by reference
     WRITE_THROUGH = 65536       # bytes; a batch this full is written at once, not at tick end
-    CHUNK_BYTES = 65536         # bytes; one shared chunk of fanned-out frames
+    # bytes; one shared chunk of fanned-out frames. A fan-out round spans
+    # several loop iterations (ROUND_SLICE), and publications that arrive
+    # meanwhile go into the same chunk; when it fills, every subscriber
+    # still holding a run in it copies that run. 64 KiB filled within a round
+    # of 1 KiB publications: 1 publisher -> 1,000 subscribers, 1 KiB, went
+    # from 2.2-2.7 M to 4.1-4.2 M deliveries per server CPU-second with 1 MiB.
+    CHUNK_BYTES = 1048576
 
 # A fan-out flush shorter than this does not delay the next one (Flusher).
 cdef double PACE_ABOVE_S = 0.0002
