@@ -46,8 +46,7 @@ cdef enum:
     # several loop iterations (ROUND_SLICE), and publications that arrive
     # meanwhile go into the same chunk; when it fills, every subscriber
     # still holding a run in it copies that run. 64 KiB filled within a round
-    # of 1 KiB publications: 1 publisher -> 1,000 subscribers, 1 KiB, went
-    # from 2.2-2.7 M to 4.1-4.2 M deliveries per server CPU-second with 1 MiB.
+    # of 1 KiB publications (measured: docs/architecture.md, step 4).
     CHUNK_BYTES = 1048576
 
 # A fan-out flush shorter than this does not delay the next one (Flusher).
