@@ -224,8 +224,8 @@ class Connection:
             self._reply(Error(exc.code, exc.message, msg_id), codec, opcode)
 
     def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
-        position = self._hub.publish(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
-                                     origin=self.client_id if msg.exclude_self else None)
+        position = self._hub.publish_checked(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
+                                             origin=self.client_id if msg.exclude_self else None)
         if msg.id is not None:
             self._reply(Published(msg.channel, position.offset, msg.id), codec, opcode)
 

@@ -35,10 +35,11 @@ cdef inline void _drop_handshake_state(WSTransport transport) noexcept:
     # 101 response on the transport (~1 KiB with their header dicts) and a 1 KiB
     # write buffer that only its own send path uses. A server never reads the
     # first two again (the sink keeps what the application may ask for), and
-    # wirehub sends everything but CLOSE through the OutBatch. picows (pinned to 2.3.1) resizes that buffer before every
-    # use and only points into it while a send is in progress (a frame of at
-    # most 8 KiB is copied out or sent before ``_send`` returns; our control
-    # frames are at most 125 bytes), so an empty buffer is regrown when needed.
+    # wirehub sends everything but CLOSE through the OutBatch. picows (pinned
+    # to 2.3.1) resizes that buffer before every use and only points into it
+    # while a send is in progress (a frame of at most 8 KiB is copied out or
+    # sent before ``_send`` returns; our control frames are at most 125
+    # bytes), so an empty buffer is regrown when needed.
     cdef MemoryBuffer buf = transport._write_buffer
     transport.request = None
     transport.response = None

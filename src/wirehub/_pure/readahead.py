@@ -25,15 +25,19 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
         self._upgraded = False
 
     def connection_made(self, transport: Any) -> None:
-        decision = None if self._admission is None else self._admission.admit(transport)
-        if isinstance(decision, bytes):
-            self._refusal = decision
-            self._refused = True
-        elif decision is not None:
-            self._peer = decision
+        drop = False
+        if self._admission is not None:
+            decision = self._admission.admit(transport)
+            if decision is None:
+                drop = True  # refused, with too many others waiting for an answer
+            elif isinstance(decision, bytes):
+                self._refusal = decision
+                self._refused = True
+            else:
+                self._peer = decision
         self._inner.connection_made(transport)
-        if self._admission is not None and decision is None:
-            self._discard = True  # refused, with too many others waiting for an answer
+        if drop:
+            self._discard = True
             transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
