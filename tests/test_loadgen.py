@@ -9,6 +9,7 @@ fault injection (``bench/servers/``), and ``wirehub serve`` once it exists.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from picows import WSMsgType
+from picows import WSListener, WSMsgType, ws_connect, ws_create_server
 from picows.picows import _make_test_ws_frame
 
 from tools.loadgen import _pure
@@ -31,6 +32,7 @@ from tools.loadgen.handshake import accept_value
 from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_index
 from tools.loadgen.payload import header
 from tools.loadgen.server_cpu import ServerCpuProbe, cpu_seconds
+from tools.loadgen.worker import hand_over
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "bench" / "servers"
@@ -150,6 +152,150 @@ def test_tlv_message_and_control_frames(impl) -> None:
     _feed(sub, b'{"type":"welcome"}')
     _feed(sub, b"\x01\x00\x00\x00\x09mess", WSMsgType.BINARY)  # truncated record
     assert (sub.received, rec.malformed, seen) == (1, 1, [b'{"type":"welcome"}'])
+
+
+# -- socket reader -----------------------------------------------------------
+# A subscriber connected with picows to an in-process picows server, then
+# handed over to the SocketReader the way the worker does it; the server
+# writes raw frames to the socket, so split, large, control and invalid
+# frames arrive exactly as written.
+
+class _RawPeer(WSListener):  # type: ignore[misc]
+    """Server side: records what the client sends; the test writes raw bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transport = None
+        self.frames: list[tuple[WSMsgType, bytes]] = []
+        self.gone = asyncio.Event()
+
+    def on_ws_connected(self, transport) -> None:
+        self.transport = transport
+
+    def on_ws_frame(self, transport, frame) -> None:
+        self.frames.append((frame.msg_type, frame.get_payload_as_bytes()))
+
+    def on_ws_disconnected(self, transport) -> None:
+        self.gone.set()
+
+    def write(self, data: bytes) -> None:
+        self.transport.underlying_transport.write(data)
+
+
+def _server_frame(opcode: int, payload: bytes, fin: bool = True, masked: bool = False) -> bytes:
+    first = bytes([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if masked else 0
+    n = len(payload)
+    if n < 126:
+        head = first + bytes([mask_bit | n])
+    elif n < 1 << 16:
+        head = first + bytes([mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head = first + bytes([mask_bit | 127]) + n.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+async def _handed_over(impl, max_frame: int = 1 << 20):
+    """(server peer, subscriber, reader, control frames seen, lost) on loopback."""
+    peers: list[_RawPeer] = []
+
+    def new_peer(_request):
+        peers.append(_RawPeer())
+        return peers[-1]
+
+    server = await ws_create_server(new_peer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sub = impl.Subscriber(impl.KIND_WIREHUB_JSON, impl.Recorder(), 1)
+    seen: list[bytes] = []
+    lost: list[object] = []
+    sub.control = lambda _l, _t, payload: seen.append(payload)
+    sub.lost = lost.append
+    await ws_connect(lambda: sub, f"ws://127.0.0.1:{port}/", use_aiofastnet=False)
+    reader = impl.SocketReader(max_frame)
+    fds = len(os.listdir("/proc/self/fd"))
+    hand_over(reader, sub)
+    # No dup: 10,000 subscribers must not need 20,000 file descriptors.
+    assert len(os.listdir("/proc/self/fd")) == fds
+    asyncio.get_running_loop().add_reader(reader.fileno(), reader.on_ready)
+    await _until(lambda: peers and peers[0].transport is not None)
+    return server, peers[0], sub, reader, seen, lost
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def _shut(server, reader) -> None:
+    asyncio.get_running_loop().remove_reader(reader.fileno())
+    reader.close()
+    server.close()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+async def test_socket_reader_frames_split_large_and_control(impl) -> None:
+    server, peer, sub, reader, seen, lost = await _handed_over(impl)
+    big = _message(3)[:-2] + b"x" * 70_000 + b'"}'          # 64-bit length
+    mid = _message(4)[:-2] + b"y" * 300 + b'"}'             # 16-bit length
+    frames = [_server_frame(1, _message(1)), _server_frame(9, b"hi"), _server_frame(1, _message(2)),
+              _server_frame(1, big), _server_frame(1, mid), _server_frame(9, b"are you there"),
+              _server_frame(1, b'{"type":"error","code":"x"}'),
+              _server_frame(1, b"fragment", fin=False)]
+    starts = [sum(len(f) for f in frames[:i]) for i in range(len(frames))]
+    stream = b"".join(frames)
+    # Cut inside a 2-byte header, a frame shorter than the longest header (the
+    # next read then brings the start of the following frame too), a payload,
+    # the 8-byte and the 2-byte extended lengths, and a large payload.
+    cuts = [1, starts[1] + 1, starts[2] + 40, starts[3] + 5, starts[3] + 20_000, starts[4] + 3,
+            len(stream)]
+    for begin, end in zip([0, *cuts], cuts):
+        peer.write(stream[begin:end])
+        await asyncio.sleep(0.02)
+    await _until(lambda: sub.received == 4 and sub.recorder.malformed == 1
+                 and (WSMsgType.PONG, b"are you there") in peer.frames)
+    assert [p for t, p in peer.frames if t == WSMsgType.PONG] == [b"hi", b"are you there"]
+    assert (sub.highest(0), sub.missing, sub.duplicates) == (4, 0, 0)
+    assert seen == [b'{"type":"error","code":"x"}']
+    assert reader.connections == 1 and not lost
+    peer.write(_server_frame(8, (4001).to_bytes(2, "big") + b"bye"))
+    await _until(lambda: sub.disconnected)
+    assert sub.close_code == 4001 and sub.recorder.server_closes == 1
+    assert peer.frames[-1][0] == WSMsgType.CLOSE and peer.frames[-1][1][:2] == (4001).to_bytes(2, "big")
+    assert reader.connections == 0 and lost == [sub]
+    await _shut(server, reader)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("frame", "code"), [
+    (_server_frame(1, b"masked", masked=True), 1002),
+    (bytes([0xC1, 0x01]) + b"x", 1002),                     # RSV1 without an extension
+    (_server_frame(3, b"opcode 3"), 1002),
+    (_server_frame(9, b"p", fin=False), 1002),              # fragmented control frame
+    (bytes([0x81, 127]) + (5000).to_bytes(8, "big"), 1009),  # above max_frame
+])
+async def test_socket_reader_closes_on_protocol_errors(impl, frame, code) -> None:
+    server, peer, sub, reader, _, lost = await _handed_over(impl, max_frame=1000)
+    peer.write(_server_frame(1, _message(1)) + frame)
+    await asyncio.wait_for(peer.gone.wait(), 5)
+    await _until(lambda: sub.disconnected)
+    assert sub.received == 1 and sub.recorder.malformed == 1
+    assert peer.frames[-1][0] == WSMsgType.CLOSE
+    assert int.from_bytes(peer.frames[-1][1][:2], "big") == code
+    assert reader.connections == 0 and lost == [sub]
+    await _shut(server, reader)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+async def test_socket_reader_sees_the_connection_end(impl) -> None:
+    server, peer, sub, reader, _, lost = await _handed_over(impl)
+    peer.write(_server_frame(1, _message(1)) + _server_frame(1, _message(2))[:5])
+    await _until(lambda: sub.received == 1)
+    peer.transport.underlying_transport.abort()
+    await _until(lambda: sub.disconnected)
+    assert lost == [sub] and reader.connections == 0 and sub.received == 1
+    await _shut(server, reader)
 
 
 # -- end to end --------------------------------------------------------------

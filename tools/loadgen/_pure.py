@@ -9,6 +9,8 @@ the reasoning behind each piece; this file only mirrors it.
 from __future__ import annotations
 
 import json
+import os
+import select
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,15 +103,19 @@ class _Conn(WSListener):  # type: ignore[misc]
             else:
                 self.recorder.malformed += 1
         elif t == WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code())  # type: ignore[call-overload]
-            self.recorder.server_closes += 1
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
+            self._on_close(int(frame.get_close_code()))  # type: ignore[call-overload]
         elif t == WSMsgType.CONTINUATION:
             self.recorder.malformed += 1
 
     def _on_data(self, msg_type: WSMsgType, payload: bytes) -> None:
         raise NotImplementedError
+
+    def _on_close(self, code: int) -> None:
+        self.close_code = code
+        self.recorder.server_closes += 1
+        assert self.transport is not None
+        self.transport.send_close(code)
+        self.transport.disconnect()
 
     def _control(self, msg_type: WSMsgType, payload: bytes) -> None:
         if self.control is not None:
@@ -346,3 +352,117 @@ class Sender(_Conn):
             self.in_flight -= 1
         if self.rate <= 0 and self.running:
             self._fill()
+
+
+_READ_CHUNK = 256 * 1024
+_MAX_EVENTS = 256
+
+
+class SocketReader:
+    """Read the loadgen's sockets from one epoll set (see the Cython docstring)."""
+
+    def __init__(self, max_frame: int = 16 * 1024 * 1024) -> None:
+        if max_frame < 125:
+            raise ValueError("max_frame must be >= 125")
+        self.max_frame = max_frame
+        self._epoll = select.epoll()
+        self._sockets: dict[int, tuple[_Conn, bytearray]] = {}
+
+    @property
+    def connections(self) -> int:
+        return len(self._sockets)
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def adopt(self, listener: _Conn, fd: int) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._sockets[fd] = (listener, bytearray())
+
+    def close(self) -> None:
+        for fd in list(self._sockets):
+            self._drop(fd)
+
+    def on_ready(self) -> None:
+        for fd, _ in self._epoll.poll(0, _MAX_EVENTS):
+            if fd in self._sockets:
+                self._read(fd)
+
+    def _read(self, fd: int) -> None:
+        listener, pending = self._sockets[fd]
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            assert listener.transport is not None
+            listener.transport.disconnect()
+            return
+        pending += data
+        used = self._frames(fd, listener, pending)
+        if used is not None:
+            del pending[:used]
+
+    def _frames(self, fd: int, listener: _Conn, buf: bytearray) -> int | None:
+        """Hand over every whole frame; return the bytes used, None if the socket was dropped."""
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            opcode = b0 & 0x0F
+            if b0 & 0x70 or b1 & 0x80:
+                return self._fail(fd, listener, 1002)
+            length, header = b1 & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, header = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, header = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+                if length >> 63:
+                    return self._fail(fd, listener, 1002)
+            if length > self.max_frame:
+                return self._fail(fd, listener, 1009)
+            if size - pos < header + length:
+                break
+            payload = bytes(buf[pos + header:pos + header + length])
+            if opcode in (0x1, 0x2):
+                if b0 & 0x80:
+                    listener._on_data(WSMsgType(opcode), payload)
+                else:
+                    listener.recorder.malformed += 1
+            elif opcode == 0x0:
+                listener.recorder.malformed += 1
+            elif 0x8 <= opcode <= 0xA and b0 & 0x80 and length <= 125:
+                if opcode == 0x8:
+                    self._drop(fd)
+                    listener._on_close(int.from_bytes(payload[:2], "big") if length >= 2 else 1005)
+                    return None
+                if opcode == 0x9:
+                    assert listener.transport is not None
+                    listener.transport.send(WSMsgType.PONG, payload)
+            else:
+                return self._fail(fd, listener, 1002)
+            pos += header + length
+            if fd not in self._sockets:
+                return None
+        return pos
+
+    def _fail(self, fd: int, listener: _Conn, code: int) -> None:
+        listener.recorder.malformed += 1
+        self._drop(fd)
+        assert listener.transport is not None
+        listener.transport.send_close(code)
+        listener.transport.disconnect()
+        return None
+
+    def _drop(self, fd: int) -> None:
+        if self._sockets.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # closed by picows already: left the epoll set with it
+                pass

@@ -19,10 +19,11 @@ else:
 Recorder = impl.Recorder
 Subscriber = impl.Subscriber
 Sender = impl.Sender
+SocketReader = impl.SocketReader
 KIND_RAW: int = impl.KIND_RAW
 KIND_WIREHUB_JSON: int = impl.KIND_WIREHUB_JSON
 KIND_WIREHUB_TLV: int = impl.KIND_WIREHUB_TLV
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 
 __all__ = ["IMPLEMENTATION", "KIND_RAW", "KIND_WIREHUB_JSON", "KIND_WIREHUB_TLV", "Recorder",
-           "Sender", "Subscriber"]
+           "Sender", "SocketReader", "Subscriber"]

@@ -39,6 +39,7 @@ from ._speedups import (
     KIND_WIREHUB_TLV,
     Recorder,
     Sender,
+    SocketReader,
     Subscriber,
 )
 from .config import Config, channel, mine, publisher_channels, subscriber_channel
@@ -129,6 +130,8 @@ class Worker:
         self.subscribers: list[tuple[int, Any]] = []
         self.senders: list[tuple[int, Any]] = []
         self.holders: list[Holder] = []
+        self.reader = SocketReader()
+        self.reading = False
         self.unwelcomed: list[tuple[Holder, asyncio.Future[None]]] = []
         self.errors: Counter[str] = Counter()
         self.samples: list[str] = []
@@ -288,6 +291,23 @@ class Worker:
         jobs = [(lst, sub_channel(i) if sub_channel else None) for i, lst in self.subscribers]
         jobs += [(lst, None) for _, lst in self.senders]
         await self._open_all(jobs)
+        if not cfg.url.lower().startswith("wss:"):
+            self._hand_over_sockets()
+
+    def _hand_over_sockets(self) -> None:
+        """Let the ``SocketReader`` read every connection's socket.
+
+        Called once set-up is done: each connection has its ``welcome`` and
+        ``subscribed`` replies (wirehub) or its upgrade (raw), and no sender
+        has started, so nothing is in flight to it and picows holds no
+        partial frame. TLS connections are left to picows: the reader would
+        see the bytes on the wire.
+        """
+        for _, lst in [*self.subscribers, *self.senders]:
+            if lst.transport is not None and not lst.disconnected:
+                hand_over(self.reader, lst)
+        asyncio.get_running_loop().add_reader(self.reader.fileno(), self.reader.on_ready)
+        self.reading = True
 
     async def _hold(self, target: Target) -> float | None:
         """Open one ``connect``-mode connection; return the handshake time, None on failure.
@@ -341,6 +361,11 @@ class Worker:
         """Close every connection with 1000 and wait (briefly) until they are gone."""
         self.closing = True
         listeners = [lst for _, lst in self.subscribers] + [lst for _, lst in self.senders]
+        # The reader lets go of the sockets before their transports close them.
+        if self.reading:
+            asyncio.get_running_loop().remove_reader(self.reader.fileno())
+            self.reading = False
+        self.reader.close()
         for lst in listeners:
             if lst.transport is not None and not lst.disconnected:
                 lst.transport.send_close(WSCloseCode.OK)
@@ -482,6 +507,17 @@ class Worker:
                     "wall_s": window_s,
                     "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         }
+
+
+def hand_over(reader: Any, listener: Any) -> None:
+    """Move the reading of ``listener``'s socket from picows to ``reader``.
+
+    picows keeps the transport (and writes through it, and closes it); its
+    reading is paused.
+    """
+    underlying = listener.transport.underlying_transport
+    reader.adopt(listener, underlying.get_extra_info("socket").fileno())
+    underlying.pause_reading()
 
 
 async def _sleep_until(t_ns: int) -> None:
