@@ -298,6 +298,24 @@ async def test_socket_reader_sees_the_connection_end(impl) -> None:
     await _shut(server, reader)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+async def test_socket_reader_ends_the_connection_when_a_listener_raises(impl) -> None:
+    """The frames after the failing one are lost: the connection must end, visibly."""
+    server, peer, sub, reader, _, lost = await _handed_over(impl)
+    errors: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+
+    def failing_hook(*_args) -> None:
+        raise RuntimeError("control hook failed")
+
+    sub.control = failing_hook
+    peer.write(_server_frame(1, b'{"type":"error","code":"x"}') + _server_frame(1, _message(1)))
+    await _until(lambda: sub.disconnected)
+    assert lost == [sub] and reader.connections == 0 and sub.received == 0
+    assert isinstance(errors[0]["exception"], RuntimeError)
+    await _shut(server, reader)
+
+
 # -- end to end --------------------------------------------------------------
 
 def _start(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:

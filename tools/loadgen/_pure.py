@@ -386,7 +386,15 @@ class SocketReader:
     def on_ready(self) -> None:
         for fd, _ in self._epoll.poll(0, _MAX_EVENTS):
             if fd in self._sockets:
-                self._read(fd)
+                try:
+                    self._read(fd)
+                except BaseException:
+                    entry = self._sockets.get(fd)
+                    if entry is not None:
+                        self._drop(fd)
+                        assert entry[0].transport is not None
+                        entry[0].transport.disconnect()
+                    raise
 
     def _read(self, fd: int) -> None:
         listener, pending = self._sockets[fd]

@@ -818,7 +818,16 @@ cdef class SocketReader:
         cdef list ready = [<_Socket>self._events[i].data.ptr for i in range(n)]
         for sock in ready:
             if sock.fd >= 0:
-                self._read(sock)
+                try:
+                    self._read(sock)
+                except BaseException:
+                    # The rest of the read is lost: end the connection so that
+                    # it shows as lost, not as messages that never came (as
+                    # picows's disconnect_on_exception does).
+                    if sock.fd >= 0:
+                        self._drop(sock)
+                        sock.listener.transport.disconnect()
+                    raise
 
     cdef void _read(self, _Socket sock) except *:
         cdef ssize_t got
