@@ -727,6 +727,7 @@ cdef class _Socket:
     cdef char* pending
     cdef Py_ssize_t pending_size
     cdef Py_ssize_t pending_capacity
+    cdef Py_ssize_t partial_size           # bytes the unfinished frame needs (MAX_HEADER: not known yet)
 
     def __dealloc__(self):
         free(self.pending)
@@ -850,8 +851,14 @@ cdef class SocketReader:
                 if used > 0:
                     memmove(sock.pending, sock.pending + used, sock.pending_size - used)
                     sock.pending_size -= used
-                if used >= 0:
-                    self._reserve(sock)
+                if used < 0:
+                    return
+                if sock.pending_size == 0:
+                    free(sock.pending)
+                    sock.pending = NULL
+                    sock.pending_capacity = 0
+                elif sock.partial_size > sock.pending_capacity:
+                    self._grow(sock, sock.partial_size)
                 return
         if got < 0 and (errno == EAGAIN or errno == EINTR):
             return
@@ -860,12 +867,18 @@ cdef class SocketReader:
         sock.listener.transport.disconnect()
 
     cdef Py_ssize_t _frames(self, _Socket sock, const char* data, Py_ssize_t size) except -2:
-        """Hand over every whole frame; return the bytes used, -1 if the socket was dropped."""
+        """Hand over every whole frame; return the bytes used, -1 if the socket was dropped.
+
+        ``sock.partial_size`` is left at the size of the frame that did not
+        arrive whole (``MAX_HEADER`` while its header is not complete).
+        """
         cdef const uint8_t* p
         cdef Py_ssize_t pos = 0, header, length
+        cdef uint64_t length64
         cdef uint8_t opcode
         cdef _Conn listener = sock.listener
         listener._now_valid = False            # one read, one arrival time
+        sock.partial_size = MAX_HEADER
         while size - pos >= 2:
             p = <const uint8_t*>(data + pos)
             opcode = p[0] & 0x0f
@@ -883,13 +896,15 @@ cdef class SocketReader:
                     break
                 if p[2] & 0x80:
                     return self._fail(sock, 1002)
-                if load_be64(p + 2) > <uint64_t>self.max_frame:
+                length64 = load_be64(p + 2)
+                if length64 > <uint64_t>self.max_frame:
                     return self._fail(sock, 1009)
-                length = <Py_ssize_t>load_be64(p + 2)
+                length = <Py_ssize_t>length64
                 header = 10
             if length > self.max_frame:
                 return self._fail(sock, 1009)
             if size - pos < header + length:
+                sock.partial_size = header + length
                 break
             if opcode == 0x1 or opcode == 0x2:
                 if p[0] & 0x80:
@@ -921,33 +936,10 @@ cdef class SocketReader:
         return -1
 
     cdef void _keep(self, _Socket sock, const char* data, Py_ssize_t size) except *:
-        """Keep the start of a frame whose end has not arrived."""
-        self._grow(sock, size if size > MAX_HEADER else MAX_HEADER)
+        """Keep the start of a frame whose end has not arrived, with room for all of it."""
+        self._grow(sock, size if size > sock.partial_size else sock.partial_size)
         memcpy(sock.pending, data, size)
         sock.pending_size = size
-        self._reserve(sock)
-
-    cdef void _reserve(self, _Socket sock) except *:
-        """Make room for the whole frame once its header is known; free when empty."""
-        cdef const uint8_t* p = <const uint8_t*>sock.pending
-        cdef Py_ssize_t need = MAX_HEADER
-        if sock.pending_size == 0:
-            free(sock.pending)
-            sock.pending = NULL
-            sock.pending_capacity = 0
-            return
-        if sock.pending_size >= 2:
-            need = p[1] & 0x7f
-            if need == 126 and sock.pending_size >= 4:
-                need = 4 + ((<Py_ssize_t>p[2] << 8) | p[3])
-            elif need == 127 and sock.pending_size >= 10:
-                need = 10 + <Py_ssize_t>load_be64(p + 2)   # <= max_frame: checked by _frames
-            elif need < 126:
-                need += 2
-            else:
-                need = MAX_HEADER
-        if need > sock.pending_capacity:
-            self._grow(sock, need)
 
     cdef void _grow(self, _Socket sock, Py_ssize_t capacity) except *:
         cdef char* bigger = <char*>realloc(sock.pending, capacity)
