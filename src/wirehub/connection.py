@@ -202,6 +202,8 @@ class Connection:
                 if not principal.can_publish(msg.channel):
                     raise Forbidden(f"not allowed to publish to {msg.channel[:64]!r}")
                 self._publish(msg, codec, opcode)
+            elif kind is Ping:
+                self.push(opcode, codec.encode(Pong(msg.id)))
             elif kind is Subscribe:
                 # A pattern is authorized per concrete channel as publications arrive.
                 if not is_pattern(msg.channel):
@@ -214,8 +216,6 @@ class Connection:
             elif kind is Unsubscribe:
                 self._hub.unsubscribe(self, msg.channel)
                 self._reply(Unsubscribed(msg.channel, msg.id), codec, opcode)
-            elif kind is Ping:
-                self._reply(Pong(msg.id), codec, opcode)
             else:
                 self._custom(msg, codec, opcode)
         except WirehubError as exc:

@@ -17,7 +17,7 @@ from .frame import build_frame
 SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
 WRITE_THROUGH = 65536  # bytes; a batch this full is written at once, not at tick end
 PACE_ABOVE_S = 0.0002  # a fan-out flush shorter than this does not delay the next one
-ROUND_SLICE = 128  # batches a fan-out round writes per loop iteration
+ROUND_SLICE = 32  # batches a fan-out round writes per loop iteration
 
 logger = logging.getLogger("wirehub.fanout")
 

@@ -47,6 +47,9 @@ class JsonCodec:
         self._generic = msgspec.json.Decoder()
         self._encoder = msgspec.json.Encoder()
         self._custom_types = custom_types
+        # A reply Struct, or any value msgspec encodes (``Connection.send``).
+        # msgspec's own method, not a wrapper: every reply goes through it.
+        self.encode: Callable[[Reply | Any], bytes] = self._encoder.encode
 
     def decode(self, payload: bytes) -> Command | CustomMessage:
         """Decode one client message.
@@ -87,10 +90,6 @@ class JsonCodec:
                 return CustomMessage(msg_type, obj, msg_id)
             raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
         raise InvalidField(reason, id=msg_id)
-
-    def encode(self, reply: Reply | Any) -> bytes:
-        """A reply Struct, or any value msgspec encodes (``Connection.send``)."""
-        return self._encoder.encode(reply)
 
     def encode_message(self, channel: str, offset: int, data: bytes) -> bytes:
         """The payload of a ``message`` for a JSON publication (``data`` is raw JSON)."""
