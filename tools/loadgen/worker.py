@@ -130,8 +130,7 @@ class Worker:
         self.subscribers: list[tuple[int, Any]] = []
         self.senders: list[tuple[int, Any]] = []
         self.holders: list[Holder] = []
-        self.reader = SocketReader()
-        self.reading = False
+        self.reader: Any = None             # a SocketReader once set-up is done
         self.unwelcomed: list[tuple[Holder, asyncio.Future[None]]] = []
         self.errors: Counter[str] = Counter()
         self.samples: list[str] = []
@@ -303,11 +302,11 @@ class Worker:
         partial frame. TLS connections are left to picows: the reader would
         see the bytes on the wire.
         """
+        reader = self.reader = SocketReader()
         for _, lst in [*self.subscribers, *self.senders]:
             if lst.transport is not None and not lst.disconnected:
-                hand_over(self.reader, lst)
-        asyncio.get_running_loop().add_reader(self.reader.fileno(), self.reader.on_ready)
-        self.reading = True
+                hand_over(reader, lst)
+        asyncio.get_running_loop().add_reader(reader.fileno(), reader.on_ready)
 
     async def _hold(self, target: Target) -> float | None:
         """Open one ``connect``-mode connection; return the handshake time, None on failure.
@@ -362,10 +361,10 @@ class Worker:
         self.closing = True
         listeners = [lst for _, lst in self.subscribers] + [lst for _, lst in self.senders]
         # The reader lets go of the sockets before their transports close them.
-        if self.reading:
+        if self.reader is not None:
             asyncio.get_running_loop().remove_reader(self.reader.fileno())
-            self.reading = False
-        self.reader.close()
+            self.reader.close()
+            self.reader = None
         for lst in listeners:
             if lst.transport is not None and not lst.disconnected:
                 lst.transport.send_close(WSCloseCode.OK)

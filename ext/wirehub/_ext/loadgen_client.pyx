@@ -874,7 +874,6 @@ cdef class SocketReader:
         """
         cdef const uint8_t* p
         cdef Py_ssize_t pos = 0, header, length
-        cdef uint64_t length64
         cdef uint8_t opcode
         cdef _Conn listener = sock.listener
         listener._now_valid = False            # one read, one arrival time
@@ -895,11 +894,8 @@ cdef class SocketReader:
                 if size - pos < 10:
                     break
                 if p[2] & 0x80:
-                    return self._fail(sock, 1002)
-                length64 = load_be64(p + 2)
-                if length64 > <uint64_t>self.max_frame:
-                    return self._fail(sock, 1009)
-                length = <Py_ssize_t>length64
+                    return self._fail(sock, 1002)  # §5.2: the top bit must be 0, so it fits
+                length = <Py_ssize_t>load_be64(p + 2)
                 header = 10
             if length > self.max_frame:
                 return self._fail(sock, 1009)
