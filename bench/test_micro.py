@@ -56,6 +56,22 @@ def test_fanout_batched(benchmark, impl):
     benchmark(burst)
 
 
+@pytest.mark.benchmark(group="reply to each of 100 batches + flush")
+def test_replies(benchmark, impl):
+    # The echo/ping pattern: every connection gets one small frame a tick, and
+    # each batch takes and gives back its buffer (the Flusher keeps spares).
+    flusher = impl.fanout.Flusher(NullLoop())
+    batches = [impl.fanout.OutBatch(flusher, NullTransport(), 1 << 30, lambda: None) for _ in range(100)]
+    pong = b'{"type":"pong","id":"' + DATA_64 + b'"}'
+
+    def reply_and_flush():
+        for batch in batches:
+            batch.push_frame(1, pong)
+        flusher.flush()
+
+    benchmark(reply_and_flush)
+
+
 @pytest.mark.benchmark(group="bucket.consume x1000")
 def test_bucket(benchmark, impl):
     bucket = impl.bucket.TokenBucket(1e9, 1e9, 0.0)

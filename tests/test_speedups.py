@@ -449,6 +449,26 @@ class TestOutBatch:
         loop.run_tick()
         assert transport.writes == [big, b"\x81\x01a"]
 
+    def test_reused_reply_buffers_never_mix_connections(self, impl):
+        # Each flush gives a small buffer back for another batch to take
+        # (more batches than the Flusher keeps spares); one batch outgrows
+        # its buffer mid-tick, one is closed with a reply pending.
+        loop = FakeLoop()
+        flusher = impl.fanout.Flusher(loop)
+        transports = [RecordingTransport() for _ in range(1100)]
+        batches = [impl.fanout.OutBatch(flusher, t, 1 << 20, lambda: None) for t in transports]
+        expected = [b""] * len(batches)
+        for tick in range(3):
+            for i, batch in enumerate(batches):
+                payload = b"%d:%d" % (tick, i) * (100 if i == 7 and tick == 1 else 1)
+                if batch.push_frame(1, payload):
+                    expected[i] += impl.frame.build_frame(1, payload)
+            if tick == 1:
+                batches[9].close()
+                expected[9] = expected[9][:len(b"".join(transports[9].writes))]
+            loop.run_tick()
+        assert [b"".join(t.writes) for t in transports] == expected
+
     def test_closed_batch_refuses_frames(self, impl):
         loop, transport, batch, _ = self.make(impl)
         batch.close()

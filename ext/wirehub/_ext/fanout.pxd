@@ -1,6 +1,11 @@
 cimport cython
 
 
+cdef enum:
+    # Small batch buffers the Flusher keeps for reuse (256 KiB at most).
+    SPARE_BUFFERS = 1024
+
+
 @cython.final
 cdef class SharedChunk:
     cdef char* data
@@ -27,8 +32,12 @@ cdef class Flusher:
     cdef readonly double max_pace_s
     cdef readonly object loop
     cdef SharedChunk _chunk             # where fanout() copies frames this tick
+    cdef char* _spare[SPARE_BUFFERS]    # flushed small batch buffers, for reuse
+    cdef int _nspare
 
     cdef SharedChunk _share(self, const char* frame, Py_ssize_t n)
+    cdef char* _take_small(self) noexcept
+    cdef void _give_small(self, char* buf) noexcept
 
     cdef void mark(self, OutBatch batch, bint urgent) except *
     cdef void _write(self, list batches) except *
@@ -71,6 +80,7 @@ cdef class OutBatch:
     cdef bint _admit(self, Py_ssize_t n) except -1
     cdef int _seal(self) except -1
     cdef int _write_out(self, char* ptr, Py_ssize_t n) except -1
+    cdef void _free_buf(self) noexcept
     cdef void _release(self) noexcept
     cdef int _overflow(self) except -1
     cdef void _mark_urgent(self) except *
