@@ -480,6 +480,15 @@ def test_connect_mode_counts_connections_without_a_welcome(servers, capsys) -> N
     assert res["errors"] == {"setup_timeout": 20}
 
 
+# Frames an idle client must refuse, and the CLOSE code it answers with.
+REFUSED_FRAMES = {
+    "masked": _server_frame(1, b"masked", masked=True),
+    "rsv1": bytes([0xC1, 0x01]) + b"x",
+    "top-bit-length": bytes([0x81, 127]) + (1 << 63).to_bytes(8, "big"),
+    "oversized": bytes([0x82, 127]) + (2 << 20).to_bytes(8, "big"),
+}
+
+
 class _ScriptedServer(socketserver.ThreadingTCPServer):
     """A TCP server that answers each upgrade the way ``behaviour`` says and
     records what the client sent back (for the ``connect`` mode's own client)."""
@@ -510,6 +519,10 @@ class _ScriptedHandler(socketserver.StreamRequestHandler):
                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
         if behaviour == "bad-accept":
             self.rfile.read()  # until the client drops the connection
+            return
+        if behaviour in REFUSED_FRAMES:
+            self.wfile.write(REFUSED_FRAMES[behaviour])
+            self.server.replies.append(self._read_frame())
             return
         self.wfile.write(b"\x89\x02hi")                             # PING "hi"
         self.server.replies.append(self._read_frame())
@@ -559,6 +572,19 @@ def test_connect_mode_answers_ping_and_close(scripted, capsys) -> None:
     assert res["errors"] == {"closed_by_server_1001": 3} and code == 1
     close_reply = (0x8, (1001).to_bytes(2, "big"))
     assert sorted(server.replies) == sorted([(0xA, b"hi"), close_reply] * 3)
+
+
+@pytest.mark.parametrize(("behaviour", "code"), [("masked", 1002), ("rsv1", 1002),
+                                                 ("top-bit-length", 1002), ("oversized", 1009)])
+def test_connect_mode_refuses_malformed_frames(scripted, capsys, behaviour, code) -> None:
+    """The same frames the fan-out reader refuses, with the same CLOSE codes."""
+    server = scripted(behaviour)
+    exit_code, res = _run(capsys, "connect", "--protocol", "raw", "--connections", "2",
+                          "--hold", "0.3", "--url", f"ws://127.0.0.1:{server.server_address[1]}/")
+    assert res["connect"]["established"] == 2
+    # The client ends the connection itself, so it is also a connection lost.
+    assert res["errors"] == {"malformed": 2, "connection_lost": 2} and exit_code == 1
+    assert server.replies == [(0x8, code.to_bytes(2, "big"))] * 2
 
 
 def test_help_lists_examples_for_every_mode(capsys) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
+from .frames import FrameRefused, server_frame_header
 from .histogram import N_BUCKETS, Histogram
 from .payload import HEADER_SIZE, TLV_DATA, TLV_ID, TLV_OFFSET, TLV_TYPE, parse_header
 
@@ -417,26 +418,18 @@ class SocketReader:
     def _frames(self, fd: int, listener: _Conn, buf: bytearray) -> int | None:
         """Hand over every whole frame; return the bytes used, None if the socket was dropped."""
         pos, size = 0, len(buf)
-        while size - pos >= 2:
-            b0, b1 = buf[pos], buf[pos + 1]
-            opcode = b0 & 0x0F
-            if b0 & 0x70 or b1 & 0x80:
-                return self._fail(fd, listener, 1002)
-            length, header = b1 & 0x7F, 2
-            if length == 126:
-                if size - pos < 4:
-                    break
-                length, header = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
-            elif length == 127:
-                if size - pos < 10:
-                    break
-                length, header = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
-                if length >> 63:
-                    return self._fail(fd, listener, 1002)
-            if length > self.max_frame:
-                return self._fail(fd, listener, 1009)
+        while True:
+            try:
+                parsed = server_frame_header(buf, pos, self.max_frame)
+            except FrameRefused as exc:
+                return self._fail(fd, listener, exc.code)
+            if parsed is None:
+                break
+            header, length = parsed
             if size - pos < header + length:
                 break
+            b0 = buf[pos]
+            opcode = b0 & 0x0F
             payload = bytes(buf[pos + header:pos + header + length])
             if opcode in (0x1, 0x2):
                 if b0 & 0x80:

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 from picows import WSMsgType
 
+from .frames import FrameRefused, server_frame_header
+
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_RESPONSE_HEAD = 16 * 1024
 # An idle client expects only small frames (welcome, pings); anything larger is
@@ -193,27 +195,21 @@ class Holder(asyncio.Protocol):
 
     def _read_frames(self) -> None:
         buf = self._buf
-        while len(buf) >= 2 and not self.closing:
-            b0, b1 = buf[0], buf[1]
-            length, start = b1 & 0x7F, 2
-            if length == 126:
-                if len(buf) < 4:
-                    return
-                length, start = int.from_bytes(buf[2:4], "big"), 4
-            elif length == 127:
-                if len(buf) < 10:
-                    return
-                length, start = int.from_bytes(buf[2:10], "big"), 10
-            if b1 & 0x80 or b0 & 0x70:
-                self._protocol_error(1002, "masked frame or RSV bits from the server")
+        while not self.closing:
+            try:
+                parsed = server_frame_header(buf, 0, MAX_FRAME)
+            except FrameRefused as exc:
+                self.on_error("malformed", f"malformed frame: {exc}")
+                self.close(exc.code)
                 return
-            if length > MAX_FRAME:
-                self._protocol_error(1009, f"frame of {length} bytes")
+            if parsed is None:
                 return
-            if len(buf) < start + length:
+            header, length = parsed
+            if len(buf) < header + length:
                 return
-            payload = bytes(buf[start:start + length])
-            del buf[:start + length]
+            b0 = buf[0]
+            payload = bytes(buf[header:header + length])
+            del buf[:header + length]
             self._on_frame(b0 & 0x80, b0 & 0x0F, payload)
 
     def _on_frame(self, fin: int, opcode: int, payload: bytes) -> None:
@@ -229,7 +225,3 @@ class Holder(asyncio.Protocol):
         elif opcode != WSMsgType.PONG:
             # Fragmented messages are not part of any protocol the loadgen speaks.
             self.on_error("malformed", f"unexpected frame: opcode {opcode}, fin {bool(fin)}")
-
-    def _protocol_error(self, code: int, text: str) -> None:
-        self.on_error("malformed", f"malformed frame: {text}")
-        self.close(code)
