@@ -205,14 +205,7 @@ class Connection:
             elif kind is Ping:
                 self.push(opcode, codec.encode(Pong(msg.id)))
             elif kind is Subscribe:
-                # A pattern is authorized per concrete channel as publications arrive.
-                if not is_pattern(msg.channel):
-                    self._hub.check_channel(msg.channel)
-                    if not principal.can_subscribe(msg.channel):
-                        raise Forbidden(f"not allowed to subscribe to {msg.channel[:64]!r}")
-                # A source channel (logs:*, runners) is answered by its source, maybe later.
-                if self._hub.subscribe(self, msg.channel, msg, lambda r: self._reply(r, codec, opcode)):
-                    self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
+                self._subscribe(msg, principal, codec, opcode)
             elif kind is Unsubscribe:
                 self._hub.unsubscribe(self, msg.channel)
                 self._reply(Unsubscribed(msg.channel, msg.id), codec, opcode)
@@ -222,6 +215,20 @@ class Connection:
             msg_id = exc.id if exc.id is not None else getattr(msg, "id", None)
             self._metrics.errors_total[exc.code] += 1
             self._reply(Error(exc.code, exc.message, msg_id), codec, opcode)
+
+    def _subscribe(self, msg: Subscribe, principal: Principal, codec: JsonCodec | TlvCodec,
+                   opcode: int) -> None:
+        """A method of its own because its reply callback is a closure: inline in
+        ``_handle``, Python would create the closure's cells for every message,
+        pings and publications too (~10 % of a ping's cost in-process)."""
+        # A pattern is authorized per concrete channel as publications arrive.
+        if not is_pattern(msg.channel):
+            self._hub.check_channel(msg.channel)
+            if not principal.can_subscribe(msg.channel):
+                raise Forbidden(f"not allowed to subscribe to {msg.channel[:64]!r}")
+        # A source channel (logs:*, runners) is answered by its source, maybe later.
+        if self._hub.subscribe(self, msg.channel, msg, lambda r: self._reply(r, codec, opcode)):
+            self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
 
     def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         position = self._hub.publish_checked(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
