@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -148,7 +149,19 @@ def _stamp(python2: str) -> str:
 
 
 def ensure_venv(python2: str, venv: Path) -> Path:
-    """Build the py2 venv unless it exists for these pins; return its wstest."""
+    """Build the py2 venv unless it exists for these pins; return its wstest.
+
+    Runners started side by side (``.ci/run``'s shards) take turns through a
+    lock file: otherwise each would delete and rebuild the venv the other is
+    building or already running from.
+    """
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_venv_locked(python2, venv)
+
+
+def _ensure_venv_locked(python2: str, venv: Path) -> Path:
     wstest = venv / "bin" / "wstest"
     stamp_file = venv / ".wirehub-stamp"
     stamp = _stamp(python2)
