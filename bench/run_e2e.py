@@ -418,15 +418,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="run scenarios whose name contains this (repeatable)")
     parser.add_argument("--server", action="append", default=[],
                         help="run only these servers (repeatable; ws is always kept for ratios)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-e2e.json")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds per scenario, servers interleaved; medians reported (default 3)")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds measured per run (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of load before measuring (default 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench-e2e.json",
+                        help="where the JSON report goes (default reports/bench-e2e.json)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--from-json", type=Path,
                         help="print the table of an earlier report instead of running")
     parser.add_argument("--check", type=Path, help="baseline JSON to compare ratios against")
-    parser.add_argument("--tolerance", type=float, default=0.3)
+    parser.add_argument("--tolerance", type=float, default=0.3,
+                        help="with --check: the fraction a ratio may fall below the baseline (default 0.3)")
     parser.add_argument("--write-baseline", type=Path,
                         help="save this run's ratios into a baseline file (per scenario)")
     opts = parser.parse_args(argv)

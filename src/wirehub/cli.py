@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="permission for custom message types, e.g. runners:delete or admin (repeatable)")
     token.add_argument("--ttl", type=parse_ttl, default=3600.0, metavar="DURATION",
                        help="lifetime, e.g. 90s, 15m, 1h, 2d (default: 1h)")
-    token.add_argument("--algorithm", choices=("HS256", "HS384", "HS512"), default="HS256")
+    token.add_argument("--algorithm", choices=("HS256", "HS384", "HS512"), default="HS256",
+                       help="HMAC algorithm; one the gateway's jwt_algorithms accepts (default: HS256)")
     token.add_argument("--audience", help="'aud' claim (default: the configured jwt_audience)")
     token.add_argument("--issuer", help="'iss' claim (default: the configured jwt_issuer)")
     token.add_argument("--secret", help="HMAC secret (default: the configured jwt_secret)")

@@ -93,16 +93,17 @@ def build_parser(prog: str = "python -m tools.loadgen") -> argparse.ArgumentPars
                           formatter_class=argparse.RawDescriptionHelpFormatter, help="round trips on N connections",
                           description="N connections send K messages each and wait for them to "
                                       "come back (wirehub: ping/pong; raw: any echo server).")
-    echo.add_argument("--connections", type=int, default=100)
+    echo.add_argument("--connections", type=int, default=100, help="connections (default 100)")
     echo.add_argument("--inflight", type=int, default=1, help="round trips in flight per connection")
     fan = sub.add_parser("fanout", parents=[common], epilog=_examples("fanout"),
                           formatter_class=argparse.RawDescriptionHelpFormatter, help="P publishers -> N subscribers",
                          description="P publishers publish on C channels; N subscribers (one "
                                      "channel each) count deliveries and check offsets. With "
                                      "--protocol raw, every connection gets every message.")
-    fan.add_argument("--publishers", type=int, default=1)
-    fan.add_argument("--subscribers", type=int, default=100)
-    fan.add_argument("--channels", type=int, default=1)
+    fan.add_argument("--publishers", type=int, default=1, help="publishing connections (default 1)")
+    fan.add_argument("--subscribers", type=int, default=100,
+                     help="subscribing connections, spread over the channels (default 100)")
+    fan.add_argument("--channels", type=int, default=1, help="channels (default 1)")
     fan.add_argument("--window", type=int, default=32,
                      help="publications in flight per publisher, until acked (wirehub: "
                           "'published' reply; raw: own message received back)")
@@ -110,7 +111,7 @@ def build_parser(prog: str = "python -m tools.loadgen") -> argparse.ArgumentPars
     conn = sub.add_parser("connect", parents=[common], epilog=_examples("connect"),
                           formatter_class=argparse.RawDescriptionHelpFormatter, help="handshake rate and idle connections",
                           description="Open N connections at --concurrency, then hold them.")
-    conn.add_argument("--connections", type=int, default=1000)
+    conn.add_argument("--connections", type=int, default=1000, help="connections to open (default 1000)")
     conn.add_argument("--hold", type=float, default=0.0, help="seconds to keep them open")
     return parser
 
