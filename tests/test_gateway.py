@@ -263,6 +263,14 @@ class TestLifecycle:
             assert "wirehub_connections 1\n" in text
             assert "wirehub_publications_total 1\n" in text
             assert "wirehub_deliveries_total 1\n" in text
+            # One fan-out round (the message to the subscriber): a histogram
+            # whose buckets count up to it.
+            buckets = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("wirehub_fanout_round_seconds_bucket{")]
+            assert len(buckets) == len(gw.impl.fanout.ROUND_BOUNDS_S) + 1
+            assert buckets == sorted(buckets) and buckets[-1] >= 1
+            assert f"wirehub_fanout_round_seconds_count {buckets[-1]}\n" in text
+            assert 'wirehub_fanout_round_seconds_bucket{le="+Inf"}' in text
 
 
 class TestEmbeddingApi:

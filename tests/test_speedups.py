@@ -373,6 +373,55 @@ class TestFanoutRounds:
         assert all(t.writes == [frame] for t in transports)
 
 
+class TestRoundHistogram:
+    """Every fan-out round's duration, first write to last, lands in one bucket."""
+
+    def make(self, impl, n, write_s):
+        loop = FakeLoop()
+        flusher = impl.fanout.Flusher(loop, max_pace_s=0.0, clock=loop.time)
+        transports = [SlowTransport(loop, write_s) for _ in range(n)]
+        batches = [impl.fanout.OutBatch(flusher, t, 1 << 20, lambda: None) for t in transports]
+        return loop, flusher, batches
+
+    def bucket(self, impl, seconds):
+        return next((i for i, bound in enumerate(impl.fanout.ROUND_BOUNDS_S) if seconds <= bound),
+                    len(impl.fanout.ROUND_BOUNDS_S))
+
+    def test_a_round_over_several_slices_counts_once_with_its_whole_duration(self, impl):
+        slices = 3
+        loop, flusher, batches = self.make(impl, slices * PURE.fanout.ROUND_SLICE, write_s=0.0001)
+        assert flusher.round_histogram() == ([0] * (len(impl.fanout.ROUND_BOUNDS_S) + 1), 0.0)
+        impl.fanout.fanout(batches, impl.frame.build_frame(1, b"x"))
+        for _ in range(slices):
+            loop.run_tick()
+        counts, seconds = flusher.round_histogram()
+        took = len(batches) * 0.0001                      # 9.6 ms
+        assert seconds == pytest.approx(took)
+        assert counts == [int(i == self.bucket(impl, took)) for i in range(len(counts))]
+
+    def test_each_round_in_its_bucket_and_the_slowest_above_every_bound(self, impl):
+        loop, flusher, _ = self.make(impl, 0, write_s=0.0)
+        frame = impl.frame.build_frame(1, b"x")
+        durations = [0.0, 0.0002, 0.0008, 0.012, 3.0]
+        for write_s in durations:                         # one round each, one batch that takes write_s
+            batch = impl.fanout.OutBatch(flusher, SlowTransport(loop, write_s), 1 << 20, lambda: None)
+            batch.push(frame)
+            loop.run_tick()
+        counts, seconds = flusher.round_histogram()
+        expected = [0] * len(counts)
+        for took in durations:
+            expected[self.bucket(impl, took)] += 1
+        assert counts == expected and expected[-1] == 1 and expected[0] == 2
+        assert seconds == pytest.approx(sum(durations))
+
+    def test_a_round_cut_short_by_flush_is_not_counted(self, impl):
+        loop, flusher, batches = self.make(impl, 3 * PURE.fanout.ROUND_SLICE, write_s=0.0001)
+        impl.fanout.fanout(batches, impl.frame.build_frame(1, b"x"))
+        loop.run_tick()
+        flusher.flush()
+        assert sum(flusher.round_histogram()[0]) == 0
+
+
 class TestOutBatch:
     def make(self, impl, high_water=1 << 20):
         loop, transport, overflows = FakeLoop(), RecordingTransport(), []

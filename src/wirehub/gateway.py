@@ -41,7 +41,7 @@ from .broker.memory import MemoryBroker
 from .config import Config
 from .connection import Connection, EchoConnection
 from .hub import TAKEOVER, Hub
-from .metrics import Metrics
+from .metrics import Metrics, histogram_lines
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import AuthError, CloseCode
 from .protocol.messages import AuthFailed, Command, CustomMessage, StreamPosition
@@ -130,6 +130,7 @@ class Gateway:
         self._anonymous = self.verifier.anonymous() if self.verifier is not None else None
         self.admission = Admission(cfg, self.metrics)
         self.flusher: Any = None
+        self.metrics.collectors.append(self._fanout_metrics)
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.echo_connections: set[EchoConnection] = set()
@@ -282,6 +283,13 @@ class Gateway:
             await source.start()
         logger.info("listening", extra={"host": cfg.host, "port": self.port, "tls": tls is not None,
                                         "implementation": self.impl.name})
+
+    def _fanout_metrics(self) -> list[str]:
+        if self.flusher is None:
+            return []
+        counts, seconds = self.flusher.round_histogram()
+        return histogram_lines("wirehub_fanout_round_seconds", self.impl.fanout.ROUND_BOUNDS_S,
+                               counts, seconds)
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop accepting, close every client with 1001, wait up to the

@@ -8,7 +8,7 @@ only the rare paths (errors, closes) touch.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 class Metrics:
@@ -63,3 +63,19 @@ class Metrics:
         for collect in self.collectors:
             lines += collect()
         return "\n".join(lines) + "\n"
+
+
+def histogram_lines(name: str, bounds: Sequence[float], counts: Sequence[int], total: float) -> list[str]:
+    """A Prometheus histogram from per-bucket counts.
+
+    ``counts[i]`` counts the observations in ``(bounds[i - 1], bounds[i]]``,
+    and the one extra last entry those above every bound; the exposition
+    format wants them cumulative, ending with ``le="+Inf"``.
+    """
+    lines = [f"# TYPE {name} histogram"]
+    seen = 0
+    for bound, n in zip([*map(repr, bounds), "+Inf"], counts, strict=True):
+        seen += n
+        lines.append(f'{name}_bucket{{le="{bound}"}} {seen}')
+    lines += [f"{name}_sum {total!r}", f"{name}_count {seen}"]
+    return lines

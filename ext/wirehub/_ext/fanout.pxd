@@ -4,6 +4,9 @@ cimport cython
 cdef enum:
     # Small batch buffers the Flusher keeps for reuse (256 KiB at most).
     SPARE_BUFFERS = 1024
+    # Buckets of the fan-out round histogram: len(ROUND_BOUNDS_S), plus one
+    # for the rounds above every bound.
+    ROUND_BUCKETS = 16
 
 
 @cython.final
@@ -26,6 +29,10 @@ cdef class Flusher:
     cdef list _round                    # batches of the fan-out round being written, or None
     cdef Py_ssize_t _round_pos          # next batch of the round to write
     cdef double _round_started
+    cdef object _clock                  # the round histogram's clock
+    cdef double _round_clock_started
+    cdef unsigned long long _round_counts[ROUND_BUCKETS]
+    cdef double _round_seconds_sum
     cdef object _slice_handle           # Handle of the round's next slice
     cdef object _paced                  # TimerHandle of a paced fan-out flush, or None
     cdef double _not_before             # loop time before which fan-out waits
@@ -39,6 +46,7 @@ cdef class Flusher:
     cdef char* _take_small(self) noexcept
     cdef void _give_small(self, char* buf) noexcept
 
+    cdef void _record_round(self, double seconds) noexcept
     cdef void mark(self, OutBatch batch, bint urgent) except *
     cdef void _write(self, list batches) except *
     cdef void _write_slice(self) except *

@@ -23,6 +23,7 @@ Reference twin: ``wirehub._pure.fanout``.
 """
 
 import logging
+import time
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -55,6 +56,15 @@ cdef double PACE_ABOVE_S = 0.0002
 # between two slices the loop reads its sockets, so a publication waits at most
 # one slice to be read and joins the round for every subscriber not written yet.
 cdef Py_ssize_t ROUND_SLICE = 32
+
+# Upper bounds, in seconds, of the fan-out round histogram (Flusher.round_histogram,
+# wirehub_fanout_round_seconds on /metrics).
+ROUND_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5,
+                  1.0, 2.5)
+assert len(ROUND_BOUNDS_S) == ROUND_BUCKETS - 1
+cdef double _ROUND_BOUNDS[ROUND_BUCKETS - 1]
+for _i, _bound in enumerate(ROUND_BOUNDS_S):
+    _ROUND_BOUNDS[_i] = _bound
 
 logger = logging.getLogger("wirehub.fanout")
 
@@ -102,12 +112,21 @@ cdef class Flusher:
     before reaching the last subscriber (two rounds and a pace; one round and
     a pace with slices).
 
+    Every round's duration, from its first write to its last, goes into a
+    histogram (``round_histogram``): a publication reaches the last of its
+    subscribers' sockets about one round after it arrives, so the rounds are
+    the delivery latency the server itself adds, apart from the network and
+    the clients.
+
     Args:
         loop: the event loop.
         max_pace_s: longest wait between fan-out flushes; 0 disables pacing.
+        clock: seconds, for the round histogram. Pacing schedules with
+            ``loop.call_at`` and so uses the loop's clock, which in uvloop
+            moves in 1 ms steps, once per iteration: too coarse for rounds.
     """
 
-    def __init__(self, loop, double max_pace_s=0.001):
+    def __init__(self, loop, double max_pace_s=0.001, clock=time.monotonic):
         self._urgent = []
         self._dirty = []
         self._scheduled = False
@@ -127,6 +146,7 @@ cdef class Flusher:
         self._round_started = 0.0
         self._slice_handle = None
         self._nspare = 0
+        self._clock = clock
 
     def __dealloc__(self):
         while self._nspare:
@@ -196,6 +216,7 @@ cdef class Flusher:
         self._round, self._dirty = self._dirty, []
         self._round_pos = 0
         self._round_started = now
+        self._round_clock_started = self._clock()
         self._write_slice()
 
     def _on_paced(self):
@@ -216,6 +237,7 @@ cdef class Flusher:
             self._slice_handle = self._call_soon(self._run_slice)
             return
         self._round = None
+        self._record_round(self._clock() - self._round_clock_started)
         took = self._time() - self._round_started
         self._not_before = (self._round_started + took + min(took, self.max_pace_s)
                             if took >= PACE_ABOVE_S and self.max_pace_s > 0 else 0.0)
@@ -223,6 +245,23 @@ cdef class Flusher:
             # Batches that got frames after their slice was written.
             self._scheduled = True
             self._call_soon(self._run)
+
+    cdef void _record_round(self, double seconds) noexcept:
+        cdef int i = 0
+        while i < ROUND_BUCKETS - 1 and seconds > _ROUND_BOUNDS[i]:
+            i += 1
+        self._round_counts[i] += 1
+        self._round_seconds_sum += seconds
+
+    def round_histogram(self):
+        """The fan-out rounds so far, as ``(counts, seconds)``.
+
+        ``counts[i]`` is the number of rounds that took more than
+        ``ROUND_BOUNDS_S[i - 1]`` and at most ``ROUND_BOUNDS_S[i]`` seconds
+        (the last entry: more than every bound); ``seconds`` is their sum.
+        A round cut short by ``flush()`` is not counted.
+        """
+        return [self._round_counts[i] for i in range(ROUND_BUCKETS)], self._round_seconds_sum
 
     cpdef flush(self):
         """Write every dirty batch now, paced or not (shutdown, tests)."""

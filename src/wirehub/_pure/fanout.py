@@ -8,7 +8,9 @@ loop-wide ``Flusher`` writes each dirty batch once per loop iteration.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,9 @@ SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
 WRITE_THROUGH = 65536  # bytes; a batch this full is written at once, not at tick end
 PACE_ABOVE_S = 0.0002  # a fan-out flush shorter than this does not delay the next one
 ROUND_SLICE = 32  # batches a fan-out round writes per loop iteration
+# Upper bounds (seconds) of the fan-out round histogram (see _ext.fanout).
+ROUND_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5,
+                  1.0, 2.5)
 
 logger = logging.getLogger("wirehub.fanout")
 
@@ -25,9 +30,11 @@ logger = logging.getLogger("wirehub.fanout")
 class Flusher:
     """Write every dirty ``OutBatch`` once, on the next event-loop iteration;
     batches holding a direct reply first, fan-out traffic paced and written
-    ``ROUND_SLICE`` batches per iteration (see ``_ext.fanout.Flusher``)."""
+    ``ROUND_SLICE`` batches per iteration, each round's duration measured
+    with ``clock`` (see ``_ext.fanout.Flusher``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.001) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.001,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = loop
         self.max_pace_s = max_pace_s
         self._urgent: list[OutBatch] = []
@@ -39,6 +46,10 @@ class Flusher:
         self._round_pos = 0
         self._round_started = 0.0
         self._slice_handle: asyncio.Handle | None = None
+        self._clock = clock
+        self._round_clock_started = 0.0
+        self._round_counts = [0] * (len(ROUND_BOUNDS_S) + 1)
+        self._round_seconds_sum = 0.0
 
     def mark(self, batch: OutBatch, urgent: bool) -> None:
         (self._urgent if urgent else self._dirty).append(batch)
@@ -59,6 +70,7 @@ class Flusher:
         self._round, self._dirty = self._dirty, []
         self._round_pos = 0
         self._round_started = now
+        self._round_clock_started = self._clock()
         self._write_slice()
 
     def _on_paced(self) -> None:
@@ -79,12 +91,19 @@ class Flusher:
             self._slice_handle = self.loop.call_soon(self._on_slice)
             return
         self._round = None
+        seconds = self._clock() - self._round_clock_started
+        self._round_counts[bisect.bisect_left(ROUND_BOUNDS_S, seconds)] += 1
+        self._round_seconds_sum += seconds
         took = self.loop.time() - self._round_started
         self._not_before = (self._round_started + took + min(took, self.max_pace_s)
                             if took >= PACE_ABOVE_S and self.max_pace_s > 0 else 0.0)
         if self._dirty and not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.tick)
+
+    def round_histogram(self) -> tuple[list[int], float]:
+        """Rounds per bucket of ``ROUND_BOUNDS_S`` (the last: above them all), and their total seconds."""
+        return list(self._round_counts), self._round_seconds_sum
 
     def flush(self) -> None:
         if self._paced is not None:
