@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,10 @@ METRICS: dict[str, tuple[tuple[str, ...], bool]] = {
     "round_trips_per_cpu_s": (("server", "round_trips_per_cpu_s"), True),
     "server_cpu_percent": (("server", "cpu_percent"), False),
     "rss_kib_per_conn": ((), False),          # measured here, from /proc
+    # wirehub only: its own fan-out rounds (wirehub_fanout_round_seconds on
+    # /metrics), the latency the server adds before the client's share.
+    "server_round_p50_us": ((), False),
+    "server_round_p99_us": ((), False),
 }
 
 
@@ -94,7 +99,8 @@ def scenarios() -> list[Scenario]:
         out.append(Scenario(f"latency-1k-r{rate}", "fanout",
                             ("fanout", "--publishers", "1", "--subscribers", "1000",
                              "--rate", str(rate)),
-                            ("deliveries_per_s", "p50_us", "p99_us", "server_cpu_percent")))
+                            ("deliveries_per_s", "p50_us", "p99_us", "server_round_p50_us",
+                             "server_round_p99_us", "server_cpu_percent")))
     out.append(Scenario("idle-10k", "idle", ("connect", "--connections", "10000",
                                              "--concurrency", "500", "--hold", "2"),
                         ("rss_kib_per_conn",)))
@@ -255,6 +261,8 @@ def run_once(server: Server, sc: Scenario, opts: argparse.Namespace,
         if sc.kind != "idle":
             args += ["--server-pid", str(srv.proc.pid)]
         base = peak = rss_kib(srv.proc.pid)
+        rounds = "server_round_p99_us" in sc.metrics and server.name == "wirehub"
+        rounds_before = fanout_rounds(srv.port) if rounds else []
 
         def sample_rss() -> None:
             nonlocal peak
@@ -264,6 +272,7 @@ def run_once(server: Server, sc: Scenario, opts: argparse.Namespace,
             result = run_loadgen_sampled(args, client_cores, sample_rss)
         else:
             result = run_loadgen(args, client_cores, timeout_s=600)
+        rounds_after = fanout_rounds(srv.port) if rounds else []
     finally:
         srv.stop()
     figures = {}
@@ -271,6 +280,11 @@ def run_once(server: Server, sc: Scenario, opts: argparse.Namespace,
         if metric == "rss_kib_per_conn":
             n = max(result["connect"]["established"], 1)
             figures[metric] = (peak - base) / n
+        elif metric in ("server_round_p50_us", "server_round_p99_us"):
+            during = [(le, after - before)
+                      for (le, after), (_, before) in zip(rounds_after, rounds_before)]
+            q = 0.5 if metric == "server_round_p50_us" else 0.99
+            figures[metric] = histogram_quantile(q, during) * 1e6   # 0 for other servers
         else:
             value: Any = result
             for key in METRICS[metric][0]:
@@ -279,6 +293,32 @@ def run_once(server: Server, sc: Scenario, opts: argparse.Namespace,
     figures["client_cpu_max"] = max(
         (p["cpu_percent"] for p in result["client"]["processes"]), default=0.0)
     return figures, result["errors"]
+
+
+def fanout_rounds(port: int) -> list[tuple[float, int]]:
+    """wirehub's fan-out round histogram from /metrics: cumulative (le, count) pairs."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = 'wirehub_fanout_round_seconds_bucket{le="'
+    return [(float(line[len(prefix):].split('"', 1)[0]), int(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines() if line.startswith(prefix)]
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, int]]) -> float:
+    """The ``q`` quantile of cumulative (le, count) buckets, interpolated
+    linearly inside its bucket (as Prometheus's ``histogram_quantile``); a
+    quantile in the +Inf bucket is reported as the highest finite bound."""
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return 0.0
+    rank, lower, below = q * total, 0.0, 0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
 
 
 def summarize(runs: list[dict[str, float]], errors: list[dict[str, int]]) -> dict[str, Any]:
@@ -357,6 +397,8 @@ def _cell(entry: dict[str, Any], metric: str) -> str:
     if "median" not in entry:
         return "skipped" if entry else "-"
     v, r = entry["median"][metric], entry["ratio"].get(metric)
+    if metric.startswith("server_round_") and not v:
+        return "-"                                # only wirehub reports its rounds
     cell = f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
     if any(sum(errs.values()) for errs in entry["errors"]):
         cell = "!" + cell  # some run had errors: see the JSON report
@@ -380,9 +422,9 @@ def format_table(table: dict[str, dict[str, Any]], names: list[str], markdown: b
                  "|---|---|" + "---:|" * len(names)]
         lines += ["| " + " | ".join(row) + " |" for row in _rows(table, names)]
         return "\n".join(lines + ["", f"({legend})"])
-    header = f"{'scenario':<16}{'metric':<22}" + "".join(f"{n:>22}" for n in names)
+    header = f"{'scenario':<18}{'metric':<22}" + "".join(f"{n:>22}" for n in names)
     lines = [header, "-" * len(header)]
-    lines += [f"{row[0]:<16}{row[1]:<22}" + "".join(f"{c:>22}" for c in row[2:])
+    lines += [f"{row[0]:<18}{row[1]:<22}" + "".join(f"{c:>22}" for c in row[2:])
               for row in _rows(table, names)]
     return "\n".join(lines + [f"({legend})"])
 

@@ -155,3 +155,18 @@ def test_run_e2e_interleaves_servers_and_drops_a_failed_one(monkeypatch):
     assert table["a"]["median"]["round_trips_per_s"] == 4.0
     assert table["b"]["skipped"] == "failed"
     assert table["ws"]["median"]["round_trips_per_s"] == 6.0
+
+
+@pytest.mark.parametrize("q, expected", [
+    (0.5, 0.0075),      # rank 5 of 10: half of the way through (0.005, 0.01], ranks 3 to 7
+    (0.8, 0.015),       # rank 8: half of the way through (0.01, 0.02], ranks 7 to 9
+    (0.99, 0.02),       # rank 9.9 falls in +Inf: the highest finite bound
+])
+def test_histogram_quantile_interpolates_inside_its_bucket(q, expected):
+    buckets = [(0.005, 3), (0.01, 7), (0.02, 9), (float("inf"), 10)]
+    assert run_e2e.histogram_quantile(q, buckets) == pytest.approx(expected)
+
+
+def test_histogram_quantile_of_no_rounds_is_zero():
+    assert run_e2e.histogram_quantile(0.99, []) == 0.0
+    assert run_e2e.histogram_quantile(0.99, [(0.001, 0), (float("inf"), 0)]) == 0.0

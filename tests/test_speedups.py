@@ -414,6 +414,10 @@ class TestRoundHistogram:
         assert counts == expected and expected[-1] == 1 and expected[0] == 2
         assert seconds == pytest.approx(sum(durations))
 
+    def test_both_twins_have_the_same_buckets(self, impl):
+        assert impl.fanout.ROUND_BOUNDS_S == PURE.fanout.ROUND_BOUNDS_S
+        assert list(impl.fanout.ROUND_BOUNDS_S) == sorted(set(impl.fanout.ROUND_BOUNDS_S))
+
     def test_a_round_cut_short_by_flush_is_not_counted(self, impl):
         loop, flusher, batches = self.make(impl, 3 * PURE.fanout.ROUND_SLICE, write_s=0.0001)
         impl.fanout.fanout(batches, impl.frame.build_frame(1, b"x"))

@@ -65,6 +65,7 @@ assert len(ROUND_BOUNDS_S) == ROUND_BUCKETS - 1
 cdef double _ROUND_BOUNDS[ROUND_BUCKETS - 1]
 for _i, _bound in enumerate(ROUND_BOUNDS_S):
     _ROUND_BOUNDS[_i] = _bound
+del _i, _bound
 
 logger = logging.getLogger("wirehub.fanout")
 
