@@ -61,11 +61,8 @@ cdef Py_ssize_t ROUND_SLICE = 32
 # wirehub_fanout_round_seconds on /metrics).
 ROUND_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5,
                   1.0, 2.5)
-assert len(ROUND_BOUNDS_S) == ROUND_BUCKETS - 1
 cdef double _ROUND_BOUNDS[ROUND_BUCKETS - 1]
-for _i, _bound in enumerate(ROUND_BOUNDS_S):
-    _ROUND_BOUNDS[_i] = _bound
-del _i, _bound
+_ROUND_BOUNDS[:] = ROUND_BOUNDS_S       # (a length other than ROUND_BUCKETS - 1 fails the import)
 
 logger = logging.getLogger("wirehub.fanout")
 
