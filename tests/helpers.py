@@ -129,6 +129,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def metrics_text(port: int) -> str:
+    """GET /metrics from a gateway on 127.0.0.1; the exposition text."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        return (await asyncio.wait_for(reader.read(), 5)).decode()
+    finally:
+        writer.close()
+
+
 @contextlib.contextmanager
 def start_server(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
     """Run ``wirehub serve`` in a subprocess (for RSS and signal tests)."""

@@ -15,7 +15,7 @@ from wirehub import Gateway, Config, Rejected
 from wirehub._speedups import load
 from wirehub.protocol.codec import Tag
 
-from helpers import RawClient, client_frame, connect_recording, json_client, running_gateway
+from helpers import RawClient, client_frame, connect_recording, json_client, metrics_text, running_gateway
 
 TLV = load("ext").tlv
 pytestmark = pytest.mark.parametrize("impl_name", ["ext", "pure"], indirect=False)
@@ -256,10 +256,7 @@ class TestLifecycle:
         async with running_gateway(impl_name) as gw, json_client(gw) as c:
             await c.subscribe("m")
             await c.request(type="publish", channel="m", data=1)
-            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            text = (await reader.read()).decode()
-            writer.close()
+            text = await metrics_text(gw.port)
             assert "wirehub_connections 1\n" in text
             assert "wirehub_publications_total 1\n" in text
             assert "wirehub_deliveries_total 1\n" in text

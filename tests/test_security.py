@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from wirehub.auth import mint_token
 
-from helpers import JsonClient, json_client, running_gateway
+from helpers import JsonClient, json_client, metrics_text, running_gateway
 
 SECRET = "integration-secret-long-enough-for-hs256!"
 
@@ -61,14 +61,6 @@ async def http_get(port: int, path: str = "/ws", headers: dict[str, str] | None 
         return int(status_line.split()[1]), answer, body
     finally:
         writer.close()
-
-
-async def metrics(port: int) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = await asyncio.wait_for(reader.read(65536), 5)
-    writer.close()
-    return data.decode()
 
 
 @contextlib.asynccontextmanager
@@ -102,7 +94,7 @@ async def test_without_a_token_only_auth_is_processed_then_timeout():
             assert (await anon.request(type="subscribe", channel="t"))["code"] == "not_authenticated"
             await watcher.expect_silence(0.2)  # the publish was not processed
             assert await closed_with(anon) == (1008, "authentication timeout")
-        assert 'wirehub_auth_failures_total{code="authentication_timeout"} 1' in await metrics(gw.port)
+        assert 'wirehub_auth_failures_total{code="authentication_timeout"} 1' in await metrics_text(gw.port)
 
 
 async def test_auth_message_then_claims_apply():
@@ -136,7 +128,7 @@ async def test_bad_token_in_auth_message_closes_1008(bad, code):
         reply = await c.request(type="auth", token=bad())
         assert reply["type"] == "auth_error" and reply["code"] == code
         assert (await closed_with(c))[0] == 1008
-        assert f'wirehub_auth_failures_total{{code="{code}"}} 1' in await metrics(gw.port)
+        assert f'wirehub_auth_failures_total{{code="{code}"}} 1' in await metrics_text(gw.port)
 
 
 async def test_bad_token_in_the_upgrade_is_refused_with_401(impl):
@@ -156,7 +148,7 @@ async def test_bad_token_in_the_upgrade_is_refused_with_401(impl):
         with pytest.raises(websockets.InvalidStatus):
             async with client(gw, token_="garbage"):
                 pass
-        text = await metrics(gw.port)
+        text = await metrics_text(gw.port)
         assert 'wirehub_refusals_total{reason="unauthorized"} 5' in text
 
 
@@ -241,7 +233,7 @@ async def test_open_gateway_allows_everything_but_permissions():
             assert reply["code"] == "auth_not_configured"
             assert (await c.request(type="runner_stop", id=1))["code"] == "forbidden"
             await c.subscribe("still.open")
-        assert 'wirehub_auth_failures_total{code="auth_not_configured"} 1' in await metrics(gw.port)
+        assert 'wirehub_auth_failures_total{code="auth_not_configured"} 1' in await metrics_text(gw.port)
 
 
 def test_serve_warns_when_open_and_not_when_secured():
@@ -268,7 +260,7 @@ async def test_publish_outside_claims_delivers_nothing():
             assert reply == {"type": "error", "code": "forbidden", "id": 5,
                              "error": "not allowed to publish to 'runner:1'"}
             await watcher.expect_silence(0.3)
-        assert 'wirehub_errors_total{code="forbidden"} 1' in await metrics(gw.port)
+        assert 'wirehub_errors_total{code="forbidden"} 1' in await metrics_text(gw.port)
 
 
 async def test_invalid_names_are_refused_before_the_permission_cache_sees_them():
@@ -342,7 +334,7 @@ async def test_connection_limits_answer_503_and_429(impl):
         async with client(gw), client(gw):
             status, _, body = await http_get(gw.port)
             assert status == 429 and b"too many connections from this address" in body
-        assert 'wirehub_refusals_total{reason="max_connections_per_ip"} 1' in await metrics(gw.port)
+        assert 'wirehub_refusals_total{reason="max_connections_per_ip"} 1' in await metrics_text(gw.port)
 
 
 async def test_refused_sockets_waiting_for_an_answer_are_bounded(impl):
@@ -387,7 +379,7 @@ async def test_oversized_headers_get_431(impl):
         assert status == 431 and b"larger than 2048 bytes" in body
         status, _, _ = await http_get(gw.port, headers={"X-Padding": "a" * 1000})
         assert status == 101
-        assert 'wirehub_refusals_total{reason="header_too_large"} 1' in await metrics(gw.port)
+        assert 'wirehub_refusals_total{reason="header_too_large"} 1' in await metrics_text(gw.port)
 
 
 async def test_slowloris_handshake_is_cut_off(impl):
@@ -407,7 +399,7 @@ async def test_slowloris_handshake_is_cut_off(impl):
             pass  # closed while our last header line was in flight: a reset
         assert time.monotonic() - started < 2.5
         writer.close()
-        assert 'wirehub_refusals_total{reason="handshake_timeout"} 1' in await metrics(gw.port)
+        assert 'wirehub_refusals_total{reason="handshake_timeout"} 1' in await metrics_text(gw.port)
 
 
 async def test_allowed_origins():
@@ -415,7 +407,7 @@ async def test_allowed_origins():
         assert (await http_get(gw.port, headers={"Origin": "https://evil.example"}))[0] == 403
         assert (await http_get(gw.port, headers={"Origin": "https://app.example"}))[0] == 101
         assert (await http_get(gw.port))[0] == 101  # not a browser: no Origin header
-        assert 'wirehub_refusals_total{reason="origin"} 1' in await metrics(gw.port)
+        assert 'wirehub_refusals_total{reason="origin"} 1' in await metrics_text(gw.port)
 
 
 async def test_max_subscriptions_and_channel_length_hold_for_patterns():

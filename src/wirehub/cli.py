@@ -10,7 +10,7 @@ import sys
 import typing
 
 from . import config as config_module
-from . import log
+from . import garbage, log
 from .__version__ import __version__
 from .config import Config, ConfigError
 
@@ -155,6 +155,7 @@ async def _serve(cfg: Config) -> None:
 
     gateway = Gateway(cfg)
     await gateway.start()
+    garbage.tune()  # this process is the gateway's: see wirehub.garbage
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

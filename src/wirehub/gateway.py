@@ -39,6 +39,7 @@ from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_req
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config
+from .garbage import PauseWatch
 from .connection import Connection, EchoConnection
 from .hub import TAKEOVER, Hub
 from .metrics import Metrics, histogram_lines
@@ -131,6 +132,8 @@ class Gateway:
         self.admission = Admission(cfg, self.metrics)
         self.flusher: Any = None
         self.metrics.collectors.append(self._fanout_metrics)
+        self.gc_watch = PauseWatch()
+        self.metrics.collectors.append(self.gc_watch.metric_lines)
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.echo_connections: set[EchoConnection] = set()
@@ -279,6 +282,7 @@ class Gateway:
         self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls,
                                                 backlog=cfg.listen_backlog)
         self._heartbeat_task = loop.create_task(self._heartbeat())
+        self.gc_watch.install()
         for source in self.sources:
             await source.start()
         logger.info("listening", extra={"host": cfg.host, "port": self.port, "tls": tls is not None,
@@ -298,6 +302,7 @@ class Gateway:
             return
         self._server.close()
         self._heartbeat_task.cancel()
+        self.gc_watch.uninstall()
         listeners = [c.listener for c in self.hub.clients.values()]
         listeners += [c.listener for c in self.echo_connections]
         for listener in listeners:
