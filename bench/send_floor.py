@@ -141,8 +141,8 @@ def measure(sockets: list[socket.socket], frame: bytes, rate: float,
     }
 
 
-def connect_pairs(connections: int, client_cores: set[int] | None) -> tuple[list[socket.socket],
-                                                                           multiprocessing.Process]:
+def connect_pairs(connections: int, client_cores: set[int] | None
+                  ) -> tuple[list[socket.socket], multiprocessing.Process]:
     """``connections`` accepted sockets, their peers held by a receiver process."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=connections)
     ready = multiprocessing.Event()

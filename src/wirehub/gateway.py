@@ -39,8 +39,8 @@ from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_req
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config
-from .garbage import PauseWatch
 from .connection import Connection, EchoConnection
+from .garbage import PauseWatch
 from .hub import TAKEOVER, Hub
 from .metrics import Metrics, histogram_lines
 from .protocol.codec import JsonCodec, TlvCodec
