@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import run_e2e
+from wirehub import openfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "bench" / "ci-baseline.json"
@@ -212,7 +213,7 @@ def measure_e2e(pairs: int) -> tuple[dict[str, float], dict[str, Any]]:
     Each pair runs close in time, so a load change on the machine hits both
     of its runs; the median drops the odd pair it hit between them.
     """
-    run_e2e.raise_nofile()
+    openfiles.lift()
     cores = run_e2e.split_cores()
     servers = {s.name: s for s in run_e2e.servers(sys.executable)}
     why = run_e2e.wirehub_available(servers["wirehub"])
@@ -235,7 +236,7 @@ def measure_e2e(pairs: int) -> tuple[dict[str, float], dict[str, Any]]:
 
 def measure_idle(connections: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Peak server RSS growth per idle connection (run_e2e's idle scenario)."""
-    run_e2e.raise_nofile()
+    openfiles.lift()
     server = {s.name: s for s in run_e2e.servers(sys.executable)}["wirehub"]
     scenario = run_e2e.Scenario(
         f"idle-{connections}", "idle",

@@ -26,13 +26,14 @@ import asyncio
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
+
+from wirehub import openfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="Config overrides as JSON")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    openfiles.lift()
     if not opts.no_trace:
         tracemalloc.start(opts.frames)
     import uvloop

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import socket
 import statistics
@@ -33,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from wirehub import openfiles
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "bench" / "servers"
@@ -139,12 +140,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def split_cores() -> tuple[set[int] | None, set[int] | None]:
@@ -484,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(opts.from_json.read_text())["scenarios"]
         print(format_table(earlier, list(next(iter(earlier.values()), {})), opts.markdown))
         return 0
-    raise_nofile()
+    openfiles.lift()
     cores = split_cores()
     chosen = [s for s in scenarios() if (not opts.quick or s.quick)
               and (not opts.scenario or any(f in s.name for f in opts.scenario))]

@@ -43,7 +43,8 @@ from multiprocessing.synchronize import Event
 
 import uvloop
 
-from run_e2e import raise_nofile, split_cores
+from run_e2e import split_cores
+from wirehub import openfiles
 
 FIGURES = ("delivery_p50_us", "delivery_p99_us", "round_p50_us", "round_p99_us", "round_max_us",
            "cpu_us_per_send", "kernel_share", "late_rounds")
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.connections < 1 or opts.rate <= 0 or opts.duration <= 0 or opts.repeat < 1:
         parser.error("--connections and --repeat must be >= 1, --rate and --duration > 0")
 
-    raise_nofile()
+    openfiles.lift()
     server_cores, client_cores = split_cores()
     if server_cores:
         os.sched_setaffinity(0, server_cores)

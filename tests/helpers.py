@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -140,11 +140,12 @@ async def metrics_text(port: int) -> str:
 
 
 @contextlib.contextmanager
-def start_server(*args: str) -> Iterator[tuple[subprocess.Popen, int]]:
-    """Run ``wirehub serve`` in a subprocess (for RSS and signal tests)."""
+def start_server(*args: str, preexec_fn: Callable[[], None] | None = None
+                 ) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Run ``wirehub serve`` in a subprocess (for RSS, signal and process-limit tests)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", str(port), *args],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     drain = threading.Thread(target=proc.stderr.read, daemon=True)
     try:
         line = proc.stderr.readline()

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import json
 import os
+import resource
 import shutil
 import ssl
 import subprocess
@@ -28,9 +29,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from wirehub import Config
+from wirehub.admission import Admission
 from wirehub.auth import mint_token
+from wirehub.metrics import Metrics
 
-from helpers import JsonClient, json_client, metrics_text, running_gateway
+from helpers import JsonClient, json_client, metrics_text, running_gateway, start_server
 
 SECRET = "integration-secret-long-enough-for-hs256!"
 
@@ -319,6 +323,62 @@ async def test_permissioned_handlers():
 
 
 # -- limits --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("configured, open_files, expected, capped, answering", [
+    (100_000, None, 100_000, False, 1024),
+    (0, None, None, False, 1024),               # 0: unlimited
+    (100_000, 1024, 840, True, 120),            # 1024 - 64 reserved = 960: 120 answering, 840 admitted
+    (50, 1024, 50, False, 120),
+    (0, 1024, 840, True, 120),
+    (100_000, 40, 0, True, 0),                  # no room at all
+])
+def test_max_connections_fits_the_open_file_limit(configured, open_files, expected, capped, answering):
+    admission = Admission(Config(max_connections=configured), Metrics(), open_files)
+    assert (admission.max_connections, admission.capped_by_open_files) == (expected, capped)
+    assert admission.max_answering == answering
+
+
+async def _hold_upgrades(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """Upgrade ``count`` connections and keep them open; fail on any non-101 answer."""
+    writers = []
+    for n in range(count):
+        status, writer = await _upgrade(port)
+        assert status == 101, f"connection {n + 1} of {count} answered {status}"
+        writers.append(writer)
+    return writers
+
+
+async def _upgrade(port: int) -> tuple[int, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return int(head.split(b" ", 2)[1]), writer
+
+
+async def test_serve_lifts_the_open_file_limit_and_answers_503_past_it():
+    """Started with a soft limit of 150 open files and a hard one of 300,
+    ``wirehub serve`` takes all 300: 236 left after the reserve, 29 of them
+    for refusals being answered, 207 connections. The 208th is answered 503
+    and counted, not reset by a failed accept()."""
+    def low_limits() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (150, 300))
+
+    with start_server("--max-connections-per-ip", "0", "--new-connections-per-ip-per-s", "0",
+                      preexec_fn=low_limits) as (_, port):
+        writers = await _hold_upgrades(port, 207)   # past the soft limit it started with
+        try:
+            status, extra = await _upgrade(port)
+            extra.close()
+            assert status == 503
+            writers.pop().close()                   # a free slot, for /metrics
+            await asyncio.sleep(0.2)
+            assert 'wirehub_refusals_total{reason="max_connections"} 1' in await metrics_text(port)
+        finally:
+            for writer in writers:
+                writer.close()
+
 
 async def test_connection_limits_answer_503_and_429(impl):
     async with running_gateway(impl.name, max_connections=3, max_connections_per_ip=0) as gw:

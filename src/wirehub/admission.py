@@ -54,6 +54,13 @@ class _Peer:
         self.updated_at = now
 
 
+# Descriptors the process needs besides its clients' sockets: the listening
+# sockets, the event loop's own, standard streams, log files, the Docker
+# engine's connections.
+RESERVED_FILES = 64
+MAX_ANSWERING = 1024
+
+
 class Admission:
     """Connection limits per gateway and per client IP.
 
@@ -63,19 +70,36 @@ class Admission:
     dropped at once without an answer, so a flood of sockets that never send
     a byte cannot hold more than that many descriptors beyond the limits.
 
+    Every socket is a file. With an open-file limit, ``max_connections`` is
+    lowered so that admitted and answered sockets fit under it with
+    ``RESERVED_FILES`` to spare: a client past it is answered 503 and
+    counted, instead of being reset unanswered when ``accept()`` fails
+    (``wirehub.openfiles``).
+
     Args:
         config: ``max_connections``, ``max_connections_per_ip``,
             ``new_connections_per_ip_per_s``/``_burst_per_ip``, ``max_header_bytes``.
         metrics: where refusals are counted.
+        open_files: the process's open-file limit (``openfiles.limit()``);
+            None: no limit.
         clock: monotonic seconds (injected by tests).
     """
 
-    max_answering = 1024
-
-    def __init__(self, config: Config, metrics: Metrics,
+    def __init__(self, config: Config, metrics: Metrics, open_files: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_header_bytes = config.max_header_bytes
-        self._max_total = config.max_connections
+        self.max_answering = MAX_ANSWERING
+        # None: unlimited. Configured 0 means unlimited too.
+        self.max_connections: int | None = config.max_connections or None
+        # Set when the open-file limit, not the configuration, caps connections.
+        self.capped_by_open_files = False
+        if open_files is not None:
+            room = max(open_files - RESERVED_FILES, 0)
+            self.max_answering = min(MAX_ANSWERING, room // 8)
+            fit = room - self.max_answering
+            if self.max_connections is None or fit < self.max_connections:
+                self.max_connections = fit
+                self.capped_by_open_files = True
         self._max_per_ip = config.max_connections_per_ip
         self._rate = config.new_connections_per_ip_per_s
         self._burst = config.new_connections_burst_per_ip
@@ -114,7 +138,7 @@ class Admission:
         return self._refusals[reason]
 
     def _check(self, key: str) -> str | None:
-        if self._max_total and self.open >= self._max_total:
+        if self.max_connections is not None and self.open >= self.max_connections:
             return RefusalReason.MAX_CONNECTIONS
         now = self._clock()
         state = self._peers.get(key)

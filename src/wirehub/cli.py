@@ -10,7 +10,7 @@ import sys
 import typing
 
 from . import config as config_module
-from . import garbage, log
+from . import garbage, log, openfiles
 from .__version__ import __version__
 from .config import Config, ConfigError
 
@@ -153,6 +153,7 @@ def _token(args: argparse.Namespace) -> int:
 async def _serve(cfg: Config) -> None:
     from .gateway import Gateway
 
+    open_files = openfiles.lift()  # before the gateway sizes its connection limit on it
     gateway = Gateway(cfg)
     await gateway.start()
     garbage.tune()  # this process is the gateway's: see wirehub.garbage
@@ -168,6 +169,9 @@ async def _serve(cfg: Config) -> None:
     elif cfg.allow_anonymous:
         print("wirehub: anonymous connections allowed (default_subscribe/default_publish only)",
               file=sys.stderr, flush=True)
+    if gateway.admission.capped_by_open_files:
+        print(f"wirehub: at most {gateway.admission.max_connections:,} connections: the open-file limit is "
+              f"{open_files:,} (ulimit -n); past it clients are answered 503", file=sys.stderr, flush=True)
     await stop.wait()
     print("wirehub: shutting down", file=sys.stderr, flush=True)
     await gateway.stop()

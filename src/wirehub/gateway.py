@@ -32,7 +32,7 @@ import msgspec
 from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol
 
-from . import _speedups
+from . import _speedups, openfiles
 from .__version__ import __version__
 from .admission import Admission, RefusalReason
 from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
@@ -129,7 +129,7 @@ class Gateway:
         # Shared, immutable principals: no per-connection cost when auth is off.
         self._open_principal = Principal.open_gateway()
         self._anonymous = self.verifier.anonymous() if self.verifier is not None else None
-        self.admission = Admission(cfg, self.metrics)
+        self.admission = Admission(cfg, self.metrics, openfiles.limit())
         self.flusher: Any = None
         self.metrics.collectors.append(self._fanout_metrics)
         self.gc_watch = PauseWatch()

@@ -14,10 +14,12 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any, TextIO
 
+from wirehub import openfiles
+
 from .config import Config, publisher_channels
 from .report import aggregate
 from .server_cpu import ServerCpuProbe
-from .worker import raise_nofile_limit, worker_main
+from .worker import worker_main
 
 START_DELAY_S = 0.3          # lets every worker be asleep before the first send
 PHASE_SLACK_S = 10.0         # on top of the time a phase should take
@@ -37,7 +39,7 @@ class Runner:
         self._t0 = time.monotonic()
 
     def run(self) -> dict[str, Any]:
-        raise_nofile_limit()
+        openfiles.lift()
         # fork starts a worker in milliseconds; only a threaded parent needs spawn.
         method = "fork" if threading.active_count() == 1 else "spawn"
         ctx = multiprocessing.get_context(method)

@@ -30,6 +30,7 @@ from typing import Any
 
 import uvloop
 from picows import WSCloseCode, WSError, WSMsgType, ws_connect
+from wirehub import openfiles
 
 from . import payload
 from ._speedups import (
@@ -56,22 +57,9 @@ COUNTERS = ("received", "received_bytes", "other_received", "sent", "acked", "ma
             "error_replies", "server_closes")
 
 
-def raise_nofile_limit() -> int:
-    """Lift the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
 def worker_main(cfg: Config, index: int, pipe: Connection) -> None:
     """Process entry point (multiprocessing target)."""
-    raise_nofile_limit()
+    openfiles.lift()
     try:
         uvloop.run(Worker(cfg, index, pipe).run())
     except BaseException:  # a bug in the loadgen: let the runner print it
