@@ -72,7 +72,7 @@ import gc, weakref
 from wirehub import garbage
 garbage.tune()
 assert gc.get_freeze_count() > 1000, gc.get_freeze_count()
-assert gc.get_threshold()[0] == garbage.YOUNG_THRESHOLD
+assert gc.get_threshold()[:2] == (garbage.YOUNG_THRESHOLD, garbage.MIDDLE_THRESHOLD)
 class Node: pass
 a, b = Node(), Node()
 a.other, b.other = b, a
