@@ -39,7 +39,7 @@ class Runner:
         self._t0 = time.monotonic()
 
     def run(self) -> dict[str, Any]:
-        openfiles.lift()
+        openfiles.lift()  # inherited by the workers
         # fork starts a worker in milliseconds; only a threaded parent needs spawn.
         method = "fork" if threading.active_count() == 1 else "spawn"
         ctx = multiprocessing.get_context(method)

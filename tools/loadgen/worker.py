@@ -30,7 +30,6 @@ from typing import Any
 
 import uvloop
 from picows import WSCloseCode, WSError, WSMsgType, ws_connect
-from wirehub import openfiles
 
 from . import payload
 from ._speedups import (
@@ -58,8 +57,8 @@ COUNTERS = ("received", "received_bytes", "other_received", "sent", "acked", "ma
 
 
 def worker_main(cfg: Config, index: int, pipe: Connection) -> None:
-    """Process entry point (multiprocessing target)."""
-    openfiles.lift()
+    """Process entry point (multiprocessing target); the runner has lifted the
+    open-file limit it inherits."""
     try:
         uvloop.run(Worker(cfg, index, pipe).run())
     except BaseException:  # a bug in the loadgen: let the runner print it
