@@ -6,7 +6,6 @@ import gc
 import re
 import subprocess
 import sys
-import urllib.request
 
 from helpers import metrics_text, running_gateway, start_server
 from wirehub import garbage
@@ -98,9 +97,8 @@ async def test_an_embedded_gateway_reports_pauses_but_leaves_the_collector_alone
     assert gw.gc_watch._on_collect not in gc.callbacks
 
 
-def test_serve_tunes_its_own_process():
+async def test_serve_tunes_its_own_process():
     with start_server() as (_, port):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
+        text = await metrics_text(port)
     frozen = int(re.search(r"wirehub_gc_frozen_objects (\d+)", text)[1])
     assert frozen > 1000          # modules, configuration, the gateway: frozen at start

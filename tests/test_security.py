@@ -34,7 +34,7 @@ from wirehub.admission import Admission
 from wirehub.auth import mint_token
 from wirehub.metrics import Metrics
 
-from helpers import JsonClient, json_client, metrics_text, running_gateway, start_server
+from helpers import JsonClient, RawClient, json_client, metrics_text, running_gateway, start_server
 
 SECRET = "integration-secret-long-enough-for-hs256!"
 
@@ -338,23 +338,10 @@ def test_max_connections_fits_the_open_file_limit(configured, open_files, expect
     assert admission.max_answering == answering
 
 
-async def _hold_upgrades(port: int, count: int) -> list[asyncio.StreamWriter]:
-    """Upgrade ``count`` connections and keep them open; fail on any non-101 answer."""
-    writers = []
-    for n in range(count):
-        status, writer = await _upgrade(port)
-        assert status == 101, f"connection {n + 1} of {count} answered {status}"
-        writers.append(writer)
-    return writers
-
-
-async def _upgrade(port: int) -> tuple[int, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    return int(head.split(b" ", 2)[1]), writer
+async def _upgrade(port: int) -> tuple[int, RawClient]:
+    """An upgrade request on /ws, kept open; the answer's status."""
+    raw = await RawClient.connect(port, "/ws")
+    return int(raw.handshake.split(" ", 2)[1]), raw
 
 
 async def test_serve_lifts_the_open_file_limit_and_answers_503_past_it():
@@ -367,17 +354,21 @@ async def test_serve_lifts_the_open_file_limit_and_answers_503_past_it():
 
     with start_server("--max-connections-per-ip", "0", "--new-connections-per-ip-per-s", "0",
                       preexec_fn=low_limits) as (_, port):
-        writers = await _hold_upgrades(port, 207)   # past the soft limit it started with
+        held = []
         try:
+            for n in range(207):                    # past the soft limit it started with
+                status, raw = await _upgrade(port)
+                assert status == 101, f"connection {n + 1} answered {status}"
+                held.append(raw)
             status, extra = await _upgrade(port)
-            extra.close()
+            extra.writer.close()
             assert status == 503
-            writers.pop().close()                   # a free slot, for /metrics
+            held.pop().writer.close()               # a free slot, for /metrics
             await asyncio.sleep(0.2)
             assert 'wirehub_refusals_total{reason="max_connections"} 1' in await metrics_text(port)
         finally:
-            for writer in writers:
-                writer.close()
+            for raw in held:
+                raw.writer.close()
 
 
 async def test_connection_limits_answer_503_and_429(impl):
