@@ -1,8 +1,8 @@
 """The one importer of the compiled hot path.
 
 ``implementation()`` returns a namespace with ``tlv``, ``frame``, ``bucket``,
-``fanout``, ``deflate``, ``listener`` and ``readahead``: the Cython modules from ``wirehub._ext`` when they
-are built, else (or with ``WIREHUB_NO_EXTENSIONS=1``) the pure-Python
+``fanout``, ``deflate``, ``listener``, ``readahead`` and ``routing``: the
+Cython modules from ``wirehub._ext`` when they are built, else (or with ``WIREHUB_NO_EXTENSIONS=1``) the pure-Python
 references from ``wirehub._pure``. Both have the same API.
 """
 
@@ -12,7 +12,7 @@ import importlib
 import os
 from types import SimpleNamespace
 
-MODULES = ("tlv", "frame", "bucket", "fanout", "deflate", "listener", "readahead")
+MODULES = ("tlv", "frame", "bucket", "fanout", "deflate", "listener", "readahead", "routing")
 
 
 def load(name: str) -> SimpleNamespace:

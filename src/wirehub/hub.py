@@ -18,7 +18,7 @@ from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
 from .protocol.messages import Error, Publication, Reply, StreamPosition, Subscribe
-from .protocol.patterns import PatternError, compile_pattern, is_channel_name, is_pattern
+from .protocol.patterns import PatternError, check_pattern, is_channel_name, is_pattern
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
-_PATTERN_CACHE_LIMIT = 10_000
+# Channels whose pattern subscribers are kept (PatternRoutes); past this the
+# oldest entry goes, so a publisher cycling names cannot grow memory.
+ROUTES_LIMIT = 10_000
 
 
 TAKEOVER = -1  # fan-out group of connections that compress with their own context
@@ -68,13 +70,81 @@ class Channel:
         del self.members[conn.client_id]
 
 
+class PatternChannel(Channel):
+    """The subscribers of one pattern, and the channels whose routes it feeds.
+
+    ``dependents`` names the channels whose ``PatternRoutes`` count this
+    pattern among their sources: a subscribe or unsubscribe on the pattern
+    updates those routes, and no others.
+    """
+
+    __slots__ = ("dependents",)
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.dependents: set[str] = set()
+
+
+class PatternRoutes:
+    """Who receives one channel's publications through pattern subscriptions.
+
+    ``sources`` are the patterns that cover the channel as of ``version`` of
+    the index (``PatternIndex.match``); ``holders`` counts, per client id,
+    how many of them the client holds; ``targets`` is the fan-out set: the
+    holders that may read the channel (``can_subscribe``, per concrete
+    channel) and are not subscribed to it directly, which deliver it
+    themselves. A publication reaches each target once, however many of its
+    patterns match.
+    """
+
+    __slots__ = ("name", "sources", "holders", "targets", "version")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sources: list[PatternChannel] = []
+        self.holders: dict[str, int] = {}
+        self.targets = Channel(name)
+        self.version = -1  # older than any index: the first lookup fills the sources
+
+    def hold(self, conn: Connection, direct: Channel | None) -> None:
+        """``conn`` holds one more of the sources."""
+        held = self.holders.get(conn.client_id, 0)
+        self.holders[conn.client_id] = held + 1
+        if not held:
+            self.recheck(conn, direct)
+
+    def release(self, conn: Connection) -> None:
+        """``conn`` holds one source less."""
+        held = self.holders[conn.client_id] - 1
+        if held:
+            self.holders[conn.client_id] = held
+            return
+        del self.holders[conn.client_id]
+        if conn.client_id in self.targets.members:
+            self.targets.remove(conn)
+
+    def recheck(self, conn: Connection, direct: Channel | None) -> None:
+        """Add or remove ``conn`` after its subscriptions or its token changed."""
+        client_id = conn.client_id
+        wanted = (client_id in self.holders
+                  and (direct is None or client_id not in direct.members)
+                  and conn.principal.can_subscribe(self.name))
+        if wanted != (client_id in self.targets.members):
+            if wanted:
+                self.targets.add(conn)
+            else:
+                self.targets.remove(conn)
+
+
 class Hub:
     """Subscriptions of this process's connections, and delivery to them.
 
     A subscription is to a channel or to a pattern (``protocol.patterns``).
     A pattern subscriber receives a channel's publications only when its
-    principal may subscribe to that channel; who that is gets computed once
-    per channel and cached until subscriptions or claims change.
+    principal may subscribe to that channel. Patterns are found through a
+    segment trie (``routing.PatternIndex``), and each channel's pattern
+    subscribers are kept in its ``PatternRoutes``, which every subscription
+    change updates where it matters (docs/architecture.md, "Pattern routing").
     """
 
     def __init__(self, broker: Broker, impl: SimpleNamespace, json_codec: JsonCodec,
@@ -82,8 +152,14 @@ class Hub:
                  max_subscriptions: int, shared_compressors: dict[int, Any],
                  compress_threshold_bytes: int) -> None:
         self.channels: dict[str, Channel] = {}
-        self.patterns: dict[str, Channel] = {}
-        self._pattern_targets: dict[str, Channel] = {}
+        self.patterns: dict[str, PatternChannel] = {}
+        # Patterns by segment, and the pattern subscribers of each channel
+        # published on, kept up to date subscription by subscription.
+        self._index = impl.routing.PatternIndex()
+        self._routes: dict[str, PatternRoutes] = {}
+        # Moves on every pattern added to or removed from the index: routes
+        # built at an older version check that the same patterns still match.
+        self._index_version = 0
         self.clients: dict[str, Connection] = {}
         self._broker = broker
         self._json = json_codec
@@ -125,10 +201,12 @@ class Hub:
 
     def check_pattern(self, pattern: str) -> None:
         """Raise ``InvalidChannel`` unless ``pattern`` is a valid channel pattern."""
+        if pattern in self.patterns:
+            return  # already validated when it was created
         if len(pattern) > self._max_channel_length:
             raise InvalidChannel(f"channel pattern must be 1 to {self._max_channel_length} characters")
         try:
-            compile_pattern(pattern)
+            check_pattern(pattern)
         except PatternError as exc:
             raise InvalidChannel(str(exc)) from None
 
@@ -200,21 +278,21 @@ class Hub:
         """Add ``conn`` to the channel or pattern ``name`` (validated) without asking a source."""
         if name in conn.subscriptions:
             return
-        pattern = is_pattern(name)
-        registry = self.patterns if pattern else self.channels
-        channel = registry.get(name)
-        if channel is None:
-            channel = registry[name] = Channel(name)
-            if pattern:
-                self._broker.subscribe_pattern(name)
-            else:
+        if is_pattern(name):
+            self._join_pattern(conn, name)
+        else:
+            channel = self.channels.get(name)
+            if channel is None:
+                channel = self.channels[name] = Channel(name)
                 self._broker.subscribe(name)
-        channel.add(conn)
+            channel.add(conn)
+            routes = self._routes.get(name)
+            if routes is not None:
+                routes.recheck(conn, channel)  # now delivered through the channel itself
         if not conn.subscriptions:
             conn.subscriptions = set()  # idle connections share one empty frozenset
         conn.subscriptions.add(name)
         self.subscription_count += 1
-        self._forget_targets(name, pattern)
 
     def unsubscribe(self, conn: Connection, name: str) -> None:
         """Remove ``conn`` from the channel or pattern ``name``.
@@ -230,59 +308,116 @@ class Hub:
             raise NotSubscribed(f"not subscribed to {name[:64]!r}")
         conn.subscriptions.discard(name)
         self.subscription_count -= 1
-        pattern = is_pattern(name)
-        registry = self.patterns if pattern else self.channels
-        channel = registry[name]
+        if is_pattern(name):
+            self._leave_pattern(conn, name)
+            return
+        channel = self.channels[name]
         channel.remove(conn)
         if not channel.members:
-            del registry[name]
-            if pattern:
-                self._broker.unsubscribe_pattern(name)
-            else:
-                self._broker.unsubscribe(name)
-                if self.sources:
-                    source = self.source_for(name)
-                    if source is not None:
-                        source.vacated(name)
-        self._forget_targets(name, pattern)
+            del self.channels[name]
+            self._broker.unsubscribe(name)
+            if self.sources:
+                source = self.source_for(name)
+                if source is not None:
+                    source.vacated(name)
+            channel = None
+        routes = self._routes.get(name)
+        if routes is not None:
+            routes.recheck(conn, channel)  # back to its patterns, if it holds any
 
     def revoke(self, conn: Connection) -> list[str]:
         """After ``conn``'s principal changed: end the channel subscriptions it
-        no longer allows and return their names."""
+        no longer allows and return their names; its pattern subscriptions
+        stay, and now deliver only the channels the new token allows."""
         principal = conn.principal
         revoked = [name for name in conn.subscriptions
                    if not is_pattern(name) and not principal.can_subscribe(name)]
         for name in revoked:
             self.unsubscribe(conn, name)
-        if self.patterns:
-            self._pattern_targets.clear()
+        for name in conn.subscriptions:
+            if is_pattern(name):
+                for channel in self.patterns[name].dependents:
+                    self._routes[channel].recheck(conn, self.channels.get(channel))
         return revoked
 
-    def _forget_targets(self, name: str, pattern: bool) -> None:
-        if pattern:
-            self._pattern_targets.clear()
-        elif self.patterns:
-            self._pattern_targets.pop(name, None)
+    # -- pattern routing ----------------------------------------------------------
 
-    def _targets_for(self, name: str) -> Channel | None:
+    def _join_pattern(self, conn: Connection, pattern: str) -> None:
+        subscribers = self.patterns.get(pattern)
+        if subscribers is None:
+            subscribers = self.patterns[pattern] = PatternChannel(pattern)
+            self._index.add(pattern, subscribers)
+            self._index_version += 1
+            self._broker.subscribe_pattern(pattern)
+        subscribers.add(conn)
+        for name in subscribers.dependents:
+            self._routes[name].hold(conn, self.channels.get(name))
+
+    def _leave_pattern(self, conn: Connection, pattern: str) -> None:
+        subscribers = self.patterns[pattern]
+        subscribers.remove(conn)
+        for name in subscribers.dependents:
+            self._routes[name].release(conn)
+        if subscribers.members:
+            return
+        del self.patterns[pattern]
+        self._index.discard(pattern)
+        self._index_version += 1
+        self._broker.unsubscribe_pattern(pattern)
+        if not self.patterns:
+            self._routes.clear()
+
+    def _pattern_targets(self, name: str) -> Channel | None:
         """The pattern subscribers that get ``name``'s publications: each once,
-        only if not subscribed to ``name`` itself, only if allowed to read it."""
-        targets = self._pattern_targets.get(name)
-        if targets is None:
-            targets = Channel(name)
-            direct = self.channels.get(name)
-            for pattern, subscribers in self.patterns.items():
-                if compile_pattern(pattern).fullmatch(name) is None:
-                    continue
-                for client_id, conn in subscribers.members.items():
-                    if client_id in targets.members or (direct is not None and client_id in direct.members):
-                        continue
-                    if conn.principal.can_subscribe(name):
-                        targets.add(conn)
-            if len(self._pattern_targets) >= _PATTERN_CACHE_LIMIT:
-                self._pattern_targets.clear()
-            self._pattern_targets[name] = targets
+        only if not subscribed to ``name`` itself, only if allowed to read it.
+
+        Kept per channel and updated by each subscription change, so a
+        publication costs a dict lookup; after a pattern was added to or
+        removed from the index anywhere, the index is asked which patterns
+        cover ``name`` now (``O(segments)``) and only a difference is applied.
+        """
+        routes = self._routes.get(name)
+        if routes is None:
+            routes = self._new_routes(name)
+        elif routes.version != self._index_version:
+            self._follow_index(routes)
+        targets = routes.targets
         return targets if targets.members else None
+
+    def _new_routes(self, name: str) -> PatternRoutes:
+        if len(self._routes) >= ROUTES_LIMIT:
+            oldest = self._routes.pop(next(iter(self._routes)))
+            for subscribers in oldest.sources:
+                subscribers.dependents.discard(oldest.name)
+        routes = self._routes[name] = PatternRoutes(name)
+        self._follow_index(routes)
+        return routes
+
+    def _follow_index(self, routes: PatternRoutes) -> None:
+        """Make ``routes.sources`` the patterns that cover the channel now."""
+        routes.version = self._index_version
+        sources = self._index.match(routes.name)
+        if sources == routes.sources:  # the same PatternChannels, in order
+            return
+        name = routes.name
+        for subscribers in routes.sources:
+            if subscribers not in sources:
+                # Gone from the index, so it has no members left to release.
+                subscribers.dependents.discard(name)
+        direct = self.channels.get(name)
+        for subscribers in sources:
+            if subscribers not in routes.sources:
+                subscribers.dependents.add(name)
+                for conn in subscribers.members.values():
+                    routes.hold(conn, direct)
+        routes.sources = sources
+
+    def metric_lines(self) -> list[str]:
+        """Pattern routing on ``/metrics``: what the index and the routes hold."""
+        return ["# TYPE wirehub_patterns gauge", f"wirehub_patterns {len(self.patterns)}",
+                "# TYPE wirehub_pattern_index_nodes gauge",
+                f"wirehub_pattern_index_nodes {self._index.node_count}",
+                "# TYPE wirehub_pattern_routes gauge", f"wirehub_pattern_routes {len(self._routes)}"]
 
     def drop(self, conn: Connection) -> None:
         """Forget a closed connection and all its subscriptions."""
@@ -338,7 +473,7 @@ class Hub:
 
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         channel = self.channels.get(pub.channel)
-        by_pattern = self._targets_for(pub.channel) if self.patterns else None
+        by_pattern = self._pattern_targets(pub.channel) if self.patterns else None
         if channel is None and by_pattern is None:
             return
         if pub.binary:

@@ -38,11 +38,11 @@ def is_channel_name(name: str) -> bool:
     return _CHANNEL.fullmatch(name) is not None
 
 
-@lru_cache(maxsize=4096)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """The regular expression that fully matches the channels ``pattern`` covers.
+def check_pattern(pattern: str) -> list[str]:
+    """Validate ``pattern`` and return its segments; no regular expression is built.
 
-    Cached: tokens of many users share the same few patterns.
+    The subscription index (``wirehub._ext.routing``) walks these segments, so
+    a pattern subscription costs no regex compilation.
 
     Raises:
         PatternError: empty, a character outside channel names, a wildcard
@@ -50,24 +50,39 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     """
     if not pattern:
         raise PatternError("empty channel pattern")
-    parts = _SEPARATORS.split(pattern)
-    segments, separators = parts[0::2], parts[1::2]
-    regex = []
+    segments = _SEPARATORS.split(pattern)[0::2]
     for i, segment in enumerate(segments):
-        if i:
-            regex.append(re.escape(separators[i - 1]))
         if segment == "*":
-            regex.append(_ONE_SEGMENT)
-        elif segment == "**":
+            continue
+        if segment == "**":
             if i != len(segments) - 1:
                 raise PatternError(f"pattern {pattern[:64]!r}: '**' must be the last segment")
-            regex.append(".+")
         elif "*" in segment:
             raise PatternError(f"pattern {pattern[:64]!r}: a wildcard must be a whole segment")
         elif segment and not is_channel_name(segment):
             raise PatternError(f"pattern {pattern[:64]!r} has characters outside [A-Za-z0-9_-.:@/=*]")
+    return segments
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """The regular expression that fully matches the channels ``pattern`` covers.
+
+    For a token's claims (``auth.Principal``), matched once per channel and
+    remembered; cached because tokens of many users share the same few patterns.
+
+    Raises:
+        PatternError: as ``check_pattern``.
+    """
+    check_pattern(pattern)
+    regex = []
+    for part in _SEPARATORS.split(pattern):
+        if part == "*":
+            regex.append(_ONE_SEGMENT)
+        elif part == "**":
+            regex.append(".+")
         else:
-            regex.append(re.escape(segment))
+            regex.append(re.escape(part))
     return re.compile("".join(regex))
 
 
