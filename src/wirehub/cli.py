@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import ssl
 import sys
+import threading
 import typing
 
 from . import config as config_module
@@ -150,6 +152,50 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Shutdown:
+    """SIGTERM and SIGINT: stop gracefully, and exit at ``shutdown_timeout_s`` whatever happens.
+
+    The handlers are ``signal.signal`` ones, not ``loop.add_signal_handler``
+    callbacks: Python runs them in the main thread between two bytecodes of
+    whatever it is doing, so a loop stuck in one long callback still hears
+    the signal, and the deadline is kept by a thread that needs no loop. The
+    graceful stop gets 80 % of the timeout; a second signal exits at once.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.requested = asyncio.Event()
+        self.graceful_timeout_s = 0.8 * timeout_s
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._done = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self._watchdog is not None:
+            _exit_now(f"wirehub: {name} again: exiting without waiting for clients\n")
+        self._watchdog = threading.Thread(target=self._keep_deadline, args=(name,),
+                                          name="shutdown-deadline", daemon=True)
+        self._watchdog.start()
+        self._loop.call_soon_threadsafe(self.requested.set)
+
+    def _keep_deadline(self, name: str) -> None:
+        if not self._done.wait(self._timeout_s):
+            _exit_now(f"wirehub: not stopped {self._timeout_s:g} s after {name} (the event loop is "
+                      f"saturated or stuck): exiting without a graceful close\n")
+
+    def finished(self) -> None:
+        """The graceful stop is over: the deadline no longer applies."""
+        self._done.set()
+
+
+def _exit_now(message: str) -> None:
+    os.write(2, message.encode())
+    os._exit(1)
+
+
 async def _serve(cfg: Config) -> None:
     from .gateway import Gateway
 
@@ -157,10 +203,7 @@ async def _serve(cfg: Config) -> None:
     gateway = Gateway(cfg)
     await gateway.start()
     garbage.tune()  # this process is the gateway's: see wirehub.garbage
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    shutdown = _Shutdown(asyncio.get_running_loop(), cfg.shutdown_timeout_s)
     print(f"wirehub {__version__} listening on {'wss' if cfg.tls_cert else 'ws'}://{cfg.host}:{gateway.port}{cfg.ws_path}"
           f" ({gateway.impl.name} hot path)", file=sys.stderr, flush=True)
     if not cfg.auth_enabled:
@@ -172,9 +215,10 @@ async def _serve(cfg: Config) -> None:
     if gateway.admission.capped_by_open_files:
         print(f"wirehub: at most {gateway.admission.max_connections:,} connections: the open-file limit is "
               f"{open_files:,} (ulimit -n); past it clients are answered 503", file=sys.stderr, flush=True)
-    await stop.wait()
+    await shutdown.requested.wait()
     print("wirehub: shutting down", file=sys.stderr, flush=True)
-    await gateway.stop()
+    await gateway.stop(timeout_s=shutdown.graceful_timeout_s)
+    shutdown.finished()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,7 +140,8 @@ HELP: dict[str, str] = {
     "high_water_bytes": "pending outbound bytes past which a slow consumer is closed with 1013",
     "fanout_pace_max_s": "longest wait between two fan-out flushes under load (0: flush every tick)",
     "close_timeout_s": "seconds to wait for the peer's CLOSE before dropping TCP",
-    "shutdown_timeout_s": "seconds SIGTERM/SIGINT waits for clients to close",
+    "shutdown_timeout_s": ("seconds SIGTERM/SIGINT may take: clients get 80 %% of it to close, then the "
+                           "process exits, saturated or not (a second signal exits at once)"),
     "handshake_timeout_s": "seconds a new TCP connection has to complete the upgrade",
     "listen_backlog": ("connections the kernel queues before the gateway accepts them (capped by "
                        "net.core.somaxconn); a reconnect storm after a restart overflows a small one "
