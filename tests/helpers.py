@@ -104,20 +104,41 @@ class JsonClient:
         await self.send(**msg)
         return await self.recv()
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str) -> dict[str, Any] | None:
+        """Subscribe; return the channel's position the reply carries (None for a pattern)."""
         reply = await self.request(type="subscribe", channel=channel)
-        assert reply == {"type": "subscribed", "channel": channel}
+        return subscribed_position(reply, channel)
 
     async def expect_silence(self, seconds: float = 0.2) -> None:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(self.ws.recv(), seconds)
 
 
+def subscribed_position(reply: dict[str, Any], channel: str, **fields: Any) -> dict[str, Any] | None:
+    """Check a ``subscribed`` reply (``fields`` too) and return its position
+    (an ``{offset, epoch}`` for a channel, None for a pattern)."""
+    reply = dict(reply)
+    position = reply.pop("position", None)
+    assert reply == {"type": "subscribed", "channel": channel, **fields}, reply
+    if "*" in channel:
+        assert position is None
+    else:
+        assert isinstance(position["offset"], int) and isinstance(position["epoch"], str), position
+    return position
+
+
+def no_position(reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply`` without the ``position`` of a ``subscribed`` (compared on its own elsewhere)."""
+    return {k: v for k, v in reply.items() if k != "position"}
+
+
 @contextlib.asynccontextmanager
-async def json_client(gw: Gateway, path: str = "/ws", **kwargs: Any) -> AsyncIterator[JsonClient]:
+async def json_client(gw: Gateway | int, path: str = "/ws", **kwargs: Any) -> AsyncIterator[JsonClient]:
+    """A ``JsonClient`` of a gateway (or of ``wirehub serve`` on that port) that has read its welcome."""
     kwargs.setdefault("max_size", None)
     kwargs.setdefault("ping_interval", None)
-    async with websockets.connect(f"ws://127.0.0.1:{gw.port}{path}", **kwargs) as ws:
+    port = gw if isinstance(gw, int) else gw.port
+    async with websockets.connect(f"ws://127.0.0.1:{port}{path}", **kwargs) as ws:
         client = JsonClient(ws)
         client.welcome = await client.recv()
         yield client
@@ -140,12 +161,13 @@ async def metrics_text(port: int) -> str:
 
 
 @contextlib.contextmanager
-def start_server(*args: str, preexec_fn: Callable[[], None] | None = None
-                 ) -> Iterator[tuple[subprocess.Popen, int]]:
-    """Run ``wirehub serve`` in a subprocess (for RSS, signal and process-limit tests)."""
+def start_server(*args: str, preexec_fn: Callable[[], None] | None = None,
+                 env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Run ``wirehub serve`` in a subprocess (for RSS, signal and process-limit tests,
+    and a server on a core of its own)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", str(port), *args],
-                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn, env=env)
     drain = threading.Thread(target=proc.stderr.read, daemon=True)
     try:
         line = proc.stderr.readline()
@@ -160,6 +182,15 @@ def start_server(*args: str, preexec_fn: Callable[[], None] | None = None
         if drain.is_alive():
             drain.join(5)
         proc.stderr.close()
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of process ``pid``, KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
 
 
 def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, masked: bool = True,

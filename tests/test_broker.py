@@ -1,8 +1,13 @@
-"""The embedded memory broker: offsets, epochs and its bound on remembered channels."""
+"""The embedded memory broker: offsets, epochs, its bound on remembered channels, and history."""
 
 from __future__ import annotations
 
-from wirehub.broker.memory import MemoryBroker
+import asyncio
+
+import pytest
+
+from wirehub.broker.base import HistoryOptions
+from wirehub.broker.memory import MemoryBroker, entry_bytes
 
 
 class Recorder:
@@ -44,3 +49,108 @@ def test_subscribed_channels_are_never_forgotten():
     broker.unsubscribe("kept")  # idle again: the next new channel pushes it out
     broker.publish("z", b"")
     assert broker.publish("kept", b"").offset == 1
+
+
+# -- history (a suite for any broker: ``broker_factory`` makes one) -------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory"])
+def broker_factory(request):
+    """Brokers that keep history; each test gets a fresh one (``clock`` for TTLs)."""
+    def make(clock=FakeClock(), **kwargs):
+        return MemoryBroker(clock=clock, **kwargs)
+    return make
+
+
+def history(broker, channel, **kwargs):
+    page = asyncio.run(broker.history(channel, **kwargs))
+    return [p.offset for p in page.publications], page
+
+
+def test_history_keeps_the_last_size_publications(broker_factory):
+    broker = broker_factory()
+    keep = HistoryOptions(size=5)
+    for i in range(1, 9):
+        broker.publish("c", b"%d" % i, history=keep, key="k" if i % 2 else None)
+    offsets, page = history(broker, "c")
+    assert offsets == [4, 5, 6, 7, 8] and page.first_offset == 4 and not page.more
+    assert page.position == broker.position("c") and page.position.offset == 8
+    assert [(p.data, p.key) for p in page.publications][:2] == [(b"4", None), (b"5", "k")]
+
+
+def test_history_pages_forward_and_backward(broker_factory):
+    broker = broker_factory()
+    for i in range(1, 11):
+        broker.publish("c", b"x", history=HistoryOptions(size=100))
+    assert history(broker, "c", since=3, limit=4)[0] == [4, 5, 6, 7]
+    assert history(broker, "c", since=3, limit=4)[1].more
+    assert history(broker, "c", since=7, limit=4)[0] == [8, 9, 10]
+    assert not history(broker, "c", since=7, limit=4)[1].more
+    assert history(broker, "c", since=10)[0] == []
+    assert history(broker, "c", reverse=True, limit=3)[0] == [10, 9, 8]
+    offsets, page = history(broker, "c", reverse=True, since=4, limit=5)
+    assert offsets == [3, 2, 1] and not page.more
+    assert history(broker, "c", reverse=True, since=8, limit=2)[1].more
+    assert history(broker, "c", limit=0)[0] == []
+
+
+def test_a_channel_without_history_answers_its_position(broker_factory):
+    broker = broker_factory()
+    broker.publish("c", b"x")
+    offsets, page = history(broker, "c")
+    assert offsets == [] and page.position.offset == 1 and page.first_offset == 2
+    assert history(broker, "never")[1].position.offset == 0
+
+
+def test_history_ttl(broker_factory):
+    clock = FakeClock()
+    broker = broker_factory(clock=clock)
+    keep = HistoryOptions(size=100, ttl_s=10)
+    for i in range(5):
+        broker.publish("c", b"x", history=keep)
+        clock.now += 3
+    # Published at 1000, 1003, ... 1012; now 1015: the first two are older than 10 s.
+    assert history(broker, "c")[0] == [3, 4, 5]
+
+
+def test_history_max_bytes_per_channel(broker_factory):
+    broker = broker_factory()
+    pub_cost = entry_bytes(type("P", (), {"data": b"x" * 100})())
+    for _ in range(10):
+        broker.publish("c", b"x" * 100, history=HistoryOptions(size=100, max_bytes=3 * pub_cost))
+    assert history(broker, "c")[0] == [8, 9, 10]
+
+
+def test_the_global_budget_drops_the_least_recently_published_history(broker_factory):
+    cost = 2 * 100 + 200
+    broker = broker_factory(max_history_bytes=10 * cost)
+    broker.bind(Recorder())
+    keep = HistoryOptions(size=100)
+    broker.subscribe("watched")
+    old_epoch = broker.publish("watched", b"x" * 100, history=keep).epoch
+    broker.publish("idle", b"x" * 100, history=keep)
+    for _ in range(9):
+        broker.publish("busy", b"x" * 100, history=keep)
+    assert broker.history_bytes <= 10 * cost
+    # "watched" was the least recently published: its history went, its position stayed.
+    offsets, page = history(broker, "watched")
+    assert offsets == [] and page.position.offset == 1 and page.position.epoch == old_epoch
+    assert page.first_offset == 2
+    broker.publish("busy", b"x" * 100, history=keep)  # now "idle" goes, and nobody holds it
+    assert history(broker, "idle")[1].position.offset == 0  # forgotten: a new stream
+
+
+def test_one_channel_over_the_global_budget_keeps_its_newest(broker_factory):
+    cost = 2 * 100 + 200
+    broker = broker_factory(max_history_bytes=4 * cost)
+    for _ in range(10):
+        broker.publish("c", b"x" * 100, history=HistoryOptions(size=100))
+    assert history(broker, "c")[0] == [7, 8, 9, 10]

@@ -26,7 +26,7 @@ import websockets
 from picows import WSListener, WSMsgType, ws_connect
 
 from docker_engine import LABEL, containers, engine_host, managed, run_script, wait_for
-from helpers import connect_recording, json_client, running_gateway, start_server
+from helpers import connect_recording, json_client, no_position, running_gateway, start_server
 
 from wirehub import Config, Gateway
 from wirehub.sources.docker import DockerSources
@@ -100,14 +100,14 @@ async def test_tail_then_follow_without_gap_or_duplicate(docker_host, made):
     ch = f"logs:{cid}"
     gw, sources = docker_gateway(docker_host)
     async with running_gateway(gateway=gw), json_client(gw) as a, json_client(gw) as b, json_client(gw) as c:
-        assert await a.request(type="subscribe", channel=ch, tail=5, id=1) == \
+        assert no_position(await a.request(type="subscribe", channel=ch, tail=5, id=1)) == \
             {"type": "subscribed", "channel": ch, "id": 1}
         history_a, _ = await read_lines(a, ch, count=5)
         assert numbers(history_a) == [46, 47, 48, 49, 50]
         assert all(TS.match(m["data"]["ts"]) and m["data"]["stream"] == "stdout" for m in history_a)
         await a.expect_silence(0.2)
 
-        assert await b.request(type="subscribe", channel=ch, tail=20, id=2) == \
+        assert no_position(await b.request(type="subscribe", channel=ch, tail=20, id=2)) == \
             {"type": "subscribed", "channel": ch, "id": 2}
         history_b, _ = await read_lines(b, ch, count=20)
         assert numbers(history_b) == list(range(31, 51))
@@ -126,7 +126,7 @@ async def test_tail_then_follow_without_gap_or_duplicate(docker_host, made):
         assert numbers(history_b + rest_b) == list(range(31, 601))
         assert end_b == end_a
 
-        assert await c.recv() == {"type": "subscribed", "channel": ch, "id": 3}
+        assert no_position(await c.recv()) == {"type": "subscribed", "channel": ch, "id": 3}
         lines_c, end_c = await read_lines(c, ch)
         first = numbers(lines_c)[0]
         assert first >= 91  # its tail ends at or after line 100, which a had seen
@@ -209,7 +209,7 @@ async def test_one_engine_stream_for_50_viewers_stopped_after_the_last_leaves(do
             assert (await v.recv_json())["type"] == "welcome"
             v.send_json(type="subscribe", channel=ch)
         for v in viewers:
-            assert await v.recv_json() == {"type": "subscribed", "channel": ch}
+            assert no_position(await v.recv_json()) == {"type": "subscribed", "channel": ch}
         assert logs.stats.streams_started == 1 and logs.stats.running == 1
         assert gw.hub.viewers(ch) == 50
         await asyncio.to_thread(made.signal, cid)
@@ -239,6 +239,33 @@ async def test_one_engine_stream_for_50_viewers_stopped_after_the_last_leaves(do
         await asyncio.to_thread(made.signal, cid, "end")
 
 
+async def test_a_viewer_resuming_with_since_gets_every_line_once_across_a_restart(docker_host, made):
+    """The only viewer leaves, the engine stream stops, lines keep coming; it
+    comes back with ``since``: a fresh stream starts, its engine backlog holds
+    lines the channel already published (skipped by timestamp), and the
+    viewer gets exactly the lines it missed, then the live ones."""
+    cid = made.create(f"{wait_for()}; i=1; while [ $i -le 300 ]; do echo $i; i=$((i+1)); sleep 0.01; done; "
+                      f"{wait_for('end')}")
+    ch = f"logs:{cid}"
+    gw, sources = docker_gateway(docker_host)
+    async with running_gateway(gateway=gw):
+        async with json_client(gw) as first:
+            position = await first.subscribe(ch)
+            await asyncio.to_thread(made.signal, cid)
+            seen, _ = await read_lines(first, ch, count=40)
+        await until(lambda: sources.logs.stats.streams_stopped == 1, what="the stream stopped")
+        async with json_client(gw) as again:
+            since = {"offset": seen[-1]["offset"], "epoch": position["epoch"]}
+            reply = await again.request(type="subscribe", channel=ch, since=since)
+            assert reply["type"] == "subscribed" and reply["recovered"] is True, reply
+            rest, _ = await read_lines(again, ch, count=300 - 40)
+        everything = seen + rest
+        assert numbers(everything) == list(range(1, 301))
+        assert_consecutive_offsets(everything)
+        assert sources.logs.stats.streams_started == 2   # the resume restarted the stream
+        await asyncio.to_thread(made.signal, cid, "end")
+
+
 async def test_aliases_of_one_container_share_one_engine_stream(docker_host, made):
     """``logs:<name>``, ``logs:<id>`` and ``logs:<id prefix>`` from three connections: one
     engine stream; each channel has its own consecutive offsets and the same lines (same
@@ -264,7 +291,7 @@ async def test_aliases_of_one_container_share_one_engine_stream(docker_host, mad
         await c.send(type="subscribe", channel=by_prefix, tail=3)  # joins while lines flow
         rest_a, _ = await read_lines(a, by_name, count=150)
         rest_b, _ = await read_lines(b, by_id, count=200)
-        assert await c.recv() == {"type": "subscribed", "channel": by_prefix}
+        assert no_position(await c.recv()) == {"type": "subscribed", "channel": by_prefix}
         lines_c: list[dict] = []
         while not lines_c or lines_c[-1]["data"]["line"] != "220":
             lines_c += (await read_lines(c, by_prefix, count=1))[0]
@@ -297,7 +324,7 @@ async def test_aliases_of_one_container_share_one_engine_stream(docker_host, mad
         await a.send(type="subscribe", channel=by_prefix, tail=2)
         await c.send(type="subscribe", channel=by_name, tail=2)
         for client, ch in ((a, by_prefix), (c, by_name)):
-            assert await client.recv() == {"type": "subscribed", "channel": ch}
+            assert no_position(await client.recv()) == {"type": "subscribed", "channel": ch}
             assert numbers((await read_lines(client, ch, count=2))[0]) == [219, 220]
         assert logs.stats.streams_started == 2 and len(logs.streams) == 1
         await asyncio.to_thread(made.signal, cid, "end")
@@ -471,7 +498,7 @@ async def test_wirehub_serve_docker(docker_host, made):
         async with websockets.connect(f"ws://127.0.0.1:{port}/ws") as ws:
             assert json.loads(await ws.recv())["type"] == "welcome"
             await ws.send(json.dumps({"type": "subscribe", "channel": "runners"}))
-            assert json.loads(await ws.recv()) == {"type": "subscribed", "channel": "runners"}
+            assert no_position(json.loads(await ws.recv())) == {"type": "subscribed", "channel": "runners"}
             state = json.loads(await ws.recv())["data"]
             assert [r["name"] for r in state["runners"]] == [f"wh-{label}-serve"]
             await ws.send(json.dumps({"type": "subscribe", "channel": f"logs:{cid}", "tail": 10}))
@@ -494,7 +521,7 @@ async def test_initial_state_and_runner_updates(docker_host, made, api):
     made.create("sleep 60", start=False, labels={LABEL: "someone-else"})   # not ours
     gw, sources = docker_gateway(docker_host, runner_label=f"{LABEL}={label}")
     async with running_gateway(gateway=gw), json_client(gw) as c, json_client(gw) as one:
-        assert await c.request(type="subscribe", channel="runners", id=1) == \
+        assert no_position(await c.request(type="subscribe", channel="runners", id=1)) == \
             {"type": "subscribed", "channel": "runners", "id": 1}
         state = await next_update(c)
         assert state == {"type": "initial_state", "runners": [

@@ -9,7 +9,7 @@ import time
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from helpers import connect_recording, json_client, running_gateway, start_server
+from helpers import connect_recording, json_client, rss_kib, running_gateway, start_server
 
 
 class CountingSubscriber(WSListener):  # type: ignore[misc]
@@ -57,14 +57,6 @@ async def test_every_subscriber_gets_every_message_once_in_order(impl_name):
         assert gw.metrics.deliveries_total == subscribers * messages
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 async def test_slow_consumer_is_closed_and_memory_stays_bounded():
     """A subscriber that never reads is closed with 1013; the server's RSS
     stays bounded and a normal subscriber still gets every message."""
@@ -82,7 +74,7 @@ async def test_slow_consumer_is_closed_and_memory_stays_bounded():
         total = 20_000
         _, healthy = await ws_connect(lambda: CountingSubscriber("firehose", total, done), f"ws://127.0.0.1:{port}/ws")
         await healthy.subscribed
-        rss_before = _rss_kib(proc.pid)
+        rss_before = rss_kib(proc.pid)
 
         publisher = await connect_recording(port)
         payload = json.dumps({"type": "publish", "channel": "firehose", "data": "x" * 1000}).encode()
@@ -91,7 +83,7 @@ async def test_slow_consumer_is_closed_and_memory_stays_bounded():
             publisher.transport.send(WSMsgType.TEXT, payload)
             if i % 100 == 0:
                 await asyncio.sleep(0.001)  # let the healthy subscriber read
-                peak = max(peak, _rss_kib(proc.pid))
+                peak = max(peak, rss_kib(proc.pid))
         await asyncio.wait_for(done, 30)
         print(f"server RSS before {rss_before} KiB, peak {peak} KiB")
         assert healthy.offsets == list(range(1, total + 1))

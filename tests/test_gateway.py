@@ -78,8 +78,9 @@ class TestPubSub:
             await sub.subscribe("blobs")
             await pub.ws.send(tlv_publish("blobs", payload, id=b"b1"))
             ack = TLV.decode(await pub.ws.recv())
-            assert ack == [(Tag.TYPE, b"published"), (Tag.CHANNEL, b"blobs"),
-                           (Tag.OFFSET, struct.pack(">Q", 1)), (Tag.ID, b"b1")]
+            assert ack[:4] == [(Tag.TYPE, b"published"), (Tag.CHANNEL, b"blobs"),
+                               (Tag.OFFSET, struct.pack(">Q", 1)), (Tag.ID, b"b1")]
+            assert ack[4][0] == Tag.EPOCH and len(ack) == 5
             delivered = await sub.ws.recv()
             assert isinstance(delivered, bytes)
             assert TLV.decode(delivered) == [(Tag.TYPE, b"message"), (Tag.CHANNEL, b"blobs"),

@@ -143,6 +143,13 @@ def test_both_builds_return_the_same_order(pattern_list, channels):
 
 # -- the hub's routes -------------------------------------------------------------
 
+class FakeBatch:
+    """A batch nothing is written to: routing tests only look at who is targeted."""
+
+    def unhold(self, channel: str) -> None:
+        pass
+
+
 class FakeConnection:
     """What the hub reads of a connection: no socket, no batch to write."""
 
@@ -150,7 +157,7 @@ class FakeConnection:
         self.client_id = client_id
         self.principal = principal
         self.fanout_group = None
-        self.batch = object()
+        self.batch = FakeBatch()
         self.subscriptions: set[str] | frozenset[str] = frozenset()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import struct
@@ -681,3 +682,173 @@ class TestSocketWrites:
             assert self.read_all(theirs, transport) == sent
             ours.close()
             theirs.close()
+
+
+def frames_of(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a server-to-client byte stream (unmasked frames) into (opcode, payload)."""
+    out, pos = [], 0
+    while pos < len(data):
+        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        pos += 2
+        if n == 126:
+            n, pos = struct.unpack(">H", data[pos:pos + 2])[0], pos + 2
+        elif n == 127:
+            n, pos = struct.unpack(">Q", data[pos:pos + 8])[0], pos + 8
+        out.append((opcode, data[pos:pos + n]))
+        pos += n
+    return out
+
+
+class TestHolds:
+    """Slow-consumer policies and max_rate (``Hold``, ``fanout_held``), both builds."""
+
+    def make(self, impl, n=2, high_water=1 << 20):
+        loop = FakeLoop()
+        flusher = impl.fanout.Flusher(loop)
+        transports = [RecordingTransport() for _ in range(n)]
+        batches = [impl.fanout.OutBatch(flusher, t, high_water, lambda: None) for t in transports]
+        return loop, transports, batches
+
+    @staticmethod
+    def notice(dropped, first, last, opcode):
+        return b"lagged %d %d-%d" % (dropped, first, last)
+
+    def publish(self, impl, batches, offset, key=None, policy=None, size=100, max_queue=350, binary=False):
+        policy = impl.fanout.SlowConsumer.DROP_OLDEST if policy is None else policy
+        frame = impl.frame.build_frame(2 if binary else 1, b"%d" % offset + b"." * (size - 2 - len(b"%d" % offset)))
+        return impl.fanout.fanout_held(batches, frame, None, "c", offset, key, policy, max_queue, self.notice)
+
+    @staticmethod
+    def offsets(transport):
+        return [p if p.startswith(b"lagged") else int(p.rstrip(b".")) for _, p in frames_of(b"".join(transport.writes))]
+
+    def test_drop_oldest_keeps_the_newest_and_says_what_it_dropped(self, impl):
+        loop, (slow_t, fast_t), (slow, fast) = self.make(impl)
+        slow.pause()
+        for offset in range(1, 11):
+            self.publish(impl, [slow, fast], offset)
+        loop.run_tick()
+        assert self.offsets(fast_t) == list(range(1, 11))   # the healthy one gets everything
+        assert slow_t.writes == [] and slow.pending_bytes == 0
+        slow.resume()
+        loop.run_tick()
+        assert self.offsets(slow_t) == [b"lagged 7 1-7", 8, 9, 10]
+        assert not slow.closed and not slow.overflowed
+
+    def test_conflate_keeps_the_latest_per_key_in_offset_order(self, impl):
+        loop, (slow_t,), (slow,) = self.make(impl, n=1)
+        policy = impl.fanout.SlowConsumer.CONFLATE
+        slow.pause()
+        for offset, key in [(1, "a"), (2, "b"), (3, "a"), (4, "b"), (5, "a"), (6, None)]:
+            self.publish(impl, [slow], offset, key, policy=policy, max_queue=1 << 20)
+        slow.resume()
+        loop.run_tick()
+        assert self.offsets(slow_t) == [b"lagged 3 1-3", 4, 5, 6]
+
+    @pytest.mark.parametrize("policy", ["DROP_OLDEST", "CONFLATE"])
+    def test_held_bytes_stay_under_max_queue_bytes(self, impl, policy):
+        loop, (t,), (slow,) = self.make(impl, n=1)
+        hold = slow.hold("c", impl.fanout.SlowConsumer[policy], 1000, 0.0, self.notice)
+        slow.pause()
+        for offset in range(1, 1001):                 # every publication its own key
+            self.publish(impl, [slow], offset, key=offset, policy=impl.fanout.SlowConsumer[policy])
+            assert hold.held_bytes <= 1000
+        slow.resume()
+        loop.run_tick()
+        assert self.offsets(t) == [b"lagged 990 1-990", *range(991, 1001)]
+
+    def test_frames_queued_before_the_pause_go_first(self, impl):
+        loop, (t,), (batch,) = self.make(impl, n=1)
+        self.publish(impl, [batch], 1)
+        batch.pause()
+        self.publish(impl, [batch], 2)
+        batch.resume()
+        loop.run_tick()
+        assert self.offsets(t) == [1, 2]
+
+    def test_disconnect_policy_queues_until_high_water_then_closes(self, impl):
+        loop, _, (batch,) = self.make(impl, n=1, high_water=1000)
+        batch.pause()
+        policy = impl.fanout.SlowConsumer.DISCONNECT
+        taken = [self.publish(impl, [batch], offset, policy=policy) for offset in range(1, 20)]
+        assert taken[:9] == [1] * 9 and batch.overflowed and batch.closed
+
+    def test_the_notice_takes_the_encoding_of_what_follows(self, impl):
+        loop, (t,), (batch,) = self.make(impl, n=1)
+        batch.pause()
+        for offset in range(1, 6):
+            self.publish(impl, [batch], offset, binary=True)
+        batch.resume()
+        loop.run_tick()
+        assert [opcode for opcode, _ in frames_of(b"".join(t.writes))] == [2, 2, 2, 2]
+
+    def test_max_rate_delivers_at_most_one_per_interval_and_always_the_last(self, impl):
+        loop, (t,), (batch,) = self.make(impl, n=1)
+        batch.hold("c", impl.fanout.SlowConsumer.DISCONNECT, 1 << 20, 0.1, self.notice)
+        policy = impl.fanout.SlowConsumer.DISCONNECT
+        written_at = []                              # the fake clock at each write of a publication
+
+        def note_writes(step):
+            before = len(t.writes)
+            step()
+            if len(t.writes) > before:
+                written_at.append(loop.now)
+
+        for offset in range(1, 51):                  # a publication every 10 ms for 0.5 s
+            self.publish(impl, [batch], offset, policy=policy)
+            note_writes(loop.run_tick)               # pushed at once: written this tick
+            note_writes(lambda: loop.advance(0.01))  # released by the rate timer
+        note_writes(lambda: loop.advance(0.2))       # the last one arrives within the interval
+        got = [o for o in self.offsets(t) if isinstance(o, int)]
+        assert got[-1] == 50 and got == sorted(got)
+        assert all(b - a >= 0.1 - 1e-9 for a, b in zip(written_at, written_at[1:])), written_at
+        assert len(got) == len(written_at) == 6      # at 0, 0.1, ..., 0.5 s
+        notices = [o for o in self.offsets(t) if isinstance(o, bytes)]
+        assert sum(int(n.split()[1]) for n in notices) == 50 - len(got)   # every skipped one counted
+
+    def test_max_rate_keeps_the_latest_per_key(self, impl):
+        loop, (t,), (batch,) = self.make(impl, n=1)
+        batch.hold("c", impl.fanout.SlowConsumer.DISCONNECT, 1 << 20, 1.0, self.notice)
+        policy = impl.fanout.SlowConsumer.DISCONNECT
+        for offset, key in [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")]:
+            self.publish(impl, [batch], offset, key, policy=policy)
+        loop.advance(1.0)
+        assert self.offsets(t) == [1, b"lagged 2 2-3", 4, 5]
+
+    def test_unhold_and_close_forget_what_was_held(self, impl):
+        loop, (t,), (batch,) = self.make(impl, n=1)
+        batch.pause()
+        self.publish(impl, [batch], 1)
+        batch.unhold("c")
+        batch.resume()
+        loop.run_tick()
+        assert t.writes == []
+        batch.hold("c", impl.fanout.SlowConsumer.DISCONNECT, 1 << 20, 1.0, self.notice)
+        self.publish(impl, [batch], 2, policy=impl.fanout.SlowConsumer.DISCONNECT)
+        loop.run_tick()
+        self.publish(impl, [batch], 3, policy=impl.fanout.SlowConsumer.DISCONNECT)
+        batch.close()
+        loop.advance(2.0)                             # the rate timer finds the batch closed
+        assert self.offsets(t) == [2]
+
+
+async def test_drained_resolves_once_the_batch_is_written(impl):
+    loop = asyncio.get_running_loop()
+    flusher = impl.fanout.Flusher(loop)
+    transport = RecordingTransport()
+    batch = impl.fanout.OutBatch(flusher, transport, 1 << 20, lambda: None)
+    assert batch.drained().done()                    # nothing pending
+    batch.push(b"\x81\x01a")
+    waiting = batch.drained()
+    assert not waiting.done()
+    await asyncio.wait_for(waiting, 5)
+    assert transport.writes == [b"\x81\x01a"]
+    batch.pause()
+    paused = batch.drained()
+    await asyncio.sleep(0)
+    assert not paused.done()
+    batch.resume()
+    await asyncio.wait_for(paused, 5)
+    closing = (batch.push(b"\x81\x01b"), batch.drained())[1]
+    batch.close()
+    assert closing.done()

@@ -1,10 +1,12 @@
 """wirehub: a real-time WebSocket pub/sub gateway with a compiled hot path."""
 
 from .__version__ import __version__
-from .config import Config
+from .broker.base import HistoryPage
+from .config import ChannelOptions, Config
 from .connection import Connection
 from .gateway import Gateway
 from .protocol.errors import CloseCode, ErrorCode, Rejected, WirehubError
+from .protocol.messages import Publication, StreamPosition
 
-__all__ = ["Config", "CloseCode", "Connection", "ErrorCode", "Gateway", "Rejected",
-           "WirehubError", "__version__"]
+__all__ = ["ChannelOptions", "Config", "CloseCode", "Connection", "ErrorCode", "Gateway", "HistoryPage",
+           "Publication", "Rejected", "StreamPosition", "WirehubError", "__version__"]

@@ -23,6 +23,8 @@ examples:
   wirehub serve --config wirehub.toml            # keys are the option names, e.g. port = 9000
   WIREHUB_MAX_PAYLOAD_BYTES=65536 wirehub serve  # every option has a WIREHUB_* variable
   wirehub serve --echo --log-level info          # enable the /echo diagnostics endpoint
+  wirehub serve --channel 'logs:**:history_size=10000' \
+                --channel 'prices.*:history_size=100,slow_consumer=conflate,max_rate=10'
 
   wirehub serve --jwt-secret "$SECRET"             # clients need a token (docs/security.md)
   wirehub serve --tls-cert cert.pem --tls-key key.pem   # serve wss://
@@ -58,7 +60,7 @@ def parse_ttl(text: str) -> float:
 
 
 # Short spellings the docs use, next to the generated ``--<field-name>`` flags.
-FLAG_ALIASES = {"auth_timeout_s": "--auth-timeout"}
+FLAG_ALIASES = {"auth_timeout_s": "--auth-timeout", "channels": "--channel"}
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +79,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         elif name in lists:
-            parser.add_argument(*flags, dest=name, action="append", default=None, metavar="VALUE",
+            metavar = "PATTERN:KEY=VALUE,..." if name == "channels" else "VALUE"
+            parser.add_argument(*flags, dest=name, action="append", default=None, metavar=metavar,
                                 help=help_text)
         else:
             # Values stay strings here: msgspec validates them with the other layers,
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         return _token(args)
     lists = config_module.list_fields()
-    overrides = {name: config_module.split_list(value) if name in lists else value
+    # A --channel value holds commas of its own: config.parse_channel splits it.
+    overrides = {name: config_module.split_list(value) if name in lists and name != "channels" else value
                  for name in config_module.field_names()
                  if (value := getattr(args, name)) is not None}
     try:

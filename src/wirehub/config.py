@@ -16,13 +16,36 @@ from typing import Annotated, Any, Literal, Optional
 
 import msgspec
 
-from .protocol.patterns import PatternError, compile_pattern
+from .protocol.patterns import PatternError, check_pattern, compile_pattern
 
 KiB = 1024
 MiB = 1024 * KiB
 
 NonNegative = msgspec.Meta(ge=0)
 Positive = msgspec.Meta(gt=0)
+
+
+class ChannelOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """How the channels ``pattern`` covers keep and deliver their publications.
+
+    Set as ``[[channels]]`` tables in the TOML file or ``--channel
+    'PATTERN:key=value,...'``; the first pattern that covers a channel wins,
+    and a channel no pattern covers gets these defaults (docs/delivery.md).
+    """
+
+    pattern: str = "**"
+    history_size: Annotated[int, NonNegative] = 0          # publications kept; 0: no history
+    history_ttl_s: Annotated[float, NonNegative] = 0.0     # 0: kept until size or bytes push them out
+    history_max_bytes: Annotated[int, NonNegative] = 0     # per channel; 0: only the global cap
+    slow_consumer: Literal["disconnect", "drop_oldest", "conflate"] = "disconnect"
+    max_queue_bytes: Annotated[int, Positive] = 1 * MiB    # held per subscriber (drop_oldest, conflate)
+    max_rate: Annotated[float, NonNegative] = 0.0          # highest max_rate a subscribe may ask; 0: no cap
+
+    def __post_init__(self) -> None:
+        try:
+            check_pattern(self.pattern)
+        except PatternError as exc:
+            raise ValueError(f"channel pattern: {exc}") from None
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -88,6 +111,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     runner_label: str | None = None
     docker_log_ring_lines: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     docker_max_log_streams: Annotated[int, Positive] = 256
+    channels: list[ChannelOptions] = []
+    history_max_bytes: Annotated[int, Positive] = 256 * MiB
 
     @property
     def auth_enabled(self) -> bool:
@@ -184,6 +209,12 @@ HELP: dict[str, str] = {
     "runner_label": "only containers with this label (key or key=value) are runners",
     "docker_log_ring_lines": "log lines kept per followed container: the largest tail a subscriber may ask",
     "docker_max_log_streams": "containers whose logs are followed at once",
+    "channels": ("delivery options of the channels a pattern covers, repeatable: "
+                 "'PATTERN:key=value,...' with history_size, history_ttl_s, history_max_bytes, "
+                 "slow_consumer (disconnect, drop_oldest, conflate), max_queue_bytes, max_rate; "
+                 "the first pattern that covers a channel wins (docs/delivery.md)"),
+    "history_max_bytes": ("memory for all channels' history; past it the least recently published "
+                          "channels lose theirs"),
 }
 
 ENV_PREFIX = "WIREHUB_"
@@ -210,12 +241,42 @@ def split_list(values: str | list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
+def parse_channel(text: str) -> dict[str, str]:
+    """``"prices.*:history_size=100,slow_consumer=conflate"`` -> the fields of a ``ChannelOptions``.
+
+    The pattern may hold ``:`` itself (``logs:**:history_size=100``): it ends
+    at the last ``:`` before the first ``=``.
+
+    Raises:
+        ConfigError: no ``key=value`` after the pattern, or an item without ``=``.
+    """
+    equals = text.find("=")
+    colon = text.rfind(":", 0, equals) if equals > 0 else -1
+    if colon <= 0:
+        raise ConfigError(f"invalid configuration: channels: {text!r} is not PATTERN:key=value,...")
+    options: dict[str, str] = {"pattern": text[:colon]}
+    for item in text[colon + 1:].split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid configuration: channels: {item!r} in {text!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The ``WIREHUB_<FIELD>`` variables, keyed by field name."""
+    """The ``WIREHUB_<FIELD>`` variables, keyed by field name (``WIREHUB_CHANNELS``
+    holds ``--channel`` values separated by ``;``)."""
     lists = list_fields()
-    return {name: split_list(value) if name in lists else value
-            for name in field_names()
-            if (value := environ.get(ENV_PREFIX + name.upper())) is not None}
+    values: dict[str, Any] = {}
+    for name in field_names():
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is None:
+            continue
+        if name == "channels":
+            values[name] = [parse_channel(item.strip()) for item in value.split(";") if item.strip()]
+        else:
+            values[name] = split_list(value) if name in lists else value
+    return values
 
 
 def load(path: str | None = None, *, environ: Mapping[str, str] | None = None,
@@ -245,8 +306,10 @@ def load(path: str | None = None, *, environ: Mapping[str, str] | None = None,
     merged.update(env_values)
     source.update({k: f"environment variable {ENV_PREFIX}{k.upper()}" for k in env_values})
     for key, value in (overrides or {}).items():
+        if key == "channels":
+            value = [parse_channel(item) if isinstance(item, str) else item for item in value]
         merged[key] = value
-        source[key] = f"--{key.replace('_', '-')}"
+        source[key] = "--channel" if key == "channels" else f"--{key.replace('_', '-')}"
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -254,13 +317,15 @@ def load(path: str | None = None, *, environ: Mapping[str, str] | None = None,
 
 
 def _describe(reason: str, source: Mapping[str, str]) -> str:
-    match = re.search(r" - at `\$\.(\w+)`$", reason)
+    match = re.search(r" - at `\$\.(\w+)([^`]*)`$", reason)
     if match is None:
         return f"invalid configuration: {reason}"
-    key = match.group(1)
+    key, path = match.group(1), match.group(1) + match.group(2)   # channels[0].history_size
     where = source.get(key, "default")
     detail = reason[:match.start()]
-    choices = typing.get_args(typing.get_type_hints(Config).get(key))
+    hints = typing.get_type_hints(ChannelOptions if key == "channels" else Config)
+    field = path.rsplit(".", 1)[-1] if key == "channels" else key
+    choices = typing.get_args(hints.get(field))
     if detail.startswith("Invalid enum value") and choices:
         detail += f" (choose from: {', '.join(map(str, choices))})"
-    return f"invalid configuration: {key} (from {where}): {detail}"
+    return f"invalid configuration: {path} (from {where}): {detail}"

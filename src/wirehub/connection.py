@@ -22,8 +22,8 @@ from .hub import OP_BINARY, OP_TEXT
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, Forbidden, NotAuthenticated,
                               RateLimited, WirehubError)
-from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, Ping, Pong,
-                                Publish, Published, Reply, Subscribe, Subscribed, TokenExpiring,
+from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, HistoryRequest, Ping,
+                                Pong, Publish, Published, Reply, Subscribe, Subscribed, TokenExpiring,
                                 Unsubscribe, Unsubscribed, Welcome)
 from .protocol.patterns import is_pattern
 
@@ -209,6 +209,8 @@ class Connection:
             elif kind is Unsubscribe:
                 self._hub.unsubscribe(self, msg.channel)
                 self._reply(Unsubscribed(msg.channel, msg.id), codec, opcode)
+            elif kind is HistoryRequest:
+                self._history(msg, principal, codec, opcode)
             else:
                 self._custom(msg, codec, opcode)
         except WirehubError as exc:
@@ -228,13 +230,30 @@ class Connection:
                 raise Forbidden(f"not allowed to subscribe to {msg.channel[:64]!r}")
         # A source channel (logs:*, runners) is answered by its source, maybe later.
         if self._hub.subscribe(self, msg.channel, msg, lambda r: self._reply(r, codec, opcode)):
-            self._reply(Subscribed(msg.channel, msg.id), codec, opcode)
+            self._reply(Subscribed(msg.channel, msg.id, self._hub.position(msg.channel)), codec, opcode)
 
     def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         position = self._hub.publish_checked(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
-                                             origin=self.client_id if msg.exclude_self else None)
+                                             origin=self.client_id if msg.exclude_self else None,
+                                             key=msg.key)
         if msg.id is not None:
-            self._reply(Published(msg.channel, position.offset, msg.id), codec, opcode)
+            self._reply(Published(msg.channel, position.offset, msg.id, position.epoch), codec, opcode)
+
+    def _history(self, msg: HistoryRequest, principal: Principal, codec: JsonCodec | TlvCodec,
+                 opcode: int) -> None:
+        """A ``history`` request: read by a task (the broker answers
+        asynchronously), counted with the async handlers against
+        ``max_pending_handlers_per_connection``."""
+        self._hub.check_channel(msg.channel)
+        if not principal.can_subscribe(msg.channel):
+            raise Forbidden(f"not allowed to read the history of {msg.channel[:64]!r}")
+        self._check_running()
+
+        async def read() -> bytes:
+            page = await self._hub.history(msg.channel, msg.since, msg.limit, msg.reverse)
+            return codec.encode_history(msg.channel, page.position, page.publications, page.more, msg.id)
+
+        self._run(read(), msg, codec, opcode)
 
     def _reply(self, reply: Reply, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         self.push(opcode, codec.encode(reply))
@@ -305,11 +324,7 @@ class Connection:
         if permission is not None and not self.principal.has_permission(permission):
             raise Forbidden(f"{msg.type!r} needs permission {permission!r}")
         handler = self._gateway.handlers[msg.type]
-        running = self._handlers
-        limit = self._gateway.config.max_pending_handlers_per_connection
-        if running is not None and len(running) >= limit:
-            raise RateLimited(f"{limit} requests of this connection are still running; "
-                              f"message not processed")
+        self._check_running()
         try:
             result = handler(self, msg.body)
         except WirehubError:
@@ -318,16 +333,28 @@ class Connection:
             self._internal_error(msg, codec, opcode)
             return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
-            if running is None:
-                running = self._handlers = set()
-            running.add(task)
-            task.add_done_callback(lambda t: self._custom_done(t, msg, codec, opcode))
+            self._run(result, msg, codec, opcode)
         elif result is not None:
             self.send(result)
 
-    def _custom_done(self, task: asyncio.Future, msg: CustomMessage,
-                     codec: JsonCodec | TlvCodec, opcode: int) -> None:
+    def _check_running(self) -> None:
+        """Refuse another task past ``max_pending_handlers_per_connection``."""
+        limit = self._gateway.config.max_pending_handlers_per_connection
+        if self._handlers is not None and len(self._handlers) >= limit:
+            raise RateLimited(f"{limit} requests of this connection are still running; "
+                              f"message not processed")
+
+    def _run(self, awaitable: Any, msg: Any, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        """Run an async handler (or a ``history`` read) as a task; its result,
+        bytes in ``codec`` or anything to send as JSON, is the answer."""
+        running = self._handlers
+        task = asyncio.ensure_future(awaitable)
+        if running is None:
+            running = self._handlers = set()
+        running.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, msg, codec, opcode))
+
+    def _task_done(self, task: asyncio.Future, msg: Any, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         running = self._handlers
         if running is not None:
             running.discard(task)
@@ -341,6 +368,8 @@ class Connection:
             self._reply(Error(exc.code, exc.message, msg.id), codec, opcode)
         elif exc is not None:
             self._internal_error(msg, codec, opcode, exc)
+        elif isinstance(task.result(), bytes):
+            self.push(opcode, task.result())
         elif task.result() is not None:
             self.send(task.result())
 

@@ -36,10 +36,11 @@ from . import _speedups, openfiles
 from .__version__ import __version__
 from .admission import Admission, RefusalReason
 from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
-from .broker.base import Broker
+from .broker.base import Broker, HistoryPage
 from .broker.memory import MemoryBroker
 from .config import Config
 from .connection import Connection, EchoConnection
+from .delivery import ChannelPolicies
 from .garbage import PauseWatch
 from .hub import TAKEOVER, Hub
 from .metrics import Metrics, histogram_lines
@@ -55,7 +56,7 @@ Middleware = Callable[[Connection, "Command | CustomMessage"], None]
 Handler = Callable[[Connection, dict[str, Any]], Any]
 Hook = Callable[[Connection], Any]
 
-RESERVED_TYPES = frozenset({"subscribe", "unsubscribe", "publish", "ping", "auth"})
+RESERVED_TYPES = frozenset({"subscribe", "unsubscribe", "publish", "ping", "auth", "history"})
 # Connections a sweep over all of them (heartbeat, shutdown) handles before
 # it lets the loop run: ~1 ms of work, so 100,000 connections never hold the
 # loop for 100 ms in one go.
@@ -123,12 +124,14 @@ class Gateway:
         # Compressors without context takeover are stateless between messages:
         # one per window size serves every connection (and every fan-out).
         self._shared_compressors: dict[int, Any] = {}
-        self.broker = broker or MemoryBroker()
+        self.broker = broker or MemoryBroker(max_history_bytes=cfg.history_max_bytes)
+        self.policies = ChannelPolicies(cfg.channels)
         self.hub = Hub(self.broker, self.impl, self.json_codec, self.tlv_codec, self.metrics,
                        max_channel_length=cfg.max_channel_length,
                        max_subscriptions=cfg.max_subscriptions_per_connection,
                        shared_compressors=self._shared_compressors,
-                       compress_threshold_bytes=cfg.deflate_threshold_bytes)
+                       compress_threshold_bytes=cfg.deflate_threshold_bytes,
+                       policies=self.policies, recovery_held_bytes=cfg.high_water_bytes)
         self.verifier = _verifier(cfg)
         # Shared, immutable principals: no per-connection cost when auth is off.
         self._open_principal = Principal.open_gateway()
@@ -137,6 +140,7 @@ class Gateway:
         self.flusher: Any = None
         self.metrics.collectors.append(self._fanout_metrics)
         self.metrics.collectors.append(self.hub.metric_lines)
+        self.metrics.collectors.append(self._history_metrics)
         self.gc_watch = PauseWatch()
         self.metrics.collectors.append(self.gc_watch.metric_lines)
         self._server: asyncio.Server | None = None
@@ -211,16 +215,30 @@ class Gateway:
                 logger.exception("%s hook failed", event)
         return running
 
-    def publish(self, channel: str, data: Any) -> StreamPosition:
+    def publish(self, channel: str, data: Any, key: str | None = None) -> StreamPosition:
         """Publish from Python: ``bytes`` go out as a binary message, anything
-        else is JSON-encoded.
+        else is JSON-encoded. ``key``: conflation and ``max_rate`` keep the
+        latest publication per key. Returns the publication's position.
+
+        Raises:
+            InvalidChannel: the name is not a valid channel name.
+            Forbidden: a source's channel.
+        """
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            return self.hub.publish(channel, bytes(data), binary=True, key=key)
+        return self.hub.publish(channel, msgspec.json.encode(data), key=key)
+
+    async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryPage:
+        """The publications ``channel`` keeps after ``since`` (oldest first), or
+        before it with ``reverse`` (newest first), at most ``limit``; and its
+        position (docs/delivery.md).
 
         Raises:
             InvalidChannel: the name is not a valid channel name.
         """
-        if isinstance(data, (bytes, bytearray, memoryview)):
-            return self.hub.publish(channel, bytes(data), binary=True)
-        return self.hub.publish(channel, msgspec.json.encode(data))
+        self.hub.check_channel(channel)
+        return await self.hub.history(channel, since, limit, reverse)
 
     def add_source(self, source: Source) -> None:
         """Let ``source`` produce the channels it owns; it starts and stops with the gateway."""
@@ -292,6 +310,14 @@ class Gateway:
             await source.start()
         logger.info("listening", extra={"host": cfg.host, "port": self.port, "tls": tls is not None,
                                         "implementation": self.impl.name})
+
+    def _history_metrics(self) -> list[str]:
+        kept = getattr(self.broker, "history_bytes", None)  # a broker that keeps history here
+        held = sum(conn.batch.held_bytes() for conn in self.hub.clients.values() if conn.batch is not None)
+        lines = ["# TYPE wirehub_held_bytes gauge", f"wirehub_held_bytes {held}"]
+        if kept is not None:
+            lines += ["# TYPE wirehub_history_bytes gauge", f"wirehub_history_bytes {kept}"]
+        return lines
 
     def _fanout_metrics(self) -> list[str]:
         if self.flusher is None:

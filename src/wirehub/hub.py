@@ -5,27 +5,44 @@ turns each publication the broker hands it into one frame that ``fanout``
 appends to every batch. It is the broker's ``BrokerEventHandler`` and the
 ``SourceHost`` of every source (``sources/base.py``): subscribes to a
 channel a source owns go to that source, which joins the connection itself.
+A subscribe that resumes (``since``) or asks for ``tail`` joins through a
+recovery (``recovery.py``), and a channel's ``ChannelPolicy``
+(``delivery.py``) says what the broker keeps of it and what its slow
+subscribers get (``fanout.fanout_held``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .broker.base import Broker
+import msgspec
+
+from .broker.base import Broker, HistoryPage
+from .delivery import DISCONNECT, ChannelPolicies, ChannelPolicy
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
-from .protocol.messages import Error, Publication, Reply, StreamPosition, Subscribe
+from .protocol.messages import (Error, Lagged, Publication, Reply, StreamPosition, Subscribe,
+                                Subscribed)
 from .protocol.patterns import PatternError, check_pattern, is_channel_name, is_pattern
+from .recovery import Recovery, plan
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .sources.base import Source
 
+logger = logging.getLogger("wirehub.hub")
+
 OP_TEXT = 0x1
 OP_BINARY = 0x2
+# Publications a recovery reads from the broker, and sends, at a time; it
+# waits for the connection's socket to drain between two pages.
+RECOVERY_PAGE = 1000
 # Channels whose pattern subscribers are kept (PatternRoutes); past this the
 # oldest entry goes, so a publisher cycling names cannot grow memory.
 ROUTES_LIMIT = 10_000
@@ -44,30 +61,60 @@ class Channel:
     themselves.
     """
 
-    __slots__ = ("name", "groups", "takeover", "members")
+    __slots__ = ("name", "groups", "takeover", "members", "recovering", "rate_held", "notice")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.groups: dict[int | None, list] = {}
         self.takeover: list[Connection] = []
         self.members: dict[str, Connection] = {}
+        # Members still catching up from history: not in ``groups`` yet, the
+        # live publications wait in their Recovery.
+        self.recovering: dict[str, Recovery] | None = None
+        # Members whose subscription has a max_rate (a Hold on their batch).
+        self.rate_held: set[str] | None = None
+        self.notice: Callable[[int, int, int, int], bytes] | None = None  # builds ``lagged``
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Connection, recovery: Recovery | None = None) -> None:
+        """Add a member: live, or catching up through ``recovery``."""
+        if recovery is None:
+            self._add_live(conn)
+        else:
+            if self.recovering is None:
+                self.recovering = {}
+            self.recovering[conn.client_id] = recovery
+        self.members[conn.client_id] = conn
+
+    def _add_live(self, conn: Connection) -> None:
         if conn.fanout_group == TAKEOVER:
             self.takeover.append(conn)
         else:
             self.groups.setdefault(conn.fanout_group, []).append(conn.batch)
-        self.members[conn.client_id] = conn
 
-    def remove(self, conn: Connection) -> None:
-        if conn.fanout_group == TAKEOVER:
-            self.takeover.remove(conn)
-        else:
-            group = self.groups[conn.fanout_group]
-            group.remove(conn.batch)
-            if not group:
-                del self.groups[conn.fanout_group]
+    def go_live(self, conn: Connection) -> None:
+        """A member caught up: from now on publications reach it by fan-out."""
+        del self.recovering[conn.client_id]
+        if not self.recovering:
+            self.recovering = None
+        self._add_live(conn)
+
+    def remove(self, conn: Connection) -> Recovery | None:
+        """Remove a member; return its recovery if it was still catching up."""
+        recovery = self.recovering.pop(conn.client_id, None) if self.recovering else None
+        if recovery is None:
+            if conn.fanout_group == TAKEOVER:
+                self.takeover.remove(conn)
+            else:
+                group = self.groups[conn.fanout_group]
+                group.remove(conn.batch)
+                if not group:
+                    del self.groups[conn.fanout_group]
+        elif not self.recovering:
+            self.recovering = None
+        if self.rate_held is not None:
+            self.rate_held.discard(conn.client_id)
         del self.members[conn.client_id]
+        return recovery
 
 
 class PatternChannel(Channel):
@@ -121,19 +168,27 @@ class PatternRoutes:
             return
         del self.holders[conn.client_id]
         if conn.client_id in self.targets.members:
-            self.targets.remove(conn)
+            self._stop(conn)
 
     def recheck(self, conn: Connection, direct: Channel | None) -> None:
         """Add or remove ``conn`` after its subscriptions or its token changed."""
         client_id = conn.client_id
-        wanted = (client_id in self.holders
-                  and (direct is None or client_id not in direct.members)
+        is_direct = direct is not None and client_id in direct.members
+        wanted = (client_id in self.holders and not is_direct
                   and conn.principal.can_subscribe(self.name))
         if wanted != (client_id in self.targets.members):
             if wanted:
                 self.targets.add(conn)
+            elif is_direct:
+                self.targets.remove(conn)  # the channel delivers it now, its hold included
             else:
-                self.targets.remove(conn)
+                self._stop(conn)
+
+    def _stop(self, conn: Connection) -> None:
+        # Nothing more reaches it through patterns: what a slow-consumer
+        # policy held back for it goes too.
+        self.targets.remove(conn)
+        conn.batch.unhold(self.name)
 
 
 class Hub:
@@ -150,7 +205,8 @@ class Hub:
     def __init__(self, broker: Broker, impl: SimpleNamespace, json_codec: JsonCodec,
                  tlv_codec: TlvCodec, metrics: Metrics, *, max_channel_length: int,
                  max_subscriptions: int, shared_compressors: dict[int, Any],
-                 compress_threshold_bytes: int) -> None:
+                 compress_threshold_bytes: int, policies: ChannelPolicies | None = None,
+                 recovery_held_bytes: int = 4 << 20) -> None:
         self.channels: dict[str, Channel] = {}
         self.patterns: dict[str, PatternChannel] = {}
         # Patterns by segment, and the pattern subscribers of each channel
@@ -167,6 +223,9 @@ class Hub:
         self._metrics = metrics
         self._build_frame = impl.frame.build_frame
         self._fanout = impl.fanout.fanout
+        self._fanout_held = impl.fanout.fanout_held
+        self.policies = policies or ChannelPolicies()
+        self._recovery_held_bytes = recovery_held_bytes
         self._max_channel_length = max_channel_length
         self._max_subscriptions = max_subscriptions
         self._compressors = shared_compressors
@@ -215,8 +274,9 @@ class Hub:
         """Add ``conn`` to the channel or pattern ``name``; subscribing twice is a no-op.
 
         Returns True when ``conn`` is subscribed now (the caller answers
-        ``subscribed``), False when the channel's source answers through
-        ``answer``, now or later.
+        ``subscribed``, with ``position(name)``), False when the answer goes
+        through ``answer``, now or later: from the channel's source, or from
+        a recovery (``since``, ``tail``).
 
         Raises:
             InvalidChannel, TooManySubscriptions, InvalidField; a source's errors.
@@ -226,11 +286,14 @@ class Hub:
             self.check_pattern(name)
         else:
             self.check_channel(name)
-        tail = request.tail if request is not None else None
+        asks = request is not None and (request.tail is not None or request.since is not None
+                                        or request.max_rate is not None)
+        if asks and pattern:
+            raise InvalidField("`since`, `tail` and `max_rate` apply to a channel, not to a pattern")
         if name in conn.subscriptions:
-            if tail is not None:
-                raise InvalidField(f"already subscribed to {name[:64]!r}: `tail` needs a new "
-                                   f"subscription (unsubscribe first)")
+            if asks:
+                raise InvalidField(f"already subscribed to {name[:64]!r}: `since`, `tail` and `max_rate` "
+                                   f"need a new subscription (unsubscribe first)")
             return True
         awaiting = self._awaiting.get(conn.client_id, ())
         if name in awaiting:
@@ -238,14 +301,36 @@ class Hub:
         if len(conn.subscriptions) + len(awaiting) >= self._max_subscriptions:
             raise TooManySubscriptions(
                 f"a connection may hold at most {self._max_subscriptions} subscriptions")
-        if not pattern and self.sources and request is not None and answer is not None:
+        if pattern or request is None:
+            self.join(conn, name)
+            return True
+        policy = self.policies.for_channel(name)
+        if request.max_rate is not None:
+            self._check_max_rate(conn, name, request.max_rate, policy)
+        if self.sources and answer is not None:
             source = self.source_for(name)
             if source is not None:
                 return self._ask_source(source, conn, name, request, answer)
-        if tail is not None:
-            raise InvalidField("`tail` is only supported on source channels such as logs:<container>")
-        self.join(conn, name)
+        if request.since is not None or request.tail:
+            if answer is None:
+                raise InvalidField("`since` and `tail` need an answer callback")
+            self.recover(conn, name, request, answer)
+            return False
+        self.join(conn, name, request.max_rate)
         return True
+
+    @staticmethod
+    def _check_max_rate(conn: Connection, name: str, max_rate: float, policy: ChannelPolicy) -> None:
+        if policy.max_rate and max_rate > policy.max_rate:
+            raise InvalidField(f"max_rate {max_rate:g} is over the cap of {name[:64]!r}, "
+                               f"{policy.max_rate:g} a second")
+        if conn.fanout_group == TAKEOVER:
+            raise InvalidField("max_rate needs frames that stand alone: this connection's "
+                               "permessage-deflate keeps context between messages")
+
+    def position(self, name: str) -> StreamPosition | None:
+        """A channel's position now (what ``subscribed`` carries); None for a pattern."""
+        return None if is_pattern(name) else self._broker.position(name)
 
     def _ask_source(self, source: Source, conn: Connection, name: str, request: Subscribe,
                     answer: Callable[[Reply], None]) -> bool:
@@ -259,6 +344,8 @@ class Hub:
             self._stop_awaiting(conn.client_id, name)
             if type(reply) is Error:
                 errors[reply.code] += 1
+            elif type(reply) is Subscribed and reply.position is None:
+                reply = msgspec.structs.replace(reply, position=self.position(name))
             answer(reply)
 
         try:
@@ -274,25 +361,47 @@ class Hub:
             if not awaiting:
                 del self._awaiting[client_id]
 
-    def join(self, conn: Connection, name: str) -> None:
+    def join(self, conn: Connection, name: str, max_rate: float | None = None) -> None:
         """Add ``conn`` to the channel or pattern ``name`` (validated) without asking a source."""
         if name in conn.subscriptions:
             return
         if is_pattern(name):
             self._join_pattern(conn, name)
         else:
-            channel = self.channels.get(name)
-            if channel is None:
-                channel = self.channels[name] = Channel(name)
-                self._broker.subscribe(name)
+            channel = self._channel(name)
             channel.add(conn)
-            routes = self._routes.get(name)
-            if routes is not None:
-                routes.recheck(conn, channel)  # now delivered through the channel itself
+            if max_rate is not None:
+                self._rate_hold(channel, conn, max_rate)
+            self._recheck_routes(conn, name, channel)
+        self._count(conn, name)
+
+    def _channel(self, name: str) -> Channel:
+        channel = self.channels.get(name)
+        if channel is None:
+            channel = self.channels[name] = Channel(name)
+            self._broker.subscribe(name)
+        return channel
+
+    def _count(self, conn: Connection, name: str) -> None:
         if not conn.subscriptions:
             conn.subscriptions = set()  # idle connections share one empty frozenset
         conn.subscriptions.add(name)
         self.subscription_count += 1
+
+    def _recheck_routes(self, conn: Connection, name: str, channel: Channel | None) -> None:
+        # Subscribed to the channel itself (or not any more): its pattern
+        # subscriptions stop (or start again) delivering it.
+        routes = self._routes.get(name)
+        if routes is not None:
+            routes.recheck(conn, channel)
+
+    def _rate_hold(self, channel: Channel, conn: Connection, max_rate: float) -> None:
+        policy = self.policies.for_channel(channel.name)
+        conn.batch.hold(channel.name, policy.slow_consumer, policy.max_queue_bytes, 1.0 / max_rate,
+                        self._notice(channel))
+        if channel.rate_held is None:
+            channel.rate_held = set()
+        channel.rate_held.add(conn.client_id)
 
     def unsubscribe(self, conn: Connection, name: str) -> None:
         """Remove ``conn`` from the channel or pattern ``name``.
@@ -312,7 +421,10 @@ class Hub:
             self._leave_pattern(conn, name)
             return
         channel = self.channels[name]
-        channel.remove(conn)
+        recovery = channel.remove(conn)
+        if recovery is not None:
+            recovery.task.cancel()
+        conn.batch.unhold(name)
         if not channel.members:
             del self.channels[name]
             self._broker.unsubscribe(name)
@@ -321,9 +433,7 @@ class Hub:
                 if source is not None:
                     source.vacated(name)
             channel = None
-        routes = self._routes.get(name)
-        if routes is not None:
-            routes.recheck(conn, channel)  # back to its patterns, if it holds any
+        self._recheck_routes(conn, name, channel)
 
     def revoke(self, conn: Connection) -> list[str]:
         """After ``conn``'s principal changed: end the channel subscriptions it
@@ -429,30 +539,40 @@ class Hub:
         self.clients.pop(conn.client_id, None)
 
     def publish(self, channel: str, data: bytes, *, binary: bool = False,
-                origin: str | None = None) -> StreamPosition:
+                origin: str | None = None, key: str | None = None) -> StreamPosition:
         """Publish through the broker; ``origin`` (a client id) is excluded from delivery.
 
         Raises:
             InvalidChannel, Forbidden
         """
         self.check_channel(channel)
-        return self.publish_checked(channel, data, binary=binary, origin=origin)
+        return self.publish_checked(channel, data, binary=binary, origin=origin, key=key)
 
     def publish_checked(self, channel: str, data: bytes, *, binary: bool = False,
-                        origin: str | None = None) -> StreamPosition:
+                        origin: str | None = None, key: str | None = None) -> StreamPosition:
         """``publish`` for a name the caller already passed through ``check_channel``
         (a client's publish is checked before its permission is)."""
         if self.sources and self.source_for(channel) is not None:
             raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
         self._metrics.publications_total += 1
-        return self._broker.publish(channel, data, binary=binary, origin=origin)
+        return self._broker.publish(channel, data, binary=binary, origin=origin, key=key,
+                                    history=self.policies.for_channel(channel).history)
+
+    async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryPage:
+        """``channel``'s kept publications after ``since`` (before it with
+        ``reverse``); a ``since`` of another epoch reads from the oldest (or newest)."""
+        offset = None
+        if since is not None and since.epoch == self._broker.position(channel).epoch:
+            offset = since.offset
+        return await self._broker.history(channel, since=offset, limit=limit, reverse=reverse)
 
     # -- SourceHost -------------------------------------------------------------
 
     def emit(self, channel: str, data: bytes) -> int:
         """Publish a source's JSON ``data`` on ``channel``; return its offset."""
         self._metrics.publications_total += 1
-        return self._broker.publish(channel, data).offset
+        return self._broker.publish(channel, data, history=self.policies.for_channel(channel).history).offset
 
     def send_history(self, conn: Connection, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
         """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s."""
@@ -474,34 +594,168 @@ class Hub:
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         channel = self.channels.get(pub.channel)
         by_pattern = self._pattern_targets(pub.channel) if self.patterns else None
+        if channel is not None and channel.recovering is not None:
+            for recovery in channel.recovering.values():
+                recovery.hold(pub)
         if channel is None and by_pattern is None:
             return
-        if pub.binary:
-            opcode, payload = OP_BINARY, self._tlv.encode_message(pub.channel, pub.offset, pub.data)
-        else:
-            opcode, payload = OP_TEXT, self._json.encode_message(pub.channel, pub.offset, pub.data)
+        opcode, payload = self._message(pub)
+        policy = self.policies.for_channel(pub.channel)
         delivered = 0
         if channel is not None:
-            delivered += self._deliver(channel, opcode, payload, origin)
+            delivered += self._deliver(channel, opcode, payload, origin, pub, policy)
         if by_pattern is not None:
-            delivered += self._deliver(by_pattern, opcode, payload, origin)
+            delivered += self._deliver(by_pattern, opcode, payload, origin, pub, policy)
         self._metrics.deliveries_total += delivered
 
-    def _deliver(self, channel: Channel, opcode: int, payload: bytes, origin: str | None) -> int:
+    def _message(self, pub: Publication) -> tuple[int, bytes]:
+        """The ``message`` for ``pub``: its opcode and payload."""
+        if pub.binary:
+            return OP_BINARY, self._tlv.encode_message(pub.channel, pub.offset, pub.data)
+        return OP_TEXT, self._json.encode_message(pub.channel, pub.offset, pub.data)
+
+    def _deliver(self, channel: Channel, opcode: int, payload: bytes, origin: str | None,
+                 pub: Publication, policy: ChannelPolicy) -> int:
         sender = channel.members.get(origin) if origin is not None else None
         exclude = sender.batch if sender is not None else None
+        held = policy.slow_consumer != DISCONNECT or channel.rate_held
         delivered = 0
-        plain = None
         for window_bits, batches in channel.groups.items():
             if window_bits is None or len(payload) < self._threshold:
-                if plain is None:
-                    plain = self._build_frame(opcode, payload)
-                frame = plain
+                frame = pub.frame
+                if frame is None:
+                    # Framed once, and kept on the publication for whoever
+                    # recovers it from history.
+                    frame = pub.frame = self._build_frame(opcode, payload)
             else:
                 # Encode once, compress once per window size, frame once.
                 frame = self._build_frame(opcode, self._compressors[window_bits].compress(payload), True)
-            delivered += self._fanout(batches, frame, exclude)
+            if held:
+                delivered += self._fanout_held(batches, frame, exclude, channel.name, pub.offset, pub.key,
+                                               policy.slow_consumer, policy.max_queue_bytes,
+                                               self._notice(channel))
+            else:
+                delivered += self._fanout(batches, frame, exclude)
         for conn in channel.takeover:
             if conn is not sender and conn.push(opcode, payload):
                 delivered += 1
         return delivered
+
+    # -- lagged ------------------------------------------------------------------
+
+    def _notice(self, channel: Channel) -> Callable[[int, int, int, int], bytes]:
+        if channel.notice is None:
+            channel.notice = functools.partial(self._lagged, channel.name)
+        return channel.notice
+
+    def _lagged(self, name: str, dropped: int, first: int, last: int, opcode: int) -> bytes:
+        """The payload of a ``lagged`` notice, in the encoding ``opcode`` says."""
+        self._metrics.dropped_total += dropped
+        self._metrics.lagged_total += 1
+        codec = self._tlv if opcode == OP_BINARY else self._json
+        return codec.encode(Lagged(name, dropped, first, last))
+
+    # -- recovery ------------------------------------------------------------------
+
+    def recover(self, conn: Connection, name: str, request: Subscribe, answer: Callable[[Reply], None]) -> None:
+        """Subscribe ``conn`` to the channel ``name`` from ``request.since`` or
+        with its last ``request.tail`` publications (``recovery.py``); the
+        answer and the publications follow through a task.
+
+        Raises:
+            InvalidField: ``since.offset`` past the channel's last offset, or
+                ``tail`` on a channel that keeps fewer publications.
+        """
+        policy = self.policies.for_channel(name)
+        position = self._broker.position(name)
+        since = request.since
+        if since is not None and since.epoch == position.epoch and since.offset > position.offset:
+            raise InvalidField(f"since.offset {since.offset} is past the last offset of {name[:64]!r}, "
+                               f"{position.offset}", id=request.id)
+        if since is None and request.tail:
+            if policy.history is None:
+                raise InvalidField(f"`tail` needs a channel that keeps history: {name[:64]!r} keeps none "
+                                   f"(history_size, docs/delivery.md)", id=request.id)
+            if request.tail > policy.history.size:
+                raise InvalidField(f"tail must be at most {policy.history.size}: what {name[:64]!r} keeps "
+                                   f"(history_size)", id=request.id)
+        channel = self._channel(name)
+        recovery = Recovery(self._recovery_held_bytes)
+        channel.add(conn, recovery)
+        self._recheck_routes(conn, name, channel)
+        self._count(conn, name)
+        recovery.task = asyncio.ensure_future(
+            self._recover(channel, conn, recovery, request, answer, position, policy))
+
+    async def _recover(self, channel: Channel, conn: Connection, recovery: Recovery, request: Subscribe,
+                       answer: Callable[[Reply], None], position: StreamPosition,
+                       policy: ChannelPolicy) -> None:
+        name = channel.name
+        since = request.since
+        try:
+            if since is None:
+                after = max(0, position.offset - request.tail)
+                page = await self._broker.history(name, since=after, limit=RECOVERY_PAGE)
+                answer(Subscribed(name, request.id, position))
+            else:
+                same_epoch = since.epoch == position.epoch
+                page = await self._broker.history(name, since=since.offset if same_epoch else None,
+                                                  limit=RECOVERY_PAGE)
+                decision = plan(since, position, page.first_offset, policy.history is not None)
+                self._metrics.recoveries_total[decision.reason or "recovered"] += 1
+                answer(Subscribed(name, request.id, position, decision.recovered, decision.reason,
+                                  decision.missed))
+                after = decision.after
+            # From the oldest kept: a gap ``plan`` reported is not reported again.
+            next_offset = max(after + 1, page.first_offset)
+            while True:
+                if page.first_offset > next_offset:  # trimmed while the recovery read
+                    self._send_lagged(conn, name, next_offset, page.first_offset - 1, OP_TEXT)
+                    next_offset = page.first_offset
+                next_offset = self._send_recovered(conn, name, page.publications, next_offset)
+                if recovery.covers(next_offset) or (not page.more and next_offset > page.position.offset):
+                    break
+                await conn.batch.drained()
+                if conn.batch.closed:
+                    return
+                page = await self._broker.history(name, since=next_offset - 1, limit=RECOVERY_PAGE)
+            # Live publications held meanwhile, after the last one history gave; then live.
+            self._send_recovered(conn, name, list(recovery.held), next_offset)
+            channel.go_live(conn)
+            if request.max_rate is not None:
+                self._rate_hold(channel, conn, request.max_rate)
+        except asyncio.CancelledError:
+            raise  # unsubscribed or gone: Hub.unsubscribe has cleaned up
+        except Exception:
+            logger.exception("recovery of %r failed", name, extra={"client_id": conn.client_id})
+            conn.close(1011, "internal error")
+
+    def _send_recovered(self, conn: Connection, name: str, pubs: list[Publication], next_offset: int) -> int:
+        """Send ``pubs`` from ``next_offset`` on (a ``lagged`` notice for a
+        hole); return the offset that follows the last one sent."""
+        frames: list[bytes] = []
+        plain = conn.fanout_group is None
+        sent = 0
+        for pub in pubs:
+            if pub.offset < next_offset:
+                continue
+            if pub.offset > next_offset:
+                conn.batch.push_many(frames)
+                frames = []
+                self._send_lagged(conn, name, next_offset, pub.offset - 1, OP_BINARY if pub.binary else OP_TEXT)
+            if plain:
+                frame = pub.frame
+                if frame is None:
+                    frame = pub.frame = self._build_frame(*self._message(pub))
+                frames.append(frame)
+            else:
+                conn.push(*self._message(pub))  # compressed by the connection
+            next_offset = pub.offset + 1
+            sent += 1
+        if frames:
+            conn.batch.push_many(frames)
+        self._metrics.deliveries_total += sent
+        return next_offset
+
+    def _send_lagged(self, conn: Connection, name: str, first: int, last: int, opcode: int) -> None:
+        conn.push(opcode, self._lagged(name, last - first + 1, first, last, opcode))

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 class Metrics:
     __slots__ = ("connections_total", "connections_current", "messages_received_total",
                  "publications_total", "deliveries_total", "errors_total", "closes_total",
-                 "http_requests_total", "refusals_total", "auth_failures_total", "collectors")
+                 "http_requests_total", "refusals_total", "auth_failures_total", "dropped_total",
+                 "lagged_total", "recoveries_total", "collectors")
 
     def __init__(self) -> None:
         self.connections_total = 0
@@ -27,6 +28,9 @@ class Metrics:
         self.http_requests_total: Counter[int] = Counter()
         self.refusals_total: Counter[str] = Counter()
         self.auth_failures_total: Counter[str] = Counter()
+        self.dropped_total = 0      # publications a slow-consumer policy or max_rate did not deliver
+        self.lagged_total = 0       # ``lagged`` notices sent
+        self.recoveries_total: Counter[str] = Counter()  # subscribes with ``since``, by result
         # Callables returning more exposition lines (sources add theirs).
         self.collectors: list[Callable[[], list[str]]] = []
 
@@ -47,9 +51,16 @@ class Metrics:
             f"wirehub_publications_total {self.publications_total}",
             "# TYPE wirehub_deliveries_total counter",
             f"wirehub_deliveries_total {self.deliveries_total}",
+            "# TYPE wirehub_dropped_total counter",
+            f"wirehub_dropped_total {self.dropped_total}",
+            "# TYPE wirehub_lagged_total counter",
+            f"wirehub_lagged_total {self.lagged_total}",
             "# TYPE wirehub_errors_total counter",
         ]
         lines += [f'wirehub_errors_total{{code="{code}"}} {n}' for code, n in sorted(self.errors_total.items())]
+        lines.append("# TYPE wirehub_recoveries_total counter")
+        lines += [f'wirehub_recoveries_total{{result="{r}"}} {n}'
+                  for r, n in sorted(self.recoveries_total.items())]
         lines.append("# TYPE wirehub_closes_total counter")
         lines += [f'wirehub_closes_total{{code="{code}"}} {n}' for code, n in sorted(self.closes_total.items())]
         lines.append("# TYPE wirehub_http_requests_total counter")

@@ -1,6 +1,14 @@
 cimport cython
 
 
+cpdef enum SlowConsumer:
+    # What a subscription's publications become while its socket does not
+    # drain (the channel's ``slow_consumer`` option).
+    DISCONNECT = 0      # queued until high_water_bytes, then the connection is closed (1013)
+    DROP_OLDEST = 1     # held up to max_queue_bytes, the oldest dropped past it
+    CONFLATE = 2        # only the latest per publication key held
+
+
 cdef enum:
     # Small batch buffers the Flusher keeps for reuse (256 KiB at most).
     SPARE_BUFFERS = 1024
@@ -54,6 +62,9 @@ cdef class Flusher:
     cpdef flush(self)
 
 
+cdef class Hold
+
+
 @cython.final
 cdef class OutBatch:
     cdef char* _buf
@@ -77,6 +88,8 @@ cdef class OutBatch:
     cdef object _transport_buffered
     cdef object _on_overflow
     cdef object _call_soon
+    cdef dict _holds                    # channel -> Hold, None until the first
+    cdef list _drain_waiters            # futures of drained(), None until the first
 
     cdef bint _push(self, bytes frame) except -1
     cdef bint _push_shared(self, SharedChunk chunk, Py_ssize_t start, Py_ssize_t n) except -1
@@ -92,6 +105,8 @@ cdef class OutBatch:
     cdef void _release(self) noexcept
     cdef int _overflow(self) except -1
     cdef void _mark_urgent(self) except *
+    cdef void _wake_drained(self) except *
+    cdef void _drop_holds(self) except *
     cpdef bint push(self, bytes frame)
     cpdef bint push_frame(self, int opcode, object payload, bint rsv1=*)
     cpdef flush(self)
@@ -99,6 +114,38 @@ cdef class OutBatch:
     cpdef pause(self)
     cpdef resume(self)
     cpdef close(self)
+    cpdef Py_ssize_t push_many(self, list frames) except -1
+    cpdef Hold hold(self, str channel, int policy, Py_ssize_t max_queue_bytes, double interval_s, object notice)
+    cpdef unhold(self, str channel)
+    cpdef Py_ssize_t held_bytes(self)
+
+
+@cython.final
+cdef class Hold:
+    cdef readonly OutBatch batch
+    cdef readonly int policy
+    cdef readonly Py_ssize_t max_queue_bytes
+    cdef readonly double interval_s
+    cdef readonly Py_ssize_t held_bytes
+    cdef readonly long long dropped
+    cdef readonly long long first_dropped
+    cdef readonly long long last_dropped
+    cdef object _notice                 # notice(dropped, first, last, opcode) -> payload
+    cdef object _fifo                   # deque of (offset, frame) (DROP_OLDEST)
+    cdef dict _latest                   # key -> (offset, frame), oldest first (CONFLATE, max_rate)
+    cdef double _next_due               # loop time the next rate-limited delivery may go
+    cdef object _timer
+    cdef bint _active                   # something is held: new frames must wait behind it
+
+    cdef bint _waits(self) noexcept
+    cdef bint offer(self, bytes frame, long long offset, object key) except -1
+    cdef void _store(self, bytes frame, long long offset, object key) except *
+    cdef void _count_dropped(self, long long offset) noexcept
+    cdef void _release(self) except *
+    cdef void _resume(self) except *
+    cdef void _cancel(self) except *
 
 
 cpdef Py_ssize_t fanout(list batches, bytes frame, OutBatch exclude=*) except -1
+cpdef Py_ssize_t fanout_held(list batches, bytes frame, OutBatch exclude, str channel, long long offset,
+                             object key, int policy, Py_ssize_t max_queue_bytes, object notice) except -1

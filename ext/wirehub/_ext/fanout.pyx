@@ -19,11 +19,22 @@ is copied into the connection's own buffer, which is what every frame cost
 before. Frames of ``SHARE_ABOVE`` bytes or more are queued by reference so a
 large publication is held in memory once, not once per subscriber.
 
+A subscription whose channel has a ``slow_consumer`` policy other than
+``disconnect``, or which asked for a ``max_rate``, gets a ``Hold`` on its
+batch (``fanout_held``): while the socket does not drain (the transport
+paused the batch), or until the rate allows the next delivery, its
+publications wait there, bounded by ``max_queue_bytes``: the oldest dropped
+(``DROP_OLDEST``) or only the latest per key kept (``CONFLATE``, and always
+for ``max_rate``). When they go out, a ``lagged`` notice (built by the
+caller's ``notice``) precedes them if any were dropped. A batch whose
+subscriptions keep up never holds anything.
+
 Reference twin: ``wirehub._pure.fanout``.
 """
 
 import logging
 import time
+from collections import deque
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -315,6 +326,8 @@ cdef class OutBatch:
         self._call_soon = flusher._call_soon
         self.high_water_bytes = high_water_bytes
         self._segments = None    # created when a large frame is queued
+        self._holds = None
+        self._drain_waiters = None
         # Raw send() is only safe on a plain TCP socket; TLS goes through the transport.
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("ssl_object") is None:
@@ -527,6 +540,8 @@ cdef class OutBatch:
         # serves fan-out traffic and is kept for the next tick, up to SHRINK_ABOVE.
         if self._cap > SHRINK_ABOVE or self._cap <= INITIAL_CAPACITY:
             self._free_buf()
+        if self._drain_waiters is not None and not self.paused:
+            self._wake_drained()
 
     cpdef trim(self):
         """Give back the buffer if nothing is pending (for connections gone quiet).
@@ -545,16 +560,109 @@ cdef class OutBatch:
         self._spill()
 
     cpdef resume(self):
-        """Start writing again; pending frames go out on the next tick."""
+        """Start writing again; pending frames go out on the next tick, then
+        what the holds kept while the socket did not drain."""
+        cdef Hold hold
         self.paused = False
-        if self.pending_bytes and not self._dirty and not self.closed:
+        if self._holds is not None and not self.closed:
+            for obj in list(self._holds.values()):
+                hold = <Hold>obj
+                if hold._active and not self.paused:  # a release may fill the socket again
+                    hold._resume()
+        if self.closed:
+            return
+        if self.pending_bytes and not self._dirty:
             self._dirty = True
             self._flusher.mark(self, False)
+        elif not self.pending_bytes and self._drain_waiters is not None:
+            self._wake_drained()
 
     cpdef close(self):
         """Drop pending frames and refuse new ones (the connection is closing)."""
         self.closed = True
         self._release()
+        self._drop_holds()
+        if self._drain_waiters is not None:
+            self._wake_drained()
+
+    def drained(self):
+        """A future done once nothing is pending and the socket drains (or the
+        batch closed): what a producer of many frames (a recovery) awaits
+        between two slices, so it never queues more than a slice."""
+        future = self._flusher.loop.create_future()
+        if self.closed or (not self.pending_bytes and not self.paused):
+            future.set_result(None)
+        else:
+            if self._drain_waiters is None:
+                self._drain_waiters = []
+            self._drain_waiters.append(future)
+        return future
+
+    cdef void _wake_drained(self) except *:
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    cpdef Py_ssize_t push_many(self, list frames) except -1:
+        """Queue complete frames in order; return how many were taken (all of
+        them unless the batch closed or overflowed)."""
+        cdef Py_ssize_t taken = 0
+        for frame in frames:
+            if not self._push(<bytes>frame):
+                break
+            taken += 1
+        return taken
+
+    cpdef Hold hold(self, str channel, int policy, Py_ssize_t max_queue_bytes, double interval_s,
+                    object notice):
+        """The ``Hold`` of this connection's subscription to ``channel``, made now.
+
+        Args:
+            policy: a ``SlowConsumer`` value.
+            max_queue_bytes: most bytes of frames held (at least one frame is).
+            interval_s: least time between two deliveries (``1 / max_rate``); 0 for none.
+            notice: ``notice(dropped, first, last, opcode)`` returns the payload of
+                the ``lagged`` message sent, with ``opcode``, before held frames
+                when some were dropped.
+        """
+        cdef Hold hold = Hold.__new__(Hold)
+        hold.batch = self
+        hold.policy = policy
+        hold.max_queue_bytes = max_queue_bytes
+        hold.interval_s = interval_s
+        hold._notice = notice
+        hold._latest = {}
+        if policy == DROP_OLDEST and interval_s == 0:
+            hold._fifo = deque()
+        if self._holds is None:
+            self._holds = {}
+        previous = self._holds.get(channel)
+        if previous is not None:
+            (<Hold>previous)._cancel()
+        self._holds[channel] = hold
+        return hold
+
+    cpdef unhold(self, str channel):
+        """Forget the hold of ``channel`` and what it kept (the subscription ended)."""
+        if self._holds is not None:
+            hold = self._holds.pop(channel, None)
+            if hold is not None:
+                (<Hold>hold)._cancel()
+
+    cpdef Py_ssize_t held_bytes(self):
+        """Bytes of frames this connection's holds keep back (each at most its max_queue_bytes)."""
+        cdef Py_ssize_t total = 0
+        if self._holds is not None:
+            for hold in self._holds.values():
+                total += (<Hold>hold).held_bytes
+        return total
+
+    cdef void _drop_holds(self) except *:
+        if self._holds is not None:
+            for hold in self._holds.values():
+                (<Hold>hold)._cancel()
+            self._holds = None
 
     cdef void _free_buf(self) noexcept:
         if self._cap == INITIAL_CAPACITY:
@@ -575,6 +683,9 @@ cdef class OutBatch:
         self.overflowed = True
         self.closed = True
         self._release()
+        self._drop_holds()
+        if self._drain_waiters is not None:
+            self._wake_drained()
         # Deferred: we are usually inside a fan-out loop over a subscriber list.
         self._call_soon(self._on_overflow)
         return 0
@@ -606,5 +717,147 @@ cpdef Py_ssize_t fanout(list batches, bytes frame, OutBatch exclude=None) except
     for obj in batches:
         batch = <OutBatch>obj
         if batch is not exclude and batch._push(frame):
+            delivered += 1
+    return delivered
+
+
+cdef class Hold:
+    """One subscription's publications held back (see the module docstring).
+
+    Made by ``OutBatch.hold``; ``fanout_held`` offers it every frame of its
+    channel for its batch.
+    """
+
+    cdef bint _waits(self) noexcept:
+        # Whether a frame must be held now rather than pushed.
+        if self._active:
+            return True
+        if self.batch.paused and self.policy != DISCONNECT:
+            return True
+        return self.interval_s > 0 and self.batch._flusher._time() < self._next_due
+
+    cdef bint offer(self, bytes frame, long long offset, object key) except -1:
+        """Push ``frame`` now (True) or hold it (False)."""
+        if not self._waits():
+            if self.interval_s > 0:
+                self._next_due = self.batch._flusher._time() + self.interval_s
+            return self.batch._push(frame)
+        self._active = True
+        self._store(frame, offset, key)
+        if self.interval_s > 0 and self._timer is None and not (self.batch.paused and self.policy != DISCONNECT):
+            self._timer = self.batch._flusher._call_at(self._next_due, self._on_due)
+        return False
+
+    cdef void _store(self, bytes frame, long long offset, object key) except *:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        cdef tuple oldest
+        if self._fifo is not None:
+            self._fifo.append((offset, frame))
+            self.held_bytes += n
+            while self.held_bytes > self.max_queue_bytes and len(self._fifo) > 1:
+                oldest = self._fifo.popleft()
+                self.held_bytes -= PyBytes_GET_SIZE(<bytes>oldest[1])
+                self._count_dropped(<long long>oldest[0])
+            return
+        # Latest per key, kept in offset order: a replaced key moves to the end.
+        oldest = self._latest.pop(key, None)
+        if oldest is not None:
+            self.held_bytes -= PyBytes_GET_SIZE(<bytes>oldest[1])
+            self._count_dropped(<long long>oldest[0])
+        self._latest[key] = (offset, frame)
+        self.held_bytes += n
+        while self.held_bytes > self.max_queue_bytes and len(self._latest) > 1:
+            oldest = self._latest.pop(next(iter(self._latest)))
+            self.held_bytes -= PyBytes_GET_SIZE(<bytes>oldest[1])
+            self._count_dropped(<long long>oldest[0])
+
+    cdef void _count_dropped(self, long long offset) noexcept:
+        if not self.dropped or offset < self.first_dropped:
+            self.first_dropped = offset
+        if not self.dropped or offset > self.last_dropped:
+            self.last_dropped = offset
+        self.dropped += 1
+
+    cdef void _release(self) except *:
+        """Send what is held: the ``lagged`` notice first if some were dropped."""
+        cdef list frames = [item[1] for item in (self._fifo if self._fifo is not None
+                                                 else self._latest.values())]
+        cdef int opcode
+        if self._fifo is not None:
+            self._fifo.clear()
+        self._latest.clear()
+        self._active = False
+        self.held_bytes = 0
+        if self.interval_s > 0:
+            self._next_due = self.batch._flusher._time() + self.interval_s
+        if self.dropped:
+            # The notice goes in the encoding of the frames it precedes.
+            opcode = (<bytes>frames[0])[0] & 0x0F if frames else 0x1
+            self.batch.push_frame(opcode, self._notice(self.dropped, self.first_dropped,
+                                                       self.last_dropped, opcode))
+            self.dropped = 0
+        self.batch.push_many(frames)
+
+    def _on_due(self):
+        self._timer = None
+        if self.batch.closed or not self._active:
+            return
+        if self.batch.paused and self.policy != DISCONNECT:
+            return  # OutBatch.resume releases it
+        self._release()
+
+    cdef void _resume(self) except *:
+        if self.interval_s > 0 and self.batch._flusher._time() < self._next_due:
+            if self._timer is None:
+                self._timer = self.batch._flusher._call_at(self._next_due, self._on_due)
+            return
+        self._release()
+
+    cdef void _cancel(self) except *:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fifo is not None:
+            self._fifo.clear()
+        self._latest.clear()
+        self._active = False
+        self.held_bytes = 0
+
+
+cpdef Py_ssize_t fanout_held(list batches, bytes frame, OutBatch exclude, str channel, long long offset,
+                             object key, int policy, Py_ssize_t max_queue_bytes, object notice) except -1:
+    """``fanout`` for a channel whose subscribers may hold its publications.
+
+    A batch with a ``Hold`` for ``channel`` (a ``max_rate``, or made by an
+    earlier call) is offered the frame; a batch without one takes it as
+    ``fanout`` gives it, unless it is paused and ``policy`` is not
+    ``DISCONNECT``: then it gets a hold (``max_queue_bytes``, ``notice``) first.
+    Returns how many batches took the frame now (held frames not counted).
+    """
+    cdef Py_ssize_t delivered = 0
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+    cdef Py_ssize_t start = 0
+    cdef OutBatch batch
+    cdef SharedChunk chunk = None
+    cdef bint share = n < SHARE_ABOVE and len(batches) > 1
+    cdef object hold
+    for obj in batches:
+        batch = <OutBatch>obj
+        if batch is exclude or batch.closed:
+            continue
+        hold = batch._holds.get(channel) if batch._holds is not None else None
+        if hold is None:
+            if policy == DISCONNECT or not batch.paused:
+                if share:
+                    if chunk is None:
+                        chunk = batch._flusher._share(PyBytes_AS_STRING(frame), n)
+                        start = chunk.len - n
+                    if batch._push_shared(chunk, start, n):
+                        delivered += 1
+                elif batch._push(frame):
+                    delivered += 1
+                continue
+            hold = batch.hold(channel, policy, max_queue_bytes, 0.0, notice)
+        if (<Hold>hold).offer(frame, offset, key):
             delivered += 1
     return delivered

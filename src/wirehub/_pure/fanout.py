@@ -3,15 +3,23 @@
 Same behaviour as the compiled module, written for reading: frames go into a
 per-connection ``bytearray`` (or a segment list for large frames) and the
 loop-wide ``Flusher`` writes each dirty batch once per loop iteration.
+
+A subscription with a slow-consumer policy or a ``max_rate`` gets a ``Hold``
+on its batch: while the socket does not drain, or until the rate allows the
+next delivery, its channel's frames wait there, bounded by
+``max_queue_bytes`` (the oldest dropped, or only the latest per key kept),
+and a ``lagged`` notice precedes them when they go out if any were dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
+import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from .frame import build_frame
@@ -25,6 +33,17 @@ ROUND_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 
                   1.0, 2.5)
 
 logger = logging.getLogger("wirehub.fanout")
+
+
+class SlowConsumer(enum.IntEnum):
+    """What a subscription's publications become while its socket does not drain."""
+
+    DISCONNECT = 0   # queued until high_water_bytes, then the connection is closed (1013)
+    DROP_OLDEST = 1  # held up to max_queue_bytes, the oldest dropped past it
+    CONFLATE = 2     # only the latest per publication key held
+
+
+Notice = Callable[[int, int, int, int], bytes]
 
 
 class Flusher:
@@ -146,6 +165,8 @@ class OutBatch:
         self.pending_bytes = 0
         self.paused = self.closed = self.overflowed = False
         self._dirty = self._urgent = False
+        self._holds: dict[str, Hold] = {}
+        self._drain_waiters: list[asyncio.Future[None]] = []
 
     def _queue(self, frame: bytes) -> bool:
         if self.closed:
@@ -205,6 +226,8 @@ class OutBatch:
             self._transport.write(bytes(self._buf))
             self._buf = bytearray()
         self.pending_bytes = 0
+        if not self.paused:
+            self._wake_drained()
 
     def trim(self) -> None:
         """Give back the buffer if nothing is pending (see ``_ext.fanout``)."""
@@ -215,15 +238,72 @@ class OutBatch:
         self.paused = True
 
     def resume(self) -> None:
+        """Write again: what is pending on the next tick, then what holds kept."""
         self.paused = False
-        if self.pending_bytes and not self._dirty and not self.closed:
+        for hold in list(self._holds.values()):
+            if hold.active and not self.paused and not self.closed:  # a release may fill the socket again
+                hold.resume()
+        if self.closed:
+            return
+        if self.pending_bytes and not self._dirty:
             self._dirty = True
             self._flusher.mark(self, False)
+        elif not self.pending_bytes:
+            self._wake_drained()
 
     def close(self) -> None:
         """Drop pending frames and refuse new ones."""
         self.closed = True
         self._release()
+        self._drop_holds()
+        self._wake_drained()
+
+    def drained(self) -> asyncio.Future[None]:
+        """Done once nothing is pending and the socket drains, or the batch closed."""
+        future = self._flusher.loop.create_future()
+        if self.closed or (not self.pending_bytes and not self.paused):
+            future.set_result(None)
+        else:
+            self._drain_waiters.append(future)
+        return future
+
+    def _wake_drained(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def push_many(self, frames: list[bytes]) -> int:
+        """Queue frames in order; how many were taken."""
+        taken = 0
+        for frame in frames:
+            if not self.push(frame):
+                break
+            taken += 1
+        return taken
+
+    def hold(self, channel: str, policy: int, max_queue_bytes: int, interval_s: float,
+             notice: Notice) -> Hold:
+        """Make the ``Hold`` of this connection's subscription to ``channel`` (see ``_ext.fanout``)."""
+        previous = self._holds.get(channel)
+        if previous is not None:
+            previous.cancel()
+        hold = self._holds[channel] = Hold(self, policy, max_queue_bytes, interval_s, notice)
+        return hold
+
+    def unhold(self, channel: str) -> None:
+        hold = self._holds.pop(channel, None)
+        if hold is not None:
+            hold.cancel()
+
+    def held_bytes(self) -> int:
+        """Bytes of frames this connection's holds keep back."""
+        return sum(hold.held_bytes for hold in self._holds.values())
+
+    def _drop_holds(self) -> None:
+        for hold in self._holds.values():
+            hold.cancel()
+        self._holds = {}
 
     def _release(self) -> None:
         self._buf = bytearray()
@@ -233,9 +313,136 @@ class OutBatch:
     def _overflow(self) -> None:
         self.overflowed = self.closed = True
         self._release()
+        self._drop_holds()
+        self._wake_drained()
         self._flusher.loop.call_soon(self._on_overflow)
+
+
+class Hold:
+    """One subscription's publications held back: while its batch is paused
+    (unless the policy is ``SlowConsumer.DISCONNECT``), or until ``interval_s`` has passed
+    since its last delivery."""
+
+    def __init__(self, batch: OutBatch, policy: int, max_queue_bytes: int, interval_s: float,
+                 notice: Notice) -> None:
+        self.batch = batch
+        self.policy = policy
+        self.max_queue_bytes = max_queue_bytes
+        self.interval_s = interval_s
+        self._notice = notice
+        # Oldest first: a queue (DROP_OLDEST), or the latest per key (CONFLATE
+        # and max_rate), a replaced key moving to the end.
+        self._fifo: collections.deque[tuple[int, bytes]] | None = (
+            collections.deque() if policy == SlowConsumer.DROP_OLDEST and interval_s == 0 else None)
+        self._latest: dict[Hashable, tuple[int, bytes]] = {}
+        self.held_bytes = 0
+        self.dropped = self.first_dropped = self.last_dropped = 0
+        self._next_due = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.active = False  # something is held: new frames wait behind it
+
+    def _now(self) -> float:
+        return self.batch._flusher.loop.time()
+
+    def _waits(self) -> bool:
+        if self.active or (self.batch.paused and self.policy != SlowConsumer.DISCONNECT):
+            return True
+        return self.interval_s > 0 and self._now() < self._next_due
+
+    def offer(self, frame: bytes, offset: int, key: Hashable) -> bool:
+        """Push ``frame`` now (True) or hold it (False)."""
+        if not self._waits():
+            if self.interval_s > 0:
+                self._next_due = self._now() + self.interval_s
+            return self.batch.push(frame)
+        self.active = True
+        self._store(frame, offset, key)
+        if self.interval_s > 0 and self._timer is None and not (self.batch.paused and self.policy != SlowConsumer.DISCONNECT):
+            self._timer = self.batch._flusher.loop.call_at(self._next_due, self._on_due)
+        return False
+
+    def _store(self, frame: bytes, offset: int, key: Hashable) -> None:
+        if self._fifo is not None:
+            self._fifo.append((offset, frame))
+            self.held_bytes += len(frame)
+            while self.held_bytes > self.max_queue_bytes and len(self._fifo) > 1:
+                self._drop(*self._fifo.popleft())
+            return
+        replaced = self._latest.pop(key, None)
+        if replaced is not None:
+            self._drop(*replaced)
+        self._latest[key] = (offset, frame)
+        self.held_bytes += len(frame)
+        while self.held_bytes > self.max_queue_bytes and len(self._latest) > 1:
+            self._drop(*self._latest.pop(next(iter(self._latest))))
+
+    def _drop(self, offset: int, frame: bytes) -> None:
+        self.held_bytes -= len(frame)
+        self.first_dropped = offset if not self.dropped else min(self.first_dropped, offset)
+        self.last_dropped = offset if not self.dropped else max(self.last_dropped, offset)
+        self.dropped += 1
+
+    def release(self) -> None:
+        """Send what is held, after a ``lagged`` notice if some were dropped."""
+        held = self._fifo if self._fifo is not None else self._latest.values()
+        frames = [frame for _, frame in held]
+        self._clear()
+        if self.interval_s > 0:
+            self._next_due = self._now() + self.interval_s
+        if self.dropped:
+            opcode = frames[0][0] & 0x0F if frames else 0x1  # the encoding of what follows
+            self.batch.push_frame(opcode, self._notice(self.dropped, self.first_dropped,
+                                                       self.last_dropped, opcode))
+            self.dropped = 0
+        self.batch.push_many(frames)
+
+    def _on_due(self) -> None:
+        self._timer = None
+        if self.batch.closed or not self.active:
+            return
+        if self.batch.paused and self.policy != SlowConsumer.DISCONNECT:
+            return  # OutBatch.resume releases it
+        self.release()
+
+    def resume(self) -> None:
+        if self.interval_s > 0 and self._now() < self._next_due:
+            if self._timer is None:
+                self._timer = self.batch._flusher.loop.call_at(self._next_due, self._on_due)
+            return
+        self.release()
+
+    def _clear(self) -> None:
+        if self._fifo is not None:
+            self._fifo.clear()
+        self._latest.clear()
+        self.active = False
+        self.held_bytes = 0
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._clear()
 
 
 def fanout(batches: list[OutBatch], frame: bytes, exclude: OutBatch | None = None) -> int:
     """Queue ``frame`` on every batch except ``exclude``; return how many took it."""
     return sum(1 for batch in batches if batch is not exclude and batch.push(frame))
+
+
+def fanout_held(batches: list[OutBatch], frame: bytes, exclude: OutBatch | None, channel: str, offset: int,
+                key: Hashable, policy: int, max_queue_bytes: int, notice: Notice) -> int:
+    """``fanout`` for a channel whose subscribers may hold its publications
+    (see ``_ext.fanout.fanout_held``); held frames are not counted."""
+    delivered = 0
+    for batch in batches:
+        if batch is exclude or batch.closed:
+            continue
+        hold = batch._holds.get(channel)
+        if hold is None:
+            if policy == SlowConsumer.DISCONNECT or not batch.paused:
+                delivered += batch.push(frame)
+                continue
+            hold = batch.hold(channel, policy, max_queue_bytes, 0.0, notice)
+        delivered += hold.offer(frame, offset, key)
+    return delivered

@@ -1,16 +1,52 @@
-"""The broker interface: where publications travel and get their offsets.
+"""The broker interface: where publications travel, get their offsets and are kept.
 
-A broker owns each channel's stream position (offset + epoch) and hands
-every publication to the ``BrokerEventHandler`` of each process that has
-subscribers on the channel. The hub registers itself as that handler; the
-broker never imports the hub (callbacks point upward).
+A broker owns each channel's stream position (offset + epoch) and its
+history, and hands every publication to the ``BrokerEventHandler`` of each
+process that has subscribers on the channel. The hub registers itself as
+that handler; the broker never imports the hub (callbacks point upward).
+What a channel keeps is the caller's to say, per publication
+(``HistoryOptions``): the broker stores, trims and answers, it does not
+decide policy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..protocol.messages import Publication, StreamPosition
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryOptions:
+    """What a channel keeps of its publications.
+
+    Args:
+        size: publications kept (0: none).
+        ttl_s: a publication older than this is no longer kept (0: no limit).
+        max_bytes: the channel's kept publications take at most this much
+            memory, as the broker counts it (0: only the broker's global cap).
+    """
+
+    size: int
+    ttl_s: float = 0.0
+    max_bytes: int = 0
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """Kept publications of one channel, as ``Broker.history`` answers.
+
+    ``first_offset`` is the oldest offset still kept (``position.offset + 1``
+    when nothing is), so a caller can tell whether an offset it wants is gone;
+    ``more``: the page stopped at its limit and more publications follow in
+    that direction.
+    """
+
+    publications: list[Publication]
+    position: StreamPosition
+    first_offset: int
+    more: bool
 
 
 class BrokerEventHandler(Protocol):
@@ -35,9 +71,20 @@ class Broker(Protocol):
     def unsubscribe_pattern(self, pattern: str) -> None:
         """The last local subscriber of ``pattern`` left."""
 
-    def publish(self, channel: str, data: bytes, *, binary: bool = False,
-                origin: str | None = None) -> StreamPosition:
-        """Append a publication to ``channel`` and deliver it; return its position."""
+    def publish(self, channel: str, data: bytes, *, binary: bool = False, origin: str | None = None,
+                key: str | None = None, history: HistoryOptions | None = None) -> StreamPosition:
+        """Append a publication to ``channel``, keep it as ``history`` says, deliver it;
+        return its position."""
+
+    def position(self, channel: str) -> StreamPosition:
+        """``channel``'s last offset and its epoch, as this process knows them now."""
+
+    async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryPage:
+        """Kept publications of ``channel``: those after offset ``since`` (from
+        the oldest kept when None), oldest first, at most ``limit``; with
+        ``reverse``, those before ``since`` (from the newest when None),
+        newest first."""
 
     async def close(self) -> None:
         """Release connections and tasks."""

@@ -7,6 +7,7 @@ JSON message and a bad TLV message the same way.
 
 from __future__ import annotations
 
+import base64
 import re
 import struct
 from collections.abc import Callable, Container
@@ -16,8 +17,9 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidField, InvalidMessage, UnknownType
-from .messages import (Auth, ClientMessage, Command, CustomMessage, Id, Message, Ping, Publish,
-                       Reply, Subscribe, Unsubscribe)
+from .messages import (MAX_KEY_LENGTH, Auth, ClientMessage, Command, CustomMessage, History,
+                       HistoryEntry, HistoryRequest, Id, Message, Ping, Publication, Publish, Range, Reply,
+                       StreamPosition, Subscribe, Unsubscribe)
 
 _TYPE_PATH = re.compile(r"at `\$\.type`$")
 # msgspec's decoders recurse per nesting level and stop at the interpreter's
@@ -95,6 +97,14 @@ class JsonCodec:
         """The payload of a ``message`` for a JSON publication (``data`` is raw JSON)."""
         return self._encoder.encode(Message(channel, offset, msgspec.Raw(data)))
 
+    def encode_history(self, channel: str, position: StreamPosition, publications: list[Publication],
+                       more: bool, msg_id: Id) -> bytes:
+        """A ``history`` reply; a binary publication's bytes go as base64 in ``data_b64``."""
+        entries = [HistoryEntry(pub.offset, data_b64=base64.b64encode(pub.data).decode(), key=pub.key)
+                   if pub.binary else HistoryEntry(pub.offset, msgspec.Raw(pub.data), key=pub.key)
+                   for pub in publications]
+        return self._encoder.encode(History(channel, position, entries, more, msg_id))
+
 
 class Tag:
     """TLV tags (docs/protocol.md)."""
@@ -116,6 +126,21 @@ class Tag:
     REASON = 0x13
     # 0x20-0x2F: sources
     TAIL = 0x20
+    # 0x30-0x3F: history, recovery, delivery policies
+    EPOCH = 0x30
+    SINCE_OFFSET = 0x31
+    SINCE_EPOCH = 0x32
+    RECOVERED = 0x33
+    FROM = 0x34
+    TO = 0x35
+    DROPPED = 0x36
+    LIMIT = 0x37
+    REVERSE = 0x38
+    MAX_RATE = 0x39
+    KEY = 0x3A
+    PUBLICATION = 0x3B
+    MORE = 0x3C
+    BINARY = 0x3D
 
 
 _FIELD_BY_TAG = {
@@ -123,11 +148,17 @@ _FIELD_BY_TAG = {
     Tag.OFFSET: "offset", Tag.EXCLUDE_SELF: "exclude_self", Tag.CODE: "code",
     Tag.ERROR: "error", Tag.CLIENT_ID: "client_id", Tag.SERVER: "server",
     Tag.TOKEN: "token", Tag.SUB: "sub", Tag.EXP: "exp", Tag.REASON: "reason",
-    Tag.TAIL: "tail",
+    Tag.TAIL: "tail", Tag.EPOCH: "epoch", Tag.SINCE_OFFSET: "since_offset",
+    Tag.SINCE_EPOCH: "since_epoch", Tag.RECOVERED: "recovered", Tag.FROM: "first",
+    Tag.TO: "last", Tag.DROPPED: "dropped", Tag.LIMIT: "limit", Tag.REVERSE: "reverse",
+    Tag.MAX_RATE: "max_rate", Tag.KEY: "key", Tag.PUBLICATION: "publications", Tag.MORE: "more",
+    Tag.BINARY: "binary",
 }
-_U64_FIELDS = frozenset({"offset", "exp", "tail"})
+_U64_FIELDS = frozenset({"offset", "exp", "tail", "since_offset", "first", "last", "dropped", "limit"})
+_FLAG_FIELDS = frozenset({"exclude_self", "recovered", "reverse", "more", "binary"})
 _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
+_F64 = struct.Struct(">d")
 _MESSAGE_TYPE = b"message"
 
 
@@ -158,19 +189,39 @@ class TlvCodec:
         if msg_type is None:
             raise UnknownType("missing `type`", id=msg_id)
         if msg_type == "publish":
+            key = fields.get("key")
+            if key is not None and len(key) > MAX_KEY_LENGTH:
+                raise InvalidField(f"TLV `key` must be at most {MAX_KEY_LENGTH} characters", id=msg_id)
             return Publish(self._require(fields, "channel"), msgspec.Raw(self._require(fields, "data")),
-                           msg_id, fields.get("exclude_self", False))
+                           msg_id, fields.get("exclude_self", False), key)
         if msg_type == "subscribe":
-            return Subscribe(self._require(fields, "channel"), msg_id, fields.get("tail"))
+            self._require(fields, "channel")
+            return self._convert(fields, Subscribe, ("channel", "id", "tail", "max_rate"))
         if msg_type == "unsubscribe":
             return Unsubscribe(self._require(fields, "channel"), msg_id)
         if msg_type == "ping":
             return Ping(msg_id)
         if msg_type == "auth":
             return Auth(self._require(fields, "token"), msg_id)
+        if msg_type == "history":
+            self._require(fields, "channel")
+            return self._convert(fields, HistoryRequest, ("channel", "id", "limit", "reverse"))
         if msg_type in self._custom_types:
             return CustomMessage(msg_type, {"type": msg_type, **fields}, msg_id)
         raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
+
+    @staticmethod
+    def _convert(fields: dict[str, Any], kind: type[Command], names: tuple[str, ...]) -> Any:
+        """Build ``kind`` from TLV fields with the JSON path's validation
+        (msgspec's limits, the same ``$.path`` in errors)."""
+        values = {name: fields[name] for name in names if name in fields}
+        if "since_offset" in fields or "since_epoch" in fields:
+            values["since"] = {"offset": TlvCodec._require(fields, "since_offset"),
+                               "epoch": TlvCodec._require(fields, "since_epoch")}
+        try:
+            return msgspec.convert(values, kind)
+        except msgspec.ValidationError as exc:
+            raise InvalidField(str(exc), id=fields.get("id")) from None
 
     @staticmethod
     def _require(fields: dict[str, Any], name: str) -> Any:
@@ -188,9 +239,13 @@ class TlvCodec:
             if len(value) != 8:
                 raise InvalidField(f"TLV `{name}` must be 8 bytes")
             return _U64.unpack(value)[0]
-        if name == "exclude_self":
+        if name == "max_rate":
+            if len(value) != 8:
+                raise InvalidField("TLV `max_rate` must be 8 bytes (IEEE 754 double)")
+            return _F64.unpack(value)[0]
+        if name in _FLAG_FIELDS:
             if value not in (b"\x00", b"\x01"):
-                raise InvalidField("TLV `exclude_self` must be one byte, 0 or 1")
+                raise InvalidField(f"TLV `{name}` must be one byte, 0 or 1")
             return value == b"\x01"
         try:
             return value.decode("utf-8")
@@ -199,9 +254,17 @@ class TlvCodec:
 
     def encode(self, reply: Reply) -> bytes:
         records: list[tuple[int, bytes]] = [(Tag.TYPE, type(reply).__struct_config__.tag.encode())]
-        for name in reply.__struct_fields__:
-            value = getattr(reply, name)
+        self._add_fields(records, reply)
+        return self._encode_records(records)
+
+    def _add_fields(self, records: list[tuple[int, bytes]], obj: Any) -> None:
+        """Append ``obj``'s fields as records; a position or a range becomes its two fields."""
+        for name in obj.__struct_fields__:
+            value = getattr(obj, name)
             if value is None:
+                continue
+            if isinstance(value, (StreamPosition, Range)):
+                self._add_fields(records, value)
                 continue
             if isinstance(value, msgspec.Raw):
                 value = bytes(value)
@@ -212,6 +275,23 @@ class TlvCodec:
             elif isinstance(value, str):
                 value = value.encode()
             records.append((_TAG_BY_FIELD[name], value))
+
+    def encode_history(self, channel: str, position: StreamPosition, publications: list[Publication],
+                       more: bool, msg_id: Id) -> bytes:
+        """A ``history`` reply: each publication one nested ``publication``
+        record (``offset``, ``data``, ``binary`` for a binary one, ``key``)."""
+        records = [(Tag.TYPE, b"history"), (Tag.CHANNEL, channel.encode())]
+        self._add_fields(records, position)
+        for pub in publications:
+            entry = [(Tag.OFFSET, _U64.pack(pub.offset)), (Tag.DATA, pub.data)]
+            if pub.binary:
+                entry.append((Tag.BINARY, b"\x01"))
+            if pub.key is not None:
+                entry.append((Tag.KEY, pub.key.encode()))
+            records.append((Tag.PUBLICATION, self._encode_records(entry)))
+        records.append((Tag.MORE, b"\x01" if more else b"\x00"))
+        if msg_id is not None:
+            records.append((Tag.ID, str(msg_id).encode()))
         return self._encode_records(records)
 
     def encode_message(self, channel: str, offset: int, data: bytes) -> bytes:

@@ -12,6 +12,23 @@ from typing import Annotated, Any, Union
 import msgspec
 
 Id = Union[str, int, None]
+NonNegative = msgspec.Meta(ge=0)
+# Longest ``key`` a publication may carry (conflation and max_rate keep the latest per key).
+MAX_KEY_LENGTH = 255
+# Most publications one ``history`` request may ask for.
+MAX_HISTORY_LIMIT = 1000
+
+
+class StreamPosition(msgspec.Struct, frozen=True, gc=False):
+    """Where a publication sits in its channel's stream.
+
+    ``offset`` grows by one per publication; ``epoch`` changes when the
+    broker loses the stream and offsets start again at 1 (so a resuming
+    client can tell that the offsets it holds mean nothing any more).
+    """
+
+    offset: Annotated[int, NonNegative]
+    epoch: str
 
 
 class Command(msgspec.Struct, tag_field="type", omit_defaults=True, gc=False):
@@ -21,9 +38,14 @@ class Command(msgspec.Struct, tag_field="type", omit_defaults=True, gc=False):
 class Subscribe(Command, tag="subscribe"):
     channel: str
     id: Id = None
-    # Source channels only (``logs:<container>``): first send the last
-    # ``tail`` publications the source kept, then follow live.
-    tail: Union[Annotated[int, msgspec.Meta(ge=0)], None] = None
+    # Channels with history (and source channels): first send the last
+    # ``tail`` publications kept, then follow live.
+    tail: Union[Annotated[int, NonNegative], None] = None
+    # Resume: every publication after ``since.offset`` (docs/delivery.md).
+    since: Union[StreamPosition, None] = None
+    # At most this many messages a second on this subscription; between
+    # two, only the latest (per publication ``key``) is kept.
+    max_rate: Union[Annotated[float, msgspec.Meta(gt=0, le=1_000_000)], None] = None
 
 
 class Unsubscribe(Command, tag="unsubscribe"):
@@ -38,6 +60,8 @@ class Publish(Command, tag="publish"):
     data: msgspec.Raw
     id: Id = None
     exclude_self: bool = False
+    # Conflation and max_rate keep the latest publication per key.
+    key: Union[Annotated[str, msgspec.Meta(max_length=MAX_KEY_LENGTH)], None] = None
 
 
 class Ping(Command, tag="ping"):
@@ -51,7 +75,18 @@ class Auth(Command, tag="auth"):
     id: Id = None
 
 
-ClientMessage = Union[Subscribe, Unsubscribe, Publish, Ping, Auth]
+class HistoryRequest(Command, tag="history"):
+    """Ask for kept publications: after ``since.offset`` (oldest first), or
+    with ``reverse`` before it (newest first)."""
+
+    channel: str
+    id: Id = None
+    since: Union[StreamPosition, None] = None
+    limit: Annotated[int, msgspec.Meta(ge=0, le=MAX_HISTORY_LIMIT)] = 100
+    reverse: bool = False
+
+
+ClientMessage = Union[Subscribe, Unsubscribe, Publish, Ping, Auth, HistoryRequest]
 
 
 class CustomMessage(msgspec.Struct, gc=False):
@@ -75,9 +110,24 @@ class Welcome(Reply, tag="welcome"):
     server: str
 
 
+class Range(msgspec.Struct, frozen=True, gc=False):
+    """Offsets ``from`` to ``to``, both included."""
+
+    first: int = msgspec.field(name="from")
+    last: int = msgspec.field(name="to")
+
+
 class Subscribed(Reply, tag="subscribed"):
     channel: str
     id: Id = None
+    # The channel's position when the subscription started: live delivery
+    # covers every publication after it. None for a pattern.
+    position: Union[StreamPosition, None] = None
+    # Set when the subscribe asked to resume (``since``): whether everything
+    # after ``since.offset`` follows; if not, why and which offsets cannot.
+    recovered: Union[bool, None] = None
+    reason: Union[str, None] = None
+    missed: Union[Range, None] = None
 
 
 class Unsubscribed(Reply, tag="unsubscribed"):
@@ -92,6 +142,7 @@ class Published(Reply, tag="published"):
     channel: str
     offset: int
     id: Id = None
+    epoch: Union[str, None] = None
 
 
 class Message(Reply, tag="message"):
@@ -128,22 +179,48 @@ class Error(Reply, tag="error"):
     id: Id = None
 
 
-class StreamPosition(msgspec.Struct, frozen=True, gc=False):
-    """Where a publication sits in its channel's stream.
+class Lagged(Reply, tag="lagged"):
+    """Sent before the next publication of ``channel`` when some were not
+    delivered (slow-consumer policy or ``max_rate``): ``dropped`` of them,
+    with offsets from ``from`` to ``to``; ``history`` may still hold them."""
 
-    ``offset`` grows by one per publication; ``epoch`` changes when the
-    broker loses the stream (so a resuming client can tell it missed data).
-    """
+    channel: str
+    dropped: int
+    first: int = msgspec.field(name="from")
+    last: int = msgspec.field(name="to")
+
+
+class HistoryEntry(msgspec.Struct, omit_defaults=True, gc=False):
+    """One kept publication in a ``history`` reply: ``data`` for a JSON
+    publication, ``data_b64`` (base64) for a binary one."""
 
     offset: int
-    epoch: str
+    data: Union[msgspec.Raw, None] = None
+    data_b64: Union[str, None] = None
+    key: Union[str, None] = None
+
+
+class History(Reply, tag="history"):
+    """The answer to a ``history`` request; ``more``: the page was cut at ``limit``."""
+
+    channel: str
+    position: StreamPosition
+    publications: list[HistoryEntry]
+    more: bool
+    id: Id = None
 
 
 class Publication(msgspec.Struct, gc=False):
-    """One accepted publication, as the broker hands it to the hub."""
+    """One accepted publication, as the broker hands it to the hub and keeps it in history."""
 
     channel: str
     data: bytes
     offset: int
     epoch: str
     binary: bool = False
+    key: Union[str, None] = None
+    # When the broker accepted it (its clock), for ``history_ttl_s``.
+    time: float = 0.0
+    # The framed ``message`` for this publication, built once by the hub
+    # and kept for every subscriber that recovers it from history.
+    frame: Union[bytes, None] = None

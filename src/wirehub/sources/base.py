@@ -55,8 +55,18 @@ class SourceHost(Protocol):
     def send_history(self, conn: Subscriber, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
         """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s on ``channel``."""
 
-    def join(self, conn: Subscriber, channel: str) -> None:
-        """Subscribe ``conn`` to ``channel``: every later publication reaches it."""
+    def join(self, conn: Subscriber, channel: str, max_rate: float | None = None) -> None:
+        """Subscribe ``conn`` to ``channel``: every later publication reaches it
+        (at most ``max_rate`` a second, the latest kept, when set)."""
+
+    def recover(self, conn: Subscriber, channel: str, request: Subscribe, answer: Answer) -> None:
+        """Subscribe ``conn`` from ``request.since`` out of the channel's history
+        (what a source emits is kept there): the hub answers through ``answer``
+        and joins the live stream without a gap or a repeat.
+
+        Raises:
+            WirehubError: an impossible ``since`` (the client gets the error).
+        """
 
     def viewers(self, channel: str) -> int:
         """How many connections are subscribed to ``channel`` (pending ones not included)."""

@@ -81,6 +81,11 @@ class DockerSources:
     def install(self, gateway: Any) -> None:
         """Add the channels, the ``runner_*`` commands and the metrics to ``gateway``."""
         gateway.add_source(self)
+        # Log lines go into the channels' history too (unless a [[channels]]
+        # pattern says otherwise): a viewer that reconnects with ``since``
+        # gets every line it missed.
+        gateway.policies.add_default("logs:**", history_size=self.logs.ring_lines,
+                                     history_max_bytes=self.logs.ring_bytes)
         gateway.on("runner_stop", self.runner_stop, permission=PERMISSION)
         gateway.on("runner_delete", self.runner_delete, permission=PERMISSION)
         # The connection refuses a command without the permission before the

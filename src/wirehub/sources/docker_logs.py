@@ -5,9 +5,10 @@ container (``inspect``), asks the loop whether another channel already
 follows that container id, and if not follows its logs
 (``follow=1&timestamps=1&tail=<ring size>``), decodes them
 (``docker_stream``) and hands whole lines to the loop in batches through a
-``Handoff``. On the loop, each line is published on the channel and kept in
-the channel's ring buffer, so a later subscriber's ``tail`` comes from the
-ring, not from a second engine request.
+``Handoff``. On the loop, each line is published on the channel, which
+keeps it in its history (the ``logs:**`` channel default: ``ring_lines``
+lines), so a later subscriber's ``tail`` or ``since`` comes from there,
+not from a second engine request.
 
 Aliases: ``logs:web``, ``logs:<id>`` and ``logs:<id prefix>`` name one
 container. When a reader finds its container already followed, it ends
@@ -17,22 +18,29 @@ the hub, so each keeps its own offsets and its own ring of (offset, line)
 (the line's bytes are shared). An attaching channel is seeded by publishing
 the stream's ring on it before anyone has joined it, exactly the backlog a
 stream of its own would have started with; from then on its ring holds the
-same lines as the others', with its own offsets.
+same lines as the others', with its own offsets. (The ring exists for this
+seeding; subscribers are served from the history.)
 
 Joining without a gap or a duplicate: subscribers wait (``pending``) until
 the engine's backlog has been read — the reader says so when the engine has
 been quiet for ``quiet_s`` (50 ms), or after ``catch_up_max_s`` of a stream
-that never pauses. Admission is one loop callback: ``subscribed``, the last
-``tail`` lines of the ring with their original offsets, then the join, so
-every live line after it reaches the subscriber exactly once.
+that never pauses. Admission is then either one loop callback
+(``subscribed``, the join) or, with ``tail`` or ``since``, the hub's
+recovery (``wirehub.recovery``): the asked lines from the history with
+their original offsets, then the join, so every live line after them
+reaches the subscriber exactly once.
 
 A channel detaches ``stop_grace_s`` after its last subscriber left (a viewer
 reloading a page does not restart anything); the stream stops when its last
-channel detaches and starts afresh on the next subscribe. When the container
-stops, the engine ends the stream and every attached channel publishes
-``{"type": "stream_end", "exit_code": ...}``; later subscribers of those
-channels get the ring and that ``stream_end``. An ended stream takes no new
-aliases: another name for the container starts a fresh stream.
+channel detaches and starts afresh on the next subscribe. The fresh stream's
+engine backlog holds lines the channel published before: they are skipped
+by timestamp (``_seen``), so the history keeps each line once and a viewer
+resuming with ``since`` gets what it missed, not what it had. When the
+container stops, the engine ends the stream and every attached channel
+publishes ``{"type": "stream_end", "exit_code": ...}``; later subscribers
+of those channels get that ``stream_end`` (and with ``tail`` the lines
+before it). An ended stream takes no new aliases: another name for the
+container starts a fresh stream.
 
 Backpressure: the handoff holds at most ``queue_lines`` lines /
 ``queue_bytes`` bytes; past that the reader thread blocks, stops reading
@@ -45,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import itertools
 import logging
 import select
 import socket
@@ -65,6 +72,8 @@ from .docker_stream import ChunkedDecoder, EngineStreamError, LogDecoder, Stream
 logger = logging.getLogger("wirehub.sources.docker_logs")
 
 PREFIX = "logs:"
+# Channels no longer followed whose last line is remembered (``DockerLogsSource._seen``).
+SEEN_CHANNELS = 4096
 RESOLVED, CAUGHT_UP, END, ERROR = "resolved", "caught_up", "end", "error"
 
 
@@ -294,12 +303,24 @@ class _Stream:
         self.running = False
 
 
+def ts_key(line: bytes) -> bytes:
+    """The timestamp of an encoded ``LogLine`` (its first field), in a form that
+    sorts by time: the engine trims trailing zeros of the fraction, so it is
+    padded back to nanoseconds."""
+    ts = line[7:line.find(b'"', 7)]  # after b'{"ts":"'
+    if not ts.endswith(b"Z"):
+        return ts
+    dot = ts.find(b".")
+    seconds, fraction = (ts[:-1], b"") if dot < 0 else (ts[:dot], ts[dot + 1:-1])
+    return seconds + b"." + fraction.ljust(9, b"0")
+
+
 class _LogChannel:
     """One ``logs:<container>`` channel: its own offsets, ring and pending subscribers."""
 
-    __slots__ = ("name", "stream", "ring", "ring_bytes", "pending", "end", "stop_timer")
+    __slots__ = ("name", "stream", "ring", "ring_bytes", "pending", "end", "stop_timer", "after", "last")
 
-    def __init__(self, name: str, stream: _Stream) -> None:
+    def __init__(self, name: str, stream: _Stream, after: bytes | None = None) -> None:
         self.name = name
         self.stream = stream
         self.ring: collections.deque[tuple[int, bytes]] = collections.deque()
@@ -307,6 +328,19 @@ class _LogChannel:
         self.pending: dict[str, tuple[Subscriber, Subscribe, Answer]] = {}
         self.end: tuple[int, bytes] | None = None
         self.stop_timer: asyncio.TimerHandle | None = None
+        # A channel followed before (its history has those lines): lines
+        # stamped at or before ``after`` (``ts_key``) are not published again.
+        self.after = after
+        self.last: bytes | None = None  # the last line published
+
+    def is_new(self, line: bytes) -> bool:
+        """Whether ``line`` is newer than what an earlier stream of this channel published."""
+        if self.after is None:
+            return True
+        if ts_key(line) <= self.after:
+            return False
+        self.after = None  # the engine's lines come in order: no more to skip
+        return True
 
     def keep(self, offset: int, line: bytes, max_lines: int, max_bytes: int) -> None:
         """Add a published line to the ring; the oldest go past either limit."""
@@ -356,6 +390,11 @@ class DockerLogsSource:
         self._by_id: dict[str, _Stream] = {}      # container id -> the stream following it
         self._host: SourceHost | None = None
         self._threads: list[threading.Thread] = []
+        # Channels no longer followed -> the timestamp of the last line they
+        # published (at most SEEN_CHANNELS, oldest forgotten first): when one is
+        # followed again, the engine's backlog it already has is skipped, so
+        # its history (and a ``since`` resume) holds each line once.
+        self._seen: dict[str, bytes] = {}
 
     # -- Source ---------------------------------------------------------------
 
@@ -423,7 +462,7 @@ class DockerLogsSource:
     def _start(self, name: str) -> _LogChannel:
         """A channel with a stream of its own, whose reader resolves the container."""
         stream = _Stream(name[len(PREFIX):])
-        state = _LogChannel(name, stream)
+        state = _LogChannel(name, stream, self._seen.pop(name, None))
         stream.channels.append(state)
         stream.handoff = Handoff(asyncio.get_running_loop(), lambda items: self._deliver(stream, items),
                                  max_items=self.queue_lines, max_bytes=self.queue_bytes,
@@ -460,7 +499,9 @@ class DockerLogsSource:
         state.stream = stream
         emit, name = self._host.emit, state.name
         for _, line in stream.channels[0].ring:
-            state.keep(emit(name, line), line, self.ring_lines, self.ring_bytes)
+            if state.is_new(line):
+                state.keep(emit(name, line), line, self.ring_lines, self.ring_bytes)
+                state.last = line
         stream.channels.append(state)
         if stream.caught_up:
             self._admit_pending(state)
@@ -481,6 +522,7 @@ class DockerLogsSource:
         for state in stream.channels:
             if self.channels.get(state.name) is state:
                 del self.channels[state.name]
+                self._remember(state)
             if state.stop_timer is not None:
                 state.stop_timer.cancel()
                 state.stop_timer = None
@@ -506,21 +548,35 @@ class DockerLogsSource:
             self._stop(stream)
             return
         del self.channels[state.name]
+        self._remember(state)
         stream.channels.remove(state)
+
+    def _remember(self, state: _LogChannel) -> None:
+        if state.last is not None:
+            self._seen.pop(state.name, None)
+            self._seen[state.name] = ts_key(state.last)
+            while len(self._seen) > SEEN_CHANNELS:
+                del self._seen[next(iter(self._seen))]
 
     def _admit(self, state: _LogChannel, conn: Subscriber, request: Subscribe, answer: Answer) -> None:
         if not self._host.allowed(conn, state.name):
             answer(Error(Forbidden.code, f"not allowed to subscribe to {state.name[:64]!r}", request.id))
             return
-        # One callback: the reply, the history, the join. Nothing is published in between.
+        if request.since is not None or request.tail:
+            # The lines are in the channel's history too (the ``logs:**``
+            # default DockerSources installs), with the offsets they were
+            # published at, across restarts of the stream: the hub's recovery
+            # sends the asked ones and joins the live stream to them.
+            try:
+                self._host.recover(conn, state.name, request, answer)
+            except WirehubError as exc:
+                answer(Error(exc.code, exc.message, request.id))
+            return
+        # One callback: the reply, the end of an ended stream, the join.
         answer(Subscribed(state.name, request.id))
-        tail = request.tail or 0
-        history = list(itertools.islice(state.ring, max(0, len(state.ring) - tail), None)) if tail else []
         if state.end is not None:
-            history.append(state.end)
-        if history:
-            self._host.send_history(conn, state.name, history)
-        self._host.join(conn, state.name)
+            self._host.send_history(conn, state.name, [state.end])
+        self._host.join(conn, state.name, request.max_rate)
 
     def _admit_pending(self, state: _LogChannel) -> None:
         pending, state.pending = state.pending, {}
@@ -544,7 +600,9 @@ class DockerLogsSource:
         for item in items:
             if type(item) is bytes:
                 for state in channels:
-                    state.keep(emit(state.name, item), item, max_lines, max_bytes)
+                    if state.after is None or state.is_new(item):
+                        state.keep(emit(state.name, item), item, max_lines, max_bytes)
+                        state.last = item
                 lines += 1
                 continue
             kind, value = item
