@@ -87,11 +87,11 @@ class NullTransport:
         return False
 
 
-def fanout(impl: SimpleNamespace) -> Run:
+def fanout(impl: SimpleNamespace, connections: int = 200) -> Run:
     """One 136-byte frame to 200 connections, 16 messages per loop tick, then the flush."""
     flusher = impl.fanout.Flusher(NullLoop())
     batches = [impl.fanout.OutBatch(flusher, NullTransport(), 1 << 30, lambda: None)
-               for _ in range(200)]
+               for _ in range(connections)]
     frame = impl.frame.build_frame(1, MESSAGE)
 
     def run() -> None:

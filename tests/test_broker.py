@@ -154,3 +154,17 @@ def test_one_channel_over_the_global_budget_keeps_its_newest(broker_factory):
     for _ in range(10):
         broker.publish("c", b"x" * 100, history=HistoryOptions(size=100))
     assert history(broker, "c")[0] == [7, 8, 9, 10]
+
+
+def test_history_survives_expiring_entirely_and_long_trimming(broker_factory):
+    clock = FakeClock()
+    broker = broker_factory(clock=clock)
+    keep = HistoryOptions(size=50, ttl_s=1)
+    for _ in range(500):                      # trimmed 450 times: the list is compacted on the way
+        broker.publish("c", b"x", history=keep)
+    assert history(broker, "c", limit=1000)[0] == list(range(451, 501))
+    clock.now += 5                             # every kept publication expires
+    offsets, page = history(broker, "c")
+    assert offsets == [] and page.first_offset == 501
+    broker.publish("c", b"y", history=keep)
+    assert history(broker, "c")[0] == [501]

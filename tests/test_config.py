@@ -120,3 +120,44 @@ def test_list_options_from_file_env_and_flags(tmp_path):
 def test_security_options_are_validated(values, message):
     with pytest.raises(ConfigError, match=message):
         config_module.load(environ={}, overrides=values)
+
+
+# -- channel options ----------------------------------------------------------------
+
+def test_channel_options_from_file_env_and_flags(tmp_path):
+    path = tmp_path / "wirehub.toml"
+    path.write_text('history_max_bytes = 1048576\n\n[[channels]]\npattern = "logs:**"\nhistory_size = 500\n\n'
+                    '[[channels]]\npattern = "prices.*"\nslow_consumer = "conflate"\nmax_rate = 10\n')
+    cfg = config_module.load(str(path), environ={})
+    assert cfg.history_max_bytes == 1 << 20
+    assert [(c.pattern, c.history_size, c.slow_consumer, c.max_rate) for c in cfg.channels] == [
+        ("logs:**", 500, "disconnect", 0.0), ("prices.*", 0, "conflate", 10.0)]
+    env = {"WIREHUB_CHANNELS": "a.*:history_size=3; b:**:max_queue_bytes=4096"}
+    assert [(c.pattern, c.history_size, c.max_queue_bytes) for c in config_module.load(environ=env).channels] == [
+        ("a.*", 3, 1 << 20), ("b:**", 0, 4096)]
+    from wirehub import cli
+
+    args = cli.build_parser().parse_args(["serve", "--channel", "x.*:history_size=1,history_ttl_s=2.5",
+                                          "--channel", "y:slow_consumer=drop_oldest"])
+    cfg = config_module.load(environ={}, overrides={"channels": args.channels})
+    assert [(c.pattern, c.history_size, c.history_ttl_s, c.slow_consumer) for c in cfg.channels] == [
+        ("x.*", 1, 2.5, "disconnect"), ("y", 0, 0.0, "drop_oldest")]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("prices.*:history_size=-1",
+     "invalid configuration: channels[0].history_size (from --channel): Expected `int` >= 0"),
+    ("prices.*:slow_consumer=maybe", "invalid configuration: channels[0].slow_consumer (from --channel): "
+     "Invalid enum value 'maybe' (choose from: disconnect, drop_oldest, conflate)"),
+    ("pri*ces:history_size=1", "invalid configuration: channels[0] (from --channel): channel pattern: "
+     "pattern 'pri*ces': a wildcard must be a whole segment"),
+    ("prices.*:histroy_size=1",
+     "invalid configuration: channels[0] (from --channel): Object contains unknown field `histroy_size`"),
+    ("prices.*", "invalid configuration: channels: 'prices.*' is not PATTERN:key=value,..."),
+    ("prices.*:history_size=1,oops", "invalid configuration: channels: 'oops' in "
+     "'prices.*:history_size=1,oops' is not key=value"),
+])
+def test_a_bad_channel_option_exits_2_naming_it(flag, message):
+    result = run_cli("serve", "--channel", flag)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"wirehub: {message}"

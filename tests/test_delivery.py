@@ -120,6 +120,25 @@ async def test_a_changed_epoch_and_a_channel_without_history(impl_name):
         assert (await sub.recv())["offset"] == 6
 
 
+async def test_a_restart_changes_the_epoch(impl_name):
+    """The memory broker keeps nothing across a restart: a client resuming is told so."""
+    from helpers import free_port
+
+    port = free_port()
+    args = ["--port", str(port), "--channel", "c:history_size=10"]
+    env = dict(os.environ, WIREHUB_NO_EXTENSIONS="1" if impl_name == "pure" else "0")
+    with start_server(*args, env=env):
+        async with json_client(port) as c:
+            position = await c.subscribe("c")
+            await publish(c, "c", 3, exclude_self=True)
+    with start_server(*args, env=env):
+        async with json_client(port) as c:
+            reply = await c.request(type="subscribe", channel="c", since={"offset": 3, "epoch": position["epoch"]})
+            assert subscribed_position(reply, "c", recovered=False, reason="epoch_changed") == {
+                "offset": 0, "epoch": reply["position"]["epoch"]}
+            assert reply["position"]["epoch"] != position["epoch"]
+
+
 async def test_tail_on_a_channel_with_history(impl_name):
     async with running_gateway(impl_name, channels=keeping(history_size=50)) as gw, \
             json_client(gw) as pub, json_client(gw) as sub:
@@ -163,6 +182,21 @@ async def test_binary_publications_in_history(impl_name):
         entry = dict(tlv.decode(dict(records)[Tag.PUBLICATION]))
         assert entry == {Tag.OFFSET: (1).to_bytes(8, "big"), Tag.DATA: b"\x00\xff", Tag.BINARY: b"\x01",
                          Tag.KEY: b"k1"}
+
+
+async def test_the_embedding_api_publishes_with_keys_and_reads_history(impl_name):
+    async with running_gateway(impl_name, channels=keeping("app.*")) as gw, json_client(gw) as sub:
+        await sub.subscribe("app.prices")
+        first = gw.publish("app.prices", {"bid": 1}, key="btc")
+        second = gw.publish("app.prices", b"\x00\x01", key="eth")
+        assert (second.offset, second.epoch) == (first.offset + 1, first.epoch)
+        assert (await sub.recv())["data"] == {"bid": 1}
+        page = await gw.history("app.prices", since=StreamPosition(first.offset - 1, first.epoch))
+        assert [(p.offset, p.data, p.binary, p.key) for p in page.publications] == [
+            (1, b'{"bid":1}', False, "btc"), (2, b"\x00\x01", True, "eth")]
+        assert page.position == second and not page.more
+        newest = await gw.history("app.prices", limit=1, reverse=True)
+        assert [p.offset for p in newest.publications] == [2] and newest.more
 
 
 @pytest.mark.parametrize("request_, code, text", [

@@ -11,8 +11,8 @@ import pytest
 from wirehub import _speedups
 from wirehub.protocol.codec import JsonCodec, Tag, TlvCodec
 from wirehub.protocol.errors import ErrorCode, InvalidField, InvalidMessage, UnknownType, WirehubError
-from wirehub.protocol.messages import (CustomMessage, Error, Ping, Publish, Published, Subscribe,
-                                       Unsubscribe, Welcome)
+from wirehub.protocol.messages import (CustomMessage, Error, HistoryRequest, Lagged, Ping, Publish, Published,
+                                       Range, StreamPosition, Subscribe, Subscribed, Unsubscribe, Welcome)
 
 TLV = _speedups.load("ext").tlv
 
@@ -148,3 +148,52 @@ def test_every_error_has_a_documented_code():
         doc = f.read()
     for cls in WirehubError.__subclasses__():
         assert f"`{cls.code}`" in doc, cls
+
+
+class TestDeliveryFields:
+    """``since``, ``max_rate``, ``key``, ``history`` and the replies that carry positions, both codecs."""
+
+    def test_tlv_subscribe_with_since_and_max_rate(self):
+        payload = tlv((Tag.TYPE, b"subscribe"), (Tag.CHANNEL, b"c"), (Tag.SINCE_OFFSET, struct.pack(">Q", 7)),
+                      (Tag.SINCE_EPOCH, b"e1"), (Tag.MAX_RATE, struct.pack(">d", 2.5)), (Tag.ID, b"9"))
+        assert TlvCodec(TLV).decode(payload) == Subscribe("c", "9", None, StreamPosition(7, "e1"), 2.5)
+
+    def test_json_and_tlv_history_requests_agree(self):
+        json_msg = JsonCodec().decode(b'{"type":"history","channel":"c","since":{"offset":3,"epoch":"e"},'
+                                      b'"limit":5,"reverse":true}')
+        tlv_msg = TlvCodec(TLV).decode(tlv((Tag.TYPE, b"history"), (Tag.CHANNEL, b"c"),
+                                           (Tag.SINCE_OFFSET, struct.pack(">Q", 3)), (Tag.SINCE_EPOCH, b"e"),
+                                           (Tag.LIMIT, struct.pack(">Q", 5)), (Tag.REVERSE, b"\x01")))
+        assert json_msg == tlv_msg == HistoryRequest("c", None, StreamPosition(3, "e"), 5, True)
+
+    @pytest.mark.parametrize("records, text", [
+        (((Tag.TYPE, b"subscribe"), (Tag.CHANNEL, b"c"), (Tag.SINCE_OFFSET, struct.pack(">Q", 7))),
+         "missing required TLV field `since_epoch` (tag 0x32)"),
+        (((Tag.TYPE, b"history"), (Tag.CHANNEL, b"c"), (Tag.LIMIT, struct.pack(">Q", 1001))),
+         "Expected `int` <= 1000 - at `$.limit`"),
+        (((Tag.TYPE, b"subscribe"), (Tag.CHANNEL, b"c"), (Tag.MAX_RATE, struct.pack(">d", -1.0))),
+         "Expected `float` > 0.0 - at `$.max_rate`"),
+        (((Tag.TYPE, b"subscribe"), (Tag.CHANNEL, b"c"), (Tag.MAX_RATE, b"\x01")),
+         "TLV `max_rate` must be 8 bytes (IEEE 754 double)"),
+        (((Tag.TYPE, b"publish"), (Tag.CHANNEL, b"c"), (Tag.DATA, b""), (Tag.KEY, b"k" * 256)),
+         "TLV `key` must be at most 255 characters"),
+    ])
+    def test_tlv_errors_name_the_field(self, records, text):
+        with pytest.raises(InvalidField) as exc:
+            TlvCodec(TLV).decode(tlv(*records))
+        assert exc.value.message == text
+
+    def test_json_replies(self):
+        codec = JsonCodec()
+        assert codec.encode(Subscribed("c", 1, StreamPosition(5, "e"), False, "history_trimmed", Range(2, 3))) == (
+            b'{"type":"subscribed","channel":"c","id":1,"position":{"offset":5,"epoch":"e"},'
+            b'"recovered":false,"reason":"history_trimmed","missed":{"from":2,"to":3}}')
+        assert codec.encode(Lagged("c", 3, 4, 6)) == b'{"type":"lagged","channel":"c","dropped":3,"from":4,"to":6}'
+
+    def test_tlv_replies_flatten_positions_and_ranges(self):
+        payload = TlvCodec(TLV).encode(Subscribed("c", None, StreamPosition(5, "e"), False, "history_trimmed",
+                                                  Range(2, 3)))
+        assert TLV.decode(payload) == [
+            (Tag.TYPE, b"subscribed"), (Tag.CHANNEL, b"c"), (Tag.OFFSET, struct.pack(">Q", 5)), (Tag.EPOCH, b"e"),
+            (Tag.RECOVERED, b"\x00"), (Tag.REASON, b"history_trimmed"), (Tag.FROM, struct.pack(">Q", 2)),
+            (Tag.TO, struct.pack(">Q", 3))]

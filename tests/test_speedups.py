@@ -852,3 +852,8 @@ async def test_drained_resolves_once_the_batch_is_written(impl):
     closing = (batch.push(b"\x81\x01b"), batch.drained())[1]
     batch.close()
     assert closing.done()
+
+
+def test_the_policy_names_map_to_the_fanout_values(impl):
+    from wirehub.delivery import SLOW_CONSUMER
+    assert SLOW_CONSUMER == {name: int(impl.fanout.SlowConsumer[name.upper()]) for name in SLOW_CONSUMER}

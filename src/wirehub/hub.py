@@ -313,7 +313,7 @@ class Hub:
                 return self._ask_source(source, conn, name, request, answer)
         if request.since is not None or request.tail:
             if answer is None:
-                raise InvalidField("`since` and `tail` need an answer callback")
+                raise TypeError("a subscribe with `since` or `tail` is answered later: pass `answer`")
             self.recover(conn, name, request, answer)
             return False
         self.join(conn, name, request.max_rate)
