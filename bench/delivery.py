@@ -45,7 +45,7 @@ from typing import Any
 import uvloop
 from picows import WSListener, WSMsgType, ws_connect
 
-from run_e2e import METRICS, Running, run_loadgen, servers, split_cores
+from run_e2e import METRICS, WIREHUB_HOT_PATHS, Running, run_loadgen, servers, split_cores
 from wirehub import openfiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,7 @@ def fanout_main(opts: argparse.Namespace) -> dict[str, Any]:
         for m in ("deliveries_per_s", "deliveries_per_cpu_s"):
             row[f"{m}_ratio"] = statistics.median(run[m] / base[m] for run, base in zip(rounds, runs["plain"]))
         row["lost"] = sum(run["lost"] for run in rounds)
+        row["hot_path"] = sorted(WIREHUB_HOT_PATHS)
         table[name] = row
     return table
 
@@ -105,7 +106,9 @@ def _figure(result: dict[str, Any], metric: str) -> float:
 
 
 def print_fanout(table: dict[str, Any], opts: argparse.Namespace) -> None:
-    print(f"1 publisher -> {opts.subscribers} subscribers, {opts.size} B, window 32 (medians of {opts.repeat}):")
+    hot = ", ".join(next(iter(table.values()))["hot_path"])
+    print(f"1 publisher -> {opts.subscribers} subscribers, {opts.size} B, window 32 (medians of {opts.repeat}; "
+          f"wirehub's {hot} hot path, from its /metrics):")
     print(f"{'variant':<12} {'deliveries/s':>14} {'ratio':>7} {'per CPU-s':>12} {'ratio':>7} {'lost':>5}")
     for name, row in table.items():
         print(f"{name:<12} {row['deliveries_per_s']:>14,.0f} {row['deliveries_per_s_ratio']:>6.2f}x "
@@ -268,7 +271,7 @@ def storm_once(opts: argparse.Namespace, server_cores: set[int] | None, client_c
         workers.stop()
         server.stop()
     deliveries = opts.clients * opts.missed
-    result = {"storm_s": storm_s, "storm_per_cpu_s": deliveries / storm_cpu,
+    result = {"hot_path": server.hot_path, "storm_s": storm_s, "storm_per_cpu_s": deliveries / storm_cpu,
               "live_s": live_s, "live_per_cpu_s": deliveries / live_cpu}
     result["ratio_per_cpu_s"] = result["storm_per_cpu_s"] / result["live_per_cpu_s"]
     return result
@@ -283,7 +286,9 @@ def storm_main(opts: argparse.Namespace) -> dict[str, Any]:
         print(f"round {r + 1}/{opts.repeat}: storm caught up in {run['storm_s']:.2f} s, "
               f"{run['storm_per_cpu_s']:,.0f} deliveries per server CPU-second; live "
               f"{run['live_per_cpu_s']:,.0f} ({run['ratio_per_cpu_s']:.2f}x)", file=sys.stderr, flush=True)
-    return {"runs": runs, **{k: statistics.median(run[k] for run in runs) for k in runs[0]}}
+    figures = [k for k in runs[0] if k != "hot_path"]
+    return {"runs": runs, "hot_path": sorted({run["hot_path"] for run in runs}),
+            **{k: statistics.median(run[k] for run in runs) for k in figures}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         result = storm_main(opts)
         if not opts.json:
             print(f"{opts.clients} clients x {opts.missed} missed publications of {opts.size} B "
-                  f"(medians of {opts.repeat}): caught up in {result['storm_s']:.2f} s at "
+                  f"({', '.join(result['hot_path'])} hot path; medians of {opts.repeat}): caught up in {result['storm_s']:.2f} s at "
                   f"{result['storm_per_cpu_s']:,.0f} deliveries per server CPU-second; live "
                   f"{result['live_per_cpu_s']:,.0f} in {result['live_s']:.2f} s: "
                   f"{result['ratio_per_cpu_s']:.2f}x")

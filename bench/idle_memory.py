@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import subprocess
 import sys
 import time
@@ -95,7 +94,8 @@ async def measure(opts: argparse.Namespace) -> dict:
         raise SystemExit(f"no connection was established: {err.decode()[-400:]}")
     gc.collect()
     rss1 = rss_kib()
-    result = {"connections": held, "rss_kib_per_conn": (rss1 - rss0) / max(held, 1)}
+    result = {"connections": held, "hot_path": gateway.impl.name,
+              "rss_kib_per_conn": (rss1 - rss0) / max(held, 1)}
     if opts.census:
         counts1, sizes1 = census()
         result["objects"] = sorted(
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['connections']} idle connections, implementation "
-          f"{'pure' if os.environ.get('WIREHUB_NO_EXTENSIONS') == '1' else 'ext'}")
+    print(f"{result['connections']} idle connections, {result['hot_path']} hot path (the gateway's own)")
     print(f"VmRSS growth: {result['rss_kib_per_conn'] * 1024:,.0f} B per connection"
           + ("" if opts.no_trace else " (inflated by tracemalloc; use --no-trace)"))
     if "traced_bytes_per_conn" in result:

@@ -208,7 +208,7 @@ async def run_gateway(patterns: int, opts: argparse.Namespace, server_cores: set
         await watcher.wait("subscribed", 1)
         publisher = Publisher(publishing, opts.rate, opts.channels)
         task = asyncio.ensure_future(publisher.run())
-        result: dict[str, Any] = {"patterns": patterns,
+        result: dict[str, Any] = {"patterns": patterns, "hot_path": server.hot_path,
                                   "rss_bytes_per_pattern": (rss_held - rss_before) * 1024 / patterns}
         for mode in opts.mode:
             result[mode] = await measure_mode(mode, pid, port, publisher, watcher, opts)
@@ -256,7 +256,9 @@ def print_gateway(table: dict[int, dict[str, Any]], rate: float) -> None:
     ratios += [(a, b) for a, b in (("toggle", "pings"), ("connects", "connects-literal"))
                if a in modes and b in modes]
     short = {"steady": "st", "toggle": "tog", "pings": "ping", "connects": "conn", "connects-literal": "lit"}
-    print(f"server CPU per publication, µs (medians; {rate:g} publications/s):")
+    hot = sorted({run["hot_path"] for row in table.values() for run in row["runs"]})
+    print(f"server CPU per publication, µs (medians; {rate:g} publications/s; "
+          f"wirehub's {', '.join(hot)} hot path, from its /metrics):")
     print(f"{'patterns':>9} " + " ".join(f"{short[m]:>7}" for m in modes)
           + "".join(f" {short[a] + '/' + short[b]:>8}" for a, b in ratios) + f" {'RSS/pattern':>12} delivered")
     for n, row in sorted(table.items()):

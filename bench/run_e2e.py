@@ -170,7 +170,7 @@ def wirehub_available(server: Server) -> str | None:
         return f"{exe} not installed"
     proc = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return "`wirehub serve` does not exist yet (skipped until the server lands)"
+        return f"`wirehub serve --help` failed: {proc.stderr.strip()[-300:]}"
     return None
 
 
@@ -195,8 +195,27 @@ def _children(pid: int) -> list[str]:
         return []
 
 
+# The hot paths the wirehub servers of this run reported (``Running.hot_path``).
+WIREHUB_HOT_PATHS: set[str] = set()
+
+
+def hot_path(port: int) -> str:
+    """Which hot path a running wirehub uses, as its ``wirehub_build_info`` on /metrics says."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = 'wirehub_build_info{hot_path="'
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix):].split('"', 1)[0]
+    raise RuntimeError("no wirehub_build_info on /metrics")
+
+
 class Running:
-    """A started server process, pinned and reachable."""
+    """A started server process, pinned and reachable.
+
+    A wirehub server is asked which hot path it runs (``hot_path``), so every
+    figure says what it measured, whatever the environment claimed.
+    """
 
     def __init__(self, cmd: list[str], cores: set[int] | None) -> None:
         self.port = free_port()
@@ -216,6 +235,9 @@ class Running:
                 raise RuntimeError(f"server {argv[:3]} did not start: {err}")
             time.sleep(0.05)
         time.sleep(0.2)  # let the server settle (e.g. Node JIT warm-up of startup code)
+        self.hot_path = hot_path(self.port) if "serve" in argv else None
+        if self.hot_path is not None:
+            WIREHUB_HOT_PATHS.add(self.hot_path)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -488,9 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         all_servers = [s for s in all_servers if s.name in opts.server or s.name == REFERENCE]
     skipped: dict[str, str] = {}
     for srv in all_servers:
-        why = (ensure_node() if srv.name == REFERENCE
-               else wirehub_available(srv) if srv.name == "wirehub" else None)
-        if why:
+        if srv.name == "wirehub":
+            why = wirehub_available(srv)
+            if why:  # the benchmark of wirehub without wirehub is no benchmark
+                print(f"wirehub cannot run: {why}", file=sys.stderr)
+                return 2
+        elif srv.name == REFERENCE and (why := ensure_node()):
             skipped[srv.name] = why
             print(f"skipping {srv.name}: {why}", file=sys.stderr)
 
@@ -503,7 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in all_servers]
     print(format_table(table, names, opts.markdown))
 
+    if WIREHUB_HOT_PATHS:
+        print(f"wirehub ran on its {', '.join(sorted(WIREHUB_HOT_PATHS))} hot path (its /metrics)",
+              file=sys.stderr)
     machine = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+               "wirehub_hot_path": sorted(WIREHUB_HOT_PATHS),
                "server_cores": sorted(cores[0] or []), "client_cores": sorted(cores[1] or []),
                "platform": platform.platform(), "python": platform.python_version()}
     report = {"machine": machine, "options": {k: str(v) for k, v in vars(opts).items()},

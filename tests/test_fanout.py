@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -99,9 +98,8 @@ async def test_slow_consumer_is_closed_and_memory_stays_bounded():
 async def test_sigterm_closes_clients_with_1001_and_exits():
     with start_server("--shutdown-timeout-s", "3") as (proc, port):
         clients = [await connect_recording(port) for _ in range(3)]
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         codes = [await c.wait_closed(timeout=5) for c in clients]
         assert codes == [1001, 1001, 1001]
-        assert proc.wait(timeout=5) == 0
-        assert time.monotonic() - started < 4
+        # 0: stopped gracefully, before the deadline thread would have ended it with 1.
+        assert proc.wait(timeout=30) == 0

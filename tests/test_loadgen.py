@@ -10,7 +10,6 @@ fault injection (``bench/servers/``), and ``wirehub serve`` once it exists.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -33,19 +32,14 @@ from tools.loadgen.histogram import N_BUCKETS, Histogram, bucket_high, bucket_in
 from tools.loadgen.payload import header
 from tools.loadgen.server_cpu import ServerCpuProbe, cpu_seconds
 from tools.loadgen.worker import hand_over
+# Not built means a broken install: the suite fails rather than test the twin alone.
+from wirehub._ext import loadgen_client as _cython
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ROOT / "bench" / "servers"
 FAST = ["--warmup", "0.1", "--duration", "0.4", "--drain", "1", "--no-progress", "--json"]
 
-try:
-    from wirehub._ext import loadgen_client as _cython
-except ImportError:  # extension not built: only the pure-Python twin is tested
-    _cython = None
-
-IMPLEMENTATIONS = [pytest.param(_pure, id="python"),
-                   pytest.param(_cython, id="cython", marks=pytest.mark.skipif(
-                       _cython is None, reason="wirehub._ext.loadgen_client not built"))]
+IMPLEMENTATIONS = [pytest.param(_pure, id="python"), pytest.param(_cython, id="cython")]
 
 
 # -- histogram -------------------------------------------------------------
@@ -357,7 +351,6 @@ def test_echo_raw(servers, capsys) -> None:
     assert code == 0 and res["ok"]
     assert res["throughput"]["round_trips_per_s"] > 0
     assert res["latency_us"]["count"] > 0 and res["latency_us"]["p50"] > 0
-    assert res["client"]["processes"][0]["cpu_percent"] >= 0
 
 
 def test_server_cpu_is_measured_over_the_window(servers, capsys) -> None:
@@ -601,15 +594,6 @@ def test_help_lists_examples_for_every_mode(capsys) -> None:
         assert f"%s {mode} " % "python -m tools.loadgen" in out
 
 
-def _has_wirehub_serve() -> bool:
-    if importlib.util.find_spec("wirehub.gateway") is None:
-        return False
-    probe = subprocess.run([sys.executable, "-m", "wirehub", "serve", "--help"],
-                           capture_output=True, check=False)
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _has_wirehub_serve(), reason="wirehub serve does not exist yet")
 @pytest.mark.parametrize("codec", ["json", "tlv"])
 def test_fanout_against_wirehub_serve(capsys, codec) -> None:
     with socket.socket() as s:

@@ -244,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wirehub: {exc}", file=sys.stderr)
         return 2
     log.configure(cfg.log_level, cfg.log_format)
+    from . import _speedups
+
+    fallback = _speedups.implementation().fallback
+    if fallback and not cfg.pure_hot_path:
+        print(f"wirehub: the compiled hot path did not import: {fallback}\n"
+              f"wirehub: reinstall wirehub (pip install .) to build it, or start on the pure-Python "
+              f"twins, several times slower, with --pure-hot-path", file=sys.stderr)
+        return 2
     import uvloop
 
     try:

@@ -104,6 +104,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16_000)] = 8 * KiB
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
+    pure_hot_path: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     log_format: Literal["text", "json"] = "text"
     docker: bool = False
@@ -202,6 +203,8 @@ HELP: dict[str, str] = {
     "max_header_bytes": "largest upgrade request head; larger is answered 431 (at most 16000: picows drops heads of 16 KiB)",
     "tls_cert": "PEM certificate chain file: serve wss:// (with tls_key)",
     "tls_key": "PEM private key file for tls_cert",
+    "pure_hot_path": ("start even if the compiled hot path does not import, on its pure-Python twins "
+                      "(several times slower); WIREHUB_NO_EXTENSIONS=1 asks for them outright"),
     "log_level": "debug, info, warning or error",
     "log_format": "text or json (one JSON object per line)",
     "docker": "serve Docker channels: logs:<container>, runners, runner:<id> (needs the docker extra)",

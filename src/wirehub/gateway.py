@@ -105,6 +105,9 @@ class Gateway:
                  implementation: str | None = None, sources: Iterable[Source] = ()) -> None:
         self.config = config or Config()
         self.impl = _speedups.load(implementation) if implementation else _speedups.implementation()
+        if self.impl.fallback:
+            logger.warning("the compiled hot path did not import (%s): running on the pure-Python "
+                           "twins, several times slower; reinstall wirehub to build it", self.impl.fallback)
         self.server_name = f"wirehub/{__version__}"
         self.metrics = Metrics()
         self.handlers: dict[str, Handler] = {}
@@ -141,6 +144,8 @@ class Gateway:
         self.metrics.collectors.append(self._fanout_metrics)
         self.metrics.collectors.append(self.hub.metric_lines)
         self.metrics.collectors.append(self._history_metrics)
+        build = f'wirehub_build_info{{hot_path="{self.impl.name}",version="{__version__}"}} 1'
+        self.metrics.collectors.append(lambda: ["# TYPE wirehub_build_info gauge", build])
         self.gc_watch = PauseWatch()
         self.metrics.collectors.append(self.gc_watch.metric_lines)
         self._server: asyncio.Server | None = None
