@@ -2,9 +2,11 @@
 
 ``engine_host()`` returns a ``DOCKER_HOST`` that answers ``/_ping``: the
 environment's when it answers, else the one ``tests/engine/start-engine.sh``
-starts (installing docker.io on first use). When no engine can be had the
-tests are skipped with the reason, except under CI (``CI`` set), where that
-is a failure.
+starts (installing docker.io on first use), which ``stop_started_engine()``
+stops again when the test session ends (an engine left running keeps its
+data root mounted inside the clone, which a later ``rm -rf`` trips on). When
+no engine can be had the tests are skipped with the reason, except under CI
+(``CI`` set), where that is a failure.
 """
 
 from __future__ import annotations
@@ -72,7 +74,19 @@ def engine_host() -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     os.environ["DOCKER_HOST"] = host
+    _started.append(host)
     return host
+
+
+_started: list[str] = []  # engines this test session started
+
+
+def stop_started_engine() -> None:
+    """Stop the engine ``engine_host()`` started in this session, if it did."""
+    if _started:
+        _started.clear()
+        os.environ.pop("DOCKER_HOST", None)
+        run_script("stop-engine.sh")
 
 
 def managed(host: str) -> bool:

@@ -18,6 +18,7 @@ import re
 import statistics
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -25,7 +26,7 @@ import pytest
 import websockets
 from picows import WSListener, WSMsgType, ws_connect
 
-from docker_engine import LABEL, containers, engine_host, managed, run_script, wait_for
+from docker_engine import LABEL, containers, engine_host, managed, run_script, stop_started_engine, wait_for
 from helpers import connect_recording, json_client, no_position, running_gateway, start_server
 
 from wirehub import Config, Gateway
@@ -36,8 +37,9 @@ TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
 
 
 @pytest.fixture(scope="session")
-def docker_host() -> str:
-    return engine_host()
+def docker_host() -> Iterator[str]:
+    yield engine_host()
+    stop_started_engine()  # what the session started, it stops
 
 
 @pytest.fixture
