@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         result = storm_main(opts)
         if not opts.json:
             print(f"{opts.clients} clients x {opts.missed} missed publications of {opts.size} B "
-                  f"({', '.join(result['hot_path'])} hot path; medians of {opts.repeat}): caught up in {result['storm_s']:.2f} s at "
+                  f"({', '.join(result['hot_path'])} hot path; medians of {opts.repeat}): "
+                  f"caught up in {result['storm_s']:.2f} s at "
                   f"{result['storm_per_cpu_s']:,.0f} deliveries per server CPU-second; live "
                   f"{result['live_per_cpu_s']:,.0f} in {result['live_s']:.2f} s: "
                   f"{result['ratio_per_cpu_s']:.2f}x")

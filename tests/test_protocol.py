@@ -126,7 +126,8 @@ class TestEncode:
         codec = JsonCodec()
         assert codec.encode(Welcome("c1", "wirehub/0")) == b'{"type":"welcome","client_id":"c1","server":"wirehub/0"}'
         assert codec.encode(Error("invalid_field", "bad")) == b'{"type":"error","code":"invalid_field","error":"bad"}'
-        assert codec.encode(Published("c", 3, 9, "e1")) == b'{"type":"published","channel":"c","offset":3,"id":9,"epoch":"e1"}'
+        assert codec.encode(Published("c", 3, 9, "e1")) == \
+            b'{"type":"published","channel":"c","offset":3,"id":9,"epoch":"e1"}'
 
     def test_json_message_embeds_data_verbatim(self):
         payload = JsonCodec().encode_message("c", 12, b'{"a": 1 }')

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import struct
 
-import pytest
-
 from helpers import json_client, no_position, running_gateway
 
 from wirehub import Config, Gateway

@@ -357,7 +357,8 @@ class Hold:
             return self.batch.push(frame)
         self.active = True
         self._store(frame, offset, key)
-        if self.interval_s > 0 and self._timer is None and not (self.batch.paused and self.policy != SlowConsumer.DISCONNECT):
+        waits_for_resume = self.batch.paused and self.policy != SlowConsumer.DISCONNECT
+        if self.interval_s > 0 and self._timer is None and not waits_for_resume:
             self._timer = self.batch._flusher.loop.call_at(self._next_due, self._on_due)
         return False
 
