@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -142,6 +143,16 @@ async def json_client(gw: Gateway | int, path: str = "/ws", **kwargs: Any) -> As
         client = JsonClient(ws)
         client.welcome = await client.recv()
         yield client
+
+
+async def until(condition: Callable[[], object], timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Wait for state that changes without a message to await (a counter, a thread ending):
+    poll every 10 ms, fail after ``timeout_s``. A generous timeout rather than a sleep
+    sized for this machine, so a slower one waits longer instead of failing."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ from wirehub.admission import Admission
 from wirehub.auth import mint_token
 from wirehub.metrics import Metrics
 
-from helpers import JsonClient, RawClient, json_client, metrics_text, running_gateway, start_server
+from helpers import JsonClient, RawClient, json_client, metrics_text, running_gateway, start_server, until
 
 SECRET = "integration-secret-long-enough-for-hs256!"
 
@@ -88,17 +88,20 @@ def secured(**config: Any):
 
 # -- authentication ----------------------------------------------------------------
 
-async def test_without_a_token_only_auth_is_processed_then_timeout():
-    async with secured(auth_timeout_s=0.5) as gw:
-        async with client(gw, token_=token(subscribe=["t"])) as watcher, client(gw) as anon:
+async def test_without_a_token_only_auth_is_processed():
+    """(The authentication timeout that follows: tests/test_clock.py.)"""
+    async with secured() as gw:
+        t = token(subscribe=["t"], publish=["t"])
+        async with client(gw, token_=t) as watcher, client(gw, token_=t) as publisher, client(gw) as anon:
             await watcher.subscribe("t")
             assert await anon.request(type="publish", channel="t", data=1, id=1) == {
                 "type": "error", "code": "not_authenticated", "id": 1,
                 "error": 'authenticate first: {"type":"auth","token":"<JWT>"}'}
             assert (await anon.request(type="subscribe", channel="t"))["code"] == "not_authenticated"
-            await watcher.expect_silence(0.2)  # the publish was not processed
-            assert await closed_with(anon) == (1008, "authentication timeout")
-        assert 'wirehub_auth_failures_total{code="authentication_timeout"} 1' in await metrics_text(gw.port)
+            # The refused publish was not processed: the first message on "t" is this one.
+            assert (await publisher.request(type="publish", channel="t", data="marker", id=2))["type"] == "published"
+            first = await watcher.recv()
+            assert first["type"] == "message" and first["data"] == "marker"
 
 
 async def test_auth_message_then_claims_apply():
@@ -190,25 +193,6 @@ async def test_token_in_authorization_header_and_subprotocol():
             await c.subscribe("a")
         status, _, _ = await http_get(gw.port, headers={"Sec-WebSocket-Protocol": f"bearer.{t}"})
         assert status == 401
-
-
-async def test_token_expiring_refresh_and_expiry():
-    async with secured(token_expiring_notice_s=0.6) as gw:
-        # exp is whole seconds: a 2 s token expires in 1-2 s, its notice comes 0.6 s earlier.
-        async with client(gw, token_=token(subscribe=["a", "b"], ttl_s=2)) as c:
-            await c.subscribe("a")
-            await c.subscribe("b")
-            notice = await c.recv(timeout=3)
-            assert notice["type"] == "token_expiring" and notice["exp"] <= time.time() + 1
-            # Refresh with narrower claims: "b" is no longer covered.
-            await c.send(type="auth", token=token(subscribe=["a"], ttl_s=60), id=9)
-            assert await c.recv() == {"type": "unsubscribed", "channel": "b", "reason": "forbidden"}
-            assert (await c.recv())["type"] == "authenticated"
-            await asyncio.sleep(1.2)  # past the first token's exp: still open
-            assert await c.request(type="ping", id=1) == {"type": "pong", "id": 1}
-        async with client(gw, token_=token(ttl_s=1)) as c:
-            assert (await c.recv(timeout=3))["type"] == "token_expiring"
-            assert await closed_with(c) == (1008, "token expired")
 
 
 async def test_refresh_for_another_subject_is_refused():
@@ -363,9 +347,14 @@ async def test_serve_lifts_the_open_file_limit_and_answers_503_past_it():
             status, extra = await _upgrade(port)
             extra.writer.close()
             assert status == 503
-            held.pop().writer.close()               # a free slot, for /metrics
-            await asyncio.sleep(0.2)
-            assert 'wirehub_refusals_total{reason="max_connections"} 1' in await metrics_text(port)
+            held.pop().writer.close()               # a free slot, for /metrics, once the server sees the close
+            deadline, refused = time.monotonic() + 10, 1
+            while (answer := await http_get(port, "/metrics"))[0] == 503 and time.monotonic() < deadline:
+                refused += 1
+                await asyncio.sleep(0.01)
+            status, _, body = answer
+            assert status == 200
+            assert f'wirehub_refusals_total{{reason="max_connections"}} {refused}'.encode() in body
         finally:
             for raw in held:
                 raw.writer.close()
@@ -378,7 +367,7 @@ async def test_connection_limits_answer_503_and_429(impl):
                 await stack.enter_async_context(client(gw))
             status, headers, _ = await http_get(gw.port)
             assert status == 503 and headers["Retry-After"] == "1"
-        await asyncio.sleep(0.1)
+        await until(lambda: gw.admission.open == 0, what="the slots released")
         async with client(gw):  # slots are released on close
             pass
     async with running_gateway(impl.name, max_connections_per_ip=2) as gw:
@@ -403,14 +392,12 @@ async def test_refused_sockets_waiting_for_an_answer_are_bounded(impl):
         r, w = silent[0]
         w.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await asyncio.wait_for(r.read(), 2)).startswith(b"HTTP/1.1 503 ")
-        await asyncio.sleep(0.05)
-        assert gw.admission.answering == 1  # its place is free again
+        await until(lambda: gw.admission.answering == 1, what="its place free again")
         status, _, _ = await http_get(gw.port)
         assert status == 503
         for _, w in silent:
             w.close()
-        await asyncio.sleep(0.05)
-        assert gw.admission.answering == 0
+        await until(lambda: gw.admission.answering == 0, what="every place free")
     assert gw.metrics.refusals_total["max_connections"] == 4
 
 
@@ -431,26 +418,6 @@ async def test_oversized_headers_get_431(impl):
         status, _, _ = await http_get(gw.port, headers={"X-Padding": "a" * 1000})
         assert status == 101
         assert 'wirehub_refusals_total{reason="header_too_large"} 1' in await metrics_text(gw.port)
-
-
-async def test_slowloris_handshake_is_cut_off(impl):
-    async with running_gateway(impl.name, handshake_timeout_s=0.5) as gw:
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-        started = time.monotonic()
-        writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-        with contextlib.suppress(ConnectionError):
-            for _ in range(20):  # one header line every 0.1 s, never finishing
-                await asyncio.sleep(0.1)
-                writer.write(b"X-Slow: 1\r\n")
-                if reader.at_eof():
-                    break
-        try:
-            assert await asyncio.wait_for(reader.read(), 3) == b""
-        except ConnectionError:
-            pass  # closed while our last header line was in flight: a reset
-        assert time.monotonic() - started < 2.5
-        writer.close()
-        assert 'wirehub_refusals_total{reason="handshake_timeout"} 1' in await metrics_text(gw.port)
 
 
 async def test_allowed_origins():

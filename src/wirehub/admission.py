@@ -10,17 +10,24 @@ Counting happens here, not in the upgrade handler, so a flood costs the
 gateway one dict lookup per socket, and a slowloris client that never
 finishes its headers still counts against its IP (and is cut off by the
 handshake timeout).
+
+The handshake timeout runs here too: every socket that has not upgraded
+sits in one queue ordered by deadline (the timeout is the same for all, so
+arrival order is deadline order), and one timer on the gateway's clock
+closes the expired ones. That is a dict insertion and a deletion per
+connection instead of an event-loop timer created and cancelled for each
+(picows's own, which the gateway turns off).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections import OrderedDict
 from http import HTTPStatus
 from typing import Any
 
 from picows import WSUpgradeResponse
 
+from .clock import Clock, Timer
 from .config import Config
 from .metrics import Metrics
 
@@ -78,15 +85,16 @@ class Admission:
 
     Args:
         config: ``max_connections``, ``max_connections_per_ip``,
-            ``new_connections_per_ip_per_s``/``_burst_per_ip``, ``max_header_bytes``.
+            ``new_connections_per_ip_per_s``/``_burst_per_ip``, ``max_header_bytes``,
+            ``handshake_timeout_s``.
         metrics: where refusals are counted.
         open_files: the process's open-file limit (``openfiles.limit()``);
             None: no limit.
-        clock: monotonic seconds (injected by tests).
+        clock: the gateway's clock (``wirehub.clock``).
     """
 
     def __init__(self, config: Config, metrics: Metrics, open_files: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Clock | None = None) -> None:
         self.max_header_bytes = config.max_header_bytes
         self.max_answering = MAX_ANSWERING
         # None: unlimited. Configured 0 means unlimited too.
@@ -104,8 +112,11 @@ class Admission:
         self._rate = config.new_connections_per_ip_per_s
         self._burst = config.new_connections_burst_per_ip
         self._metrics = metrics
-        self._clock = clock
+        self._clock = clock or Clock()
         self._peers: dict[str, _Peer] = {}
+        self._handshake_timeout_s = config.handshake_timeout_s
+        self._handshaking: OrderedDict[Any, float] = OrderedDict()  # guard -> deadline
+        self._expiry: Timer | None = None
         self.open = 0
         self.answering = 0             # refused sockets waiting for their request
         retry_after = str(max(1, round(1 / self._rate))) if self._rate else "1"
@@ -140,7 +151,7 @@ class Admission:
     def _check(self, key: str) -> str | None:
         if self.max_connections is not None and self.open >= self.max_connections:
             return RefusalReason.MAX_CONNECTIONS
-        now = self._clock()
+        now = self._clock.monotonic()
         state = self._peers.get(key)
         if state is None:
             state = self._peers[key] = _Peer(self._burst, now)
@@ -185,9 +196,38 @@ class Admission:
         else:
             transport.close()
 
+    def handshake_started(self, guard: Any) -> None:
+        """``guard``'s socket has ``handshake_timeout_s`` to upgrade; past it,
+        ``guard.handshake_timed_out()`` is called and the refusal counted."""
+        self._handshaking[guard] = self._clock.monotonic() + self._handshake_timeout_s
+        if self._expiry is None:
+            self._expiry = self._clock.call_later(self._handshake_timeout_s, self._expire_handshakes)
+
+    def handshake_ended(self, guard: Any) -> None:
+        """``guard``'s socket upgraded or closed: no deadline any more."""
+        self._handshaking.pop(guard, None)
+
+    @property
+    def handshaking(self) -> int:
+        """Sockets that have not upgraded yet and are under the handshake timeout."""
+        return len(self._handshaking)
+
+    def _expire_handshakes(self) -> None:
+        self._expiry = None
+        now = self._clock.monotonic()
+        queue = self._handshaking
+        while queue:
+            guard, deadline = next(iter(queue.items()))
+            if deadline > now:
+                self._expiry = self._clock.call_later(deadline - now, self._expire_handshakes)
+                return
+            del queue[guard]
+            self._metrics.refusals_total[RefusalReason.HANDSHAKE_TIMEOUT] += 1
+            guard.handshake_timed_out()
+
     def sweep(self) -> None:
         """Forget IPs with no open connection and a refilled bucket (bounds ``_peers``)."""
-        now = self._clock()
+        now = self._clock.monotonic()
         rate, burst = self._rate, self._burst
         idle = [key for key, state in self._peers.items()
                 if state.open == 0 and (not rate or state.tokens + (now - state.updated_at) * rate >= burst)]

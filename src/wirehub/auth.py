@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import jwt
 
+from .clock import Clock
 from .protocol.errors import AuthCode, AuthError
 from .protocol.patterns import PatternError, compile_pattern
 
@@ -104,6 +105,8 @@ class TokenVerifier:
         leeway_s: clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
         default_subscribe, default_publish: patterns every principal gets
             on top of its claims (namespaces open to anyone authenticated).
+        clock: the wall clock ``exp``, ``nbf`` and ``iat`` are checked
+            against (``wirehub.clock``), the gateway's own.
 
     Raises:
         ValueError: no key, an unreadable key, or algorithms that no
@@ -113,7 +116,9 @@ class TokenVerifier:
     def __init__(self, *, secret: str | None = None, public_key_pem: bytes | None = None,
                  jwks_json: str | None = None, algorithms: Sequence[str] = (),
                  audience: str | None = None, issuer: str | None = None, leeway_s: float = 0.0,
-                 default_subscribe: Sequence[str] = (), default_publish: Sequence[str] = ()) -> None:
+                 default_subscribe: Sequence[str] = (), default_publish: Sequence[str] = (),
+                 clock: Clock | None = None) -> None:
+        self._clock = clock or Clock()
         self._keys: dict[str, Any] = {}  # algorithm -> key
         self._jwks: jwt.PyJWKSet | None = None
         if secret:
@@ -157,12 +162,13 @@ class TokenVerifier:
                 raise AuthError(f"algorithm {str(alg)[:16]!r} is not accepted")
             claims = jwt.decode(
                 token, self._key_for(alg, header.get("kid")), algorithms=[alg],
-                audience=self._audience, issuer=self._issuer, leeway=self._leeway_s,
-                options={"require": _REQUIRED_CLAIMS, "verify_aud": self._audience is not None})
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired", AuthCode.TOKEN_EXPIRED) from None
+                audience=self._audience, issuer=self._issuer,
+                options={"require": _REQUIRED_CLAIMS, "verify_aud": self._audience is not None,
+                         # checked below against the gateway's clock, not pyjwt's
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False})
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"invalid token: {exc}") from None
+        _check_times(claims, self._clock.wall(), self._leeway_s)
         return self._principal(claims)
 
     def anonymous(self) -> Principal:
@@ -190,6 +196,24 @@ class TokenVerifier:
                 publish=self._default_publish + _strings(claims, "publish"))
         except PatternError as exc:
             raise AuthError(f"invalid token: {exc}") from None
+
+
+def _check_times(claims: dict[str, Any], now: float, leeway_s: float) -> None:
+    """RFC 7519's time claims, as pyjwt checks them, at ``now``: ``exp``
+    passed, ``nbf`` or ``iat`` still ahead (each with ``leeway_s``)."""
+    times = {}
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AuthError(f"invalid token: claim {name!r} must be a number (seconds since the epoch)")
+        times[name] = value
+    if times["exp"] <= now - leeway_s:
+        raise AuthError("token expired", AuthCode.TOKEN_EXPIRED)
+    for name in ("nbf", "iat"):
+        if times.get(name, now) > now + leeway_s:
+            raise AuthError(f"invalid token: the token is not yet valid ({name})")
 
 
 def _strings(claims: dict[str, Any], name: str) -> tuple[str, ...]:
@@ -222,9 +246,10 @@ def _algorithms_for(key: Any) -> tuple[str, ...]:
 
 def mint_token(secret: str, *, sub: str, subscribe: Iterable[str] = (), publish: Iterable[str] = (),
                permissions: Iterable[str] = (), ttl_s: float = 3600.0, algorithm: str = "HS256",
-               **claims: Any) -> str:
-    """An HMAC-signed token for development and tests (``wirehub token``)."""
-    now = int(time.time())
+               now: float | None = None, **claims: Any) -> str:
+    """An HMAC-signed token for development and tests (``wirehub token``),
+    issued at ``now`` (default: the current time; a test passes its clock's)."""
+    now = int(time.time() if now is None else now)
     payload = {"sub": sub, "iat": now, "exp": now + int(ttl_s), "subscribe": list(subscribe),
                "publish": list(publish), "permissions": list(permissions), **claims}
     return jwt.encode(payload, secret, algorithm=algorithm)

@@ -13,11 +13,11 @@ import asyncio
 import inspect
 import logging
 import secrets
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from .auth import Principal
+from .clock import Timer
 from .hub import OP_BINARY, OP_TEXT
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, Forbidden, NotAuthenticated,
@@ -65,7 +65,7 @@ class Connection:
                  deflate: DeflateParams | None = None, principal: Principal | None = None) -> None:
         self.client_id = secrets.token_hex(8)
         self.principal = principal
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         # Running async handlers (Gateway.on): referenced here so they are not
         # collected mid-run, and counted against a per-connection limit.
         self._handlers: set[asyncio.Future[Any]] | None = None
@@ -129,8 +129,7 @@ class Connection:
         self._metrics.connections_current += 1
         self.send(Welcome(self.client_id, self._gateway.server_name))
         if self.principal is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._gateway.config.auth_timeout_s, self._auth_timeout)
+            self._timer = self._gateway.clock.call_later(self._gateway.config.auth_timeout_s, self._auth_timeout)
         else:
             self._watch_expiry()
         running = self._gateway.run_hooks("connect", self)
@@ -294,18 +293,19 @@ class Connection:
         exp = self.principal.exp
         if exp is None:
             return
-        notice_in = exp - self._gateway.config.token_expiring_notice_s - time.time()
-        loop = asyncio.get_running_loop()
+        clock = self._gateway.clock
+        notice_in = exp - self._gateway.config.token_expiring_notice_s - clock.wall()
         if notice_in > 0:
-            self._timer = loop.call_later(notice_in, self._token_expiring)
+            self._timer = clock.call_later(notice_in, self._token_expiring)
         else:
             self._token_expiring()
 
     def _token_expiring(self) -> None:
         exp = self.principal.exp
         self.send(TokenExpiring(exp))
-        expires_in = exp + self._gateway.config.jwt_leeway_s - time.time()
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, expires_in), self._token_expired)
+        clock = self._gateway.clock
+        expires_in = exp + self._gateway.config.jwt_leeway_s - clock.wall()
+        self._timer = clock.call_later(max(0.0, expires_in), self._token_expired)
 
     def _token_expired(self) -> None:
         self._timer = None

@@ -38,6 +38,7 @@ from .admission import Admission, RefusalReason
 from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
 from .broker.base import Broker, HistoryPage
 from .broker.memory import MemoryBroker
+from .clock import Clock
 from .config import Config
 from .connection import Connection, EchoConnection
 from .delivery import ChannelPolicies
@@ -81,8 +82,6 @@ class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         if msg == "WS parser error: %s, initiate disconnect" and args and isinstance(args[0], tuple):
             self._metrics.closes_total[int(args[0][0])] += 1
             level = logging.INFO
-        elif isinstance(msg, str) and msg.startswith("Handshake timeout"):
-            self._metrics.refusals_total[RefusalReason.HANDSHAKE_TIMEOUT] += 1
         super().log(level, msg, *args, **kwargs)
 
 
@@ -96,14 +95,18 @@ class Gateway:
             references); defaults to ext unless ``WIREHUB_NO_EXTENSIONS=1``.
         sources: producers of channels the gateway runs itself
             (``sources/base.py``); ``config.docker`` adds the Docker ones.
+        clock: where every timeout, token expiry and the heartbeat read time
+            (``wirehub.clock``); tests pass a ``ManualClock``.
 
     Raises:
         ValueError, OSError: an unusable key or key file (``jwt_*``, ``jwks``).
     """
 
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
-                 implementation: str | None = None, sources: Iterable[Source] = ()) -> None:
+                 implementation: str | None = None, sources: Iterable[Source] = (),
+                 clock: Clock | None = None) -> None:
         self.config = config or Config()
+        self.clock = clock or Clock()
         self.impl = _speedups.load(implementation) if implementation else _speedups.implementation()
         if self.impl.fallback:
             logger.warning("the compiled hot path did not import (%s): running on the pure-Python "
@@ -135,11 +138,11 @@ class Gateway:
                        shared_compressors=self._shared_compressors,
                        compress_threshold_bytes=cfg.deflate_threshold_bytes,
                        policies=self.policies, recovery_held_bytes=cfg.high_water_bytes)
-        self.verifier = _verifier(cfg)
+        self.verifier = _verifier(cfg, self.clock)
         # Shared, immutable principals: no per-connection cost when auth is off.
         self._open_principal = Principal.open_gateway()
         self._anonymous = self.verifier.anonymous() if self.verifier is not None else None
-        self.admission = Admission(cfg, self.metrics, openfiles.limit())
+        self.admission = Admission(cfg, self.metrics, openfiles.limit(), self.clock)
         self.flusher: Any = None
         self.metrics.collectors.append(self._fanout_metrics)
         self.metrics.collectors.append(self.hub.metric_lines)
@@ -296,7 +299,7 @@ class Gateway:
             inner = WSProtocol(
                 None, None, False, self._route, picows_logger,
                 True,                          # disconnect_on_exception
-                cfg.handshake_timeout_s,
+                None,                          # handshake timeout: Admission's, on the gateway clock
                 False, 0, 0, WSAutoPingStrategy.PING_WHEN_IDLE,  # picows auto-ping off
                 False,                         # auto-pong off: FrameListener answers PINGs
                 cfg.max_payload_bytes,         # max_frame_size
@@ -361,15 +364,15 @@ class Gateway:
     async def _heartbeat(self) -> None:
         """Ping idle clients and close those that stop answering (one timer for all)."""
         interval_s, timeout_s = self.config.ping_interval_s, self.config.ping_timeout_s
-        clock = self.impl.listener.monotonic
+        clock = self.clock
         while True:
-            await asyncio.sleep(max(0.05, min(interval_s, timeout_s) / 2))
+            await clock.sleep(max(0.05, min(interval_s, timeout_s) / 2))
             self.admission.sweep()
             for i, conn in enumerate([*self.hub.clients.values(), *self.echo_connections]):
                 if i % SWEEP_BATCH == 0:
                     if i:
                         await asyncio.sleep(0)
-                    now = clock()
+                    now = clock.monotonic()
                 try:
                     conn.listener.heartbeat(now, interval_s, timeout_s)
                 except Exception:  # one broken connection must not stop the sweep
@@ -457,7 +460,7 @@ class Gateway:
         return WSUpgradeResponseWithListener(response, None)
 
 
-def _verifier(cfg: Config) -> TokenVerifier | None:
+def _verifier(cfg: Config, clock: Clock) -> TokenVerifier | None:
     """The token verifier ``cfg`` asks for, or None for an open gateway."""
     if not cfg.auth_enabled:
         return None
@@ -471,7 +474,7 @@ def _verifier(cfg: Config) -> TokenVerifier | None:
     return TokenVerifier(
         secret=cfg.jwt_secret, public_key_pem=public_key, jwks_json=jwks, algorithms=cfg.jwt_algorithms,
         audience=cfg.jwt_audience, issuer=cfg.jwt_issuer, leeway_s=cfg.jwt_leeway_s,
-        default_subscribe=cfg.default_subscribe, default_publish=cfg.default_publish)
+        default_subscribe=cfg.default_subscribe, default_publish=cfg.default_publish, clock=clock)
 
 
 def _tls_context(cfg: Config) -> ssl.SSLContext:

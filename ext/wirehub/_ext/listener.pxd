@@ -25,8 +25,10 @@ cdef class FrameListener(WSListener):
     cdef Py_ssize_t _high_water_bytes
     cdef double _close_timeout_s
     cdef bint _close_received
-    cdef double _last_seen
-    cdef double _ping_sent_at
+    cdef double _frame_at        # the last frame's arrival: the rate limiter's clock
+    cdef bint _seen              # a frame arrived since the last heartbeat sweep
+    cdef double _idle_since      # heartbeat clock: the sweep that last saw activity
+    cdef double _ping_sent_at    # heartbeat clock; 0: no ping outstanding
 
     cdef _add_fragment(self, WSFrame frame)
     cdef _deliver(self, int opcode, bytes payload)

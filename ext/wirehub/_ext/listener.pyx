@@ -50,11 +50,6 @@ cdef inline void _drop_handshake_state(WSTransport transport) noexcept:
         buf.size = 0
 
 
-def monotonic() -> float:
-    """The clock ``heartbeat`` expects (CLOCK_MONOTONIC, seconds)."""
-    return _monotonic()
-
-
 cdef class FrameListener(WSListener):
     """Reassemble, validate and rate-limit messages; send through an ``OutBatch``.
 
@@ -99,7 +94,8 @@ cdef class FrameListener(WSListener):
     cpdef on_ws_connected(self, WSTransport transport):
         self.transport = transport
         _drop_handshake_state(transport)
-        self._last_seen = _monotonic()
+        self._frame_at = _monotonic()
+        self._seen = True
         self.batch = OutBatch(self._flusher, transport.underlying_transport,
                               self._high_water_bytes, self._on_overflow)
         self._sink.on_open()
@@ -117,7 +113,8 @@ cdef class FrameListener(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef WSMsgType opcode = frame.msg_type
-        self._last_seen = _monotonic()
+        self._frame_at = _monotonic()
+        self._seen = True
         if self._close_received:
             return  # RFC 6455 §5.5.1: no data is processed after a CLOSE.
         if self.transport.is_close_frame_sent and opcode != WSMsgType.CLOSE:
@@ -225,7 +222,7 @@ cdef class FrameListener(WSListener):
         self._deliver(opcode, payload)
 
     cdef _deliver(self, int opcode, bytes payload):
-        cdef double now = self._last_seen
+        cdef double now = self._frame_at
         if not (self._messages.consume(1.0, now) and self._bytes.consume(len(payload), now)):
             if not self._violations.consume(1.0, now):
                 self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
@@ -278,22 +275,25 @@ cdef class FrameListener(WSListener):
         Called for every connection by one gateway-wide timer, instead of one
         picows auto-ping task per connection (a task and a timer handle cost
         about 2 KiB per idle connection). Any frame from the peer counts as an
-        answer. Also gives back the outbound buffer when nothing is pending
-        (``OutBatch.trim``). Returns 1 if a ping was sent, 2 if the connection
-        was closed.
+        answer. A frame only raises a flag; the sweep stamps it with its own
+        ``now``, so idleness is measured entirely on the gateway's clock
+        (``wirehub.clock``), to the sweep's resolution. Also gives back the
+        outbound buffer when nothing is pending (``OutBatch.trim``). Returns
+        1 if a ping was sent, 2 if the connection was closed.
         """
         if self.transport is None or self.transport.is_close_frame_sent:
             return 0
         self.batch.trim()
-        if self._ping_sent_at:
-            if self._last_seen >= self._ping_sent_at:
-                self._ping_sent_at = 0
-            elif now - self._ping_sent_at >= timeout_s:
+        if self._seen:
+            self._seen = False
+            self._idle_since = now
+            self._ping_sent_at = 0
+        elif self._ping_sent_at:
+            if now - self._ping_sent_at >= timeout_s:
                 self.close(WSCloseCode.GOING_AWAY, "no answer to ping")
                 return 2
-            else:
-                return 0
-        if now - self._last_seen >= interval_s:
+            return 0
+        if now - self._idle_since >= interval_s:
             # Through the batch rather than picows's send_ping, which would
             # regrow the write buffer _drop_handshake_state gave back.
             self.batch.push_frame(WSMsgType.PING, b"")

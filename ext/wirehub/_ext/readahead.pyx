@@ -19,7 +19,8 @@ It is also where admission control runs (``wirehub.admission``): the
 guard asks ``admission.admit(transport)`` at accept, answers a refused socket
 once its request arrives (or drops it at once when too many refused sockets
 already wait for theirs), and answers 431 when the request head outgrows
-``admission.max_header_bytes`` -- all before picows parses a byte.
+``admission.max_header_bytes`` -- all before picows parses a byte. Until the
+upgrade, the socket is under admission's handshake timeout.
 
 Reference twin: ``wirehub._pure.readahead``.
 """
@@ -73,8 +74,12 @@ cdef class ReadAheadGuard:
         if drop:
             self._discard = True
             transport.abort()
+        elif self._admission is not None:
+            self._admission.handshake_started(self)
 
     def connection_lost(self, exc):
+        if not self._upgraded and self._admission is not None:
+            self._admission.handshake_ended(self)
         if self._peer is not None:
             self._admission.release(self._peer)
             self._peer = None
@@ -91,6 +96,11 @@ cdef class ReadAheadGuard:
 
     def resume_writing(self):
         self._inner.resume_writing()
+
+    def handshake_timed_out(self):
+        """Admission's handshake timeout: close, and ignore what still arrives."""
+        self._discard = True
+        self._inner.transport.disconnect()
 
     def get_buffer(self, Py_ssize_t size_hint):
         self._view = self._inner.get_buffer(size_hint)
@@ -113,7 +123,10 @@ cdef class ReadAheadGuard:
                 return
             self._view = None
             self._inner.buffer_updated(nbytes)
-            self._upgraded = self._inner.listener is not None
+            if self._inner.listener is not None:
+                self._upgraded = True
+                if self._admission is not None:
+                    self._admission.handshake_ended(self)
             return
         self._feed(nbytes)
         # The loop asks for a new buffer before every read; keeping this one

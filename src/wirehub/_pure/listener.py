@@ -13,9 +13,6 @@ from .deflate import Inflater, InvalidData, MessageTooBig
 from .fanout import Flusher, OutBatch
 from .frame import Utf8Validator
 
-monotonic = time.monotonic
-
-
 def _is_valid_close_code(code: int) -> bool:
     """RFC 6455 §7.4.1/§7.4.2: the codes a peer may put on the wire."""
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
@@ -40,7 +37,10 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._fragmented_opcode = 0
         self._fragment_count = 0
         self._close_received = False
-        self._last_seen = self._ping_sent_at = 0.0
+        self._frame_at = 0.0     # the last frame's arrival: the rate limiter's clock
+        self._seen = False       # a frame arrived since the last heartbeat sweep
+        self._idle_since = 0.0   # heartbeat clock: the sweep that last saw activity
+        self._ping_sent_at = 0.0  # heartbeat clock; 0: no ping outstanding
         self.max_message_bytes = limits.max_payload_bytes
         self._max_fragments = limits.max_fragments
         self._high_water_bytes = limits.high_water_bytes
@@ -55,7 +55,8 @@ class FrameListener(WSListener):  # type: ignore[misc]
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        self._last_seen = time.monotonic()
+        self._frame_at = time.monotonic()
+        self._seen = True
         self.batch = OutBatch(self._flusher, transport.underlying_transport,
                               self._high_water_bytes, self._on_overflow)
         self._sink.on_open()
@@ -73,7 +74,8 @@ class FrameListener(WSListener):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         opcode = frame.msg_type
-        self._last_seen = time.monotonic()
+        self._frame_at = time.monotonic()
+        self._seen = True
         if self._close_received:
             return  # RFC 6455 §5.5.1
         if self.transport.is_close_frame_sent and opcode != WSMsgType.CLOSE:
@@ -145,7 +147,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._deliver(opcode, payload)
 
     def _deliver(self, opcode: int, payload: bytes) -> None:
-        now = self._last_seen
+        now = self._frame_at
         if not (self._messages.consume(1.0, now) and self._bytes.consume(len(payload), now)):
             if not self._violations.consume(1.0, now):
                 self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
@@ -183,19 +185,21 @@ class FrameListener(WSListener):  # type: ignore[misc]
         self._flusher.loop.call_later(self._close_timeout_s, self._abort)
 
     def heartbeat(self, now: float, interval_s: float, timeout_s: float) -> int:
-        """Ping an idle peer; close one that did not answer in time (1001)."""
+        """Ping an idle peer; close one that did not answer in time (1001).
+        Idleness is measured on the sweep's clock (see the compiled twin)."""
         if self.transport is None or self.transport.is_close_frame_sent:
             return 0
         self.batch.trim()
-        if self._ping_sent_at:
-            if self._last_seen >= self._ping_sent_at:
-                self._ping_sent_at = 0.0
-            elif now - self._ping_sent_at >= timeout_s:
+        if self._seen:
+            self._seen = False
+            self._idle_since = now
+            self._ping_sent_at = 0.0
+        elif self._ping_sent_at:
+            if now - self._ping_sent_at >= timeout_s:
                 self.close(WSCloseCode.GOING_AWAY, "no answer to ping")
                 return 2
-            else:
-                return 0
-        if now - self._last_seen >= interval_s:
+            return 0
+        if now - self._idle_since >= interval_s:
             self.batch.push_frame(WSMsgType.PING, b"")
             self._ping_sent_at = now
             return 1

@@ -39,8 +39,12 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
         if drop:
             self._discard = True
             transport.abort()
+        elif self._admission is not None:
+            self._admission.handshake_started(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._upgraded and self._admission is not None:
+            self._admission.handshake_ended(self)
         if self._peer is not None:
             self._admission.release(self._peer)
             self._peer = None
@@ -57,6 +61,11 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
+
+    def handshake_timed_out(self) -> None:
+        """Admission's handshake timeout: close, and ignore what still arrives."""
+        self._discard = True
+        self._inner.transport.disconnect()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         self._view = self._inner.get_buffer(sizehint)
@@ -78,7 +87,10 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
                 return
             self._view = None
             self._inner.buffer_updated(nbytes)
-            self._upgraded = self._inner.listener is not None
+            if self._inner.listener is not None:
+                self._upgraded = True
+                if self._admission is not None:
+                    self._admission.handshake_ended(self)
             return
         while True:
             data = bytes(self._view[:nbytes])
