@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import msgspec
+
 from wirehub import _speedups
+from wirehub.protocol.codec import JsonCodec, TlvCodec
 
 EXT = _speedups.load("ext")
 PURE = _speedups.load("pure")
@@ -139,6 +142,33 @@ class TestBuildFrame:
 
     def test_binary_and_rsv1(self, impl):
         assert impl.frame.build_frame(2, b"\x00", True) == b"\xc2\x01\x00"
+
+    @pytest.mark.parametrize("size", [0, 100, 125 - 60, 70_000])
+    def test_a_message_frame_is_its_parts_framed_and_its_payload_a_view(self, impl, size):
+        data = msgspec.Raw(b'{"k":"' + b"v" * size + b'"}')
+        frame = impl.frame.build_message_frame(1, b"<head>", data, b"<tail>")
+        assert frame == impl.frame.build_frame(1, b"<head>" + bytes(data) + b"<tail>")
+        payload = impl.frame.frame_payload(frame)
+        assert payload.obj is frame and payload == b"<head>" + bytes(data) + b"<tail>"
+
+
+class TestMessageEnds:
+    """The fan-out frames a publication from the codec's two ends around its
+    data; they must give exactly what encoding the whole ``message`` gives."""
+
+    @given(channel=st.text(min_size=1, max_size=40), offset=st.integers(0, 2**63 - 1),
+           data=st.sampled_from([b"1", b'{"a":[1,2]}', b'"\\u00e9\\n"', b"null"]))
+    def test_json(self, channel, offset, data):
+        head, tail = JsonCodec().message_ends(channel, offset)
+        assert head + data + tail == JsonCodec().encode_message(channel, offset, data)
+
+    @given(channel=st.text(min_size=1, max_size=40), offset=st.integers(0, 2**63 - 1),
+           data=st.binary(max_size=300))
+    def test_tlv(self, channel, offset, data):
+        for impl in (EXT, PURE):
+            codec = TlvCodec(impl.tlv)
+            head, tail = codec.message_ends(channel, offset, len(data))
+            assert head + data + tail == codec.encode_message(channel, offset, data)
 
 
 class TestTokenBucket:

@@ -232,7 +232,9 @@ class Connection:
             self._reply(Subscribed(msg.channel, msg.id, self._hub.position(msg.channel)), codec, opcode)
 
     def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
-        position = self._hub.publish_checked(msg.channel, bytes(msg.data), binary=opcode == OP_BINARY,
+        # msg.data stays the decoder's view into the received message: the
+        # data is copied next into the frame every subscriber shares (hub).
+        position = self._hub.publish_checked(msg.channel, msg.data, binary=opcode == OP_BINARY,
                                              origin=self.client_id if msg.exclude_self else None,
                                              key=msg.key)
         if msg.id is not None:

@@ -27,7 +27,7 @@ from .delivery import DISCONNECT, ChannelPolicies, ChannelPolicy
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
-from .protocol.messages import (Error, Lagged, Publication, Reply, StreamPosition, Subscribe,
+from .protocol.messages import (Error, Lagged, Publication, PublicationData, Reply, StreamPosition, Subscribe,
                                 Subscribed)
 from .protocol.patterns import PatternError, check_pattern, is_channel_name, is_pattern
 from .recovery import Recovery, plan
@@ -222,6 +222,8 @@ class Hub:
         self._tlv = tlv_codec
         self._metrics = metrics
         self._build_frame = impl.frame.build_frame
+        self._build_message_frame = impl.frame.build_message_frame
+        self._frame_payload = impl.frame.frame_payload
         self._fanout = impl.fanout.fanout
         self._fanout_held = impl.fanout.fanout_held
         self.policies = policies or ChannelPolicies()
@@ -538,7 +540,7 @@ class Hub:
             self.unsubscribe(conn, name)
         self.clients.pop(conn.client_id, None)
 
-    def publish(self, channel: str, data: bytes, *, binary: bool = False,
+    def publish(self, channel: str, data: PublicationData, *, binary: bool = False,
                 origin: str | None = None, key: str | None = None) -> StreamPosition:
         """Publish through the broker; ``origin`` (a client id) is excluded from delivery.
 
@@ -548,7 +550,7 @@ class Hub:
         self.check_channel(channel)
         return self.publish_checked(channel, data, binary=binary, origin=origin, key=key)
 
-    def publish_checked(self, channel: str, data: bytes, *, binary: bool = False,
+    def publish_checked(self, channel: str, data: PublicationData, *, binary: bool = False,
                         origin: str | None = None, key: str | None = None) -> StreamPosition:
         """``publish`` for a name the caller already passed through ``check_channel``
         (a client's publish is checked before its permission is)."""
@@ -599,7 +601,9 @@ class Hub:
                 recovery.hold(pub)
         if channel is None and by_pattern is None:
             return
-        opcode, payload = self._message(pub)
+        frame = self._message_frame(pub)
+        opcode = OP_BINARY if pub.binary else OP_TEXT
+        payload = self._frame_payload(frame)
         policy = self.policies.for_channel(pub.channel)
         delivered = 0
         if channel is not None:
@@ -608,13 +612,22 @@ class Hub:
             delivered += self._deliver(by_pattern, opcode, payload, origin, pub, policy)
         self._metrics.deliveries_total += delivered
 
-    def _message(self, pub: Publication) -> tuple[int, bytes]:
-        """The ``message`` for ``pub``: its opcode and payload."""
-        if pub.binary:
-            return OP_BINARY, self._tlv.encode_message(pub.channel, pub.offset, pub.data)
-        return OP_TEXT, self._json.encode_message(pub.channel, pub.offset, pub.data)
+    def _message_frame(self, pub: Publication) -> bytes:
+        """``pub``'s ``message``, framed: built once, with its data copied
+        once (straight from the received message, when a client published
+        it), and kept on the publication for whoever recovers it from history."""
+        frame = pub.frame
+        if frame is None:
+            if pub.binary:
+                head, tail = self._tlv.message_ends(pub.channel, pub.offset, len(pub.data))
+                frame = self._build_message_frame(OP_BINARY, head, pub.data, tail)
+            else:
+                head, tail = self._json.message_ends(pub.channel, pub.offset)
+                frame = self._build_message_frame(OP_TEXT, head, pub.data, tail)
+            pub.frame = frame
+        return frame
 
-    def _deliver(self, channel: Channel, opcode: int, payload: bytes, origin: str | None,
+    def _deliver(self, channel: Channel, opcode: int, payload: memoryview, origin: str | None,
                  pub: Publication, policy: ChannelPolicy) -> int:
         sender = channel.members.get(origin) if origin is not None else None
         exclude = sender.batch if sender is not None else None
@@ -623,10 +636,6 @@ class Hub:
         for window_bits, batches in channel.groups.items():
             if window_bits is None or len(payload) < self._threshold:
                 frame = pub.frame
-                if frame is None:
-                    # Framed once, and kept on the publication for whoever
-                    # recovers it from history.
-                    frame = pub.frame = self._build_frame(opcode, payload)
             else:
                 # Encode once, compress once per window size, frame once.
                 frame = self._build_frame(opcode, self._compressors[window_bits].compress(payload), True)
@@ -743,13 +752,11 @@ class Hub:
                 conn.batch.push_many(frames)
                 frames = []
                 self._send_lagged(conn, name, next_offset, pub.offset - 1, OP_BINARY if pub.binary else OP_TEXT)
+            frame = self._message_frame(pub)
             if plain:
-                frame = pub.frame
-                if frame is None:
-                    frame = pub.frame = self._build_frame(*self._message(pub))
                 frames.append(frame)
-            else:
-                conn.push(*self._message(pub))  # compressed by the connection
+            else:  # compressed by the connection
+                conn.push(OP_BINARY if pub.binary else OP_TEXT, self._frame_payload(frame))
             next_offset = pub.offset + 1
             sent += 1
         if frames:

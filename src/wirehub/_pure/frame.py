@@ -57,3 +57,15 @@ def build_frame(opcode: int, payload: bytes | bytearray | memoryview, rsv1: bool
     else:
         header = struct.pack(">BBQ", first, 127, n)
     return header + bytes(payload)
+
+
+def build_message_frame(opcode: int, head: bytes, body: bytes | bytearray | memoryview, tail: bytes) -> bytes:
+    """One unmasked FIN frame whose payload is ``head + body + tail`` (the
+    compiled twin copies ``body`` once, straight into the frame)."""
+    return build_frame(opcode, b"".join((head, body, tail)))
+
+
+def frame_payload(frame: bytes) -> memoryview:
+    """The payload of an unmasked frame from ``build_frame``, without a copy."""
+    length = frame[1] & 0x7F
+    return memoryview(frame)[2 if length < 126 else 4 if length == 126 else 10:]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..protocol.messages import Publication, StreamPosition
+from ..protocol.messages import Publication, PublicationData, StreamPosition
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class Broker(Protocol):
     def unsubscribe_pattern(self, pattern: str) -> None:
         """The last local subscriber of ``pattern`` left."""
 
-    def publish(self, channel: str, data: bytes, *, binary: bool = False, origin: str | None = None,
+    def publish(self, channel: str, data: PublicationData, *, binary: bool = False, origin: str | None = None,
                 key: str | None = None, history: HistoryOptions | None = None) -> StreamPosition:
         """Append a publication to ``channel``, keep it as ``history`` says, deliver it;
         return its position."""

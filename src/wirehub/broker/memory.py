@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from ..protocol.messages import Publication, StreamPosition
+from ..protocol.messages import Publication, PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
 
 # Python objects behind one kept publication besides its data and frame: the
@@ -149,7 +149,7 @@ class MemoryBroker:
     def unsubscribe_pattern(self, pattern: str) -> None:
         self._patterns.pop(pattern, None)
 
-    def publish(self, channel: str, data: bytes, *, binary: bool = False, origin: str | None = None,
+    def publish(self, channel: str, data: PublicationData, *, binary: bool = False, origin: str | None = None,
                 key: str | None = None, history: HistoryOptions | None = None) -> StreamPosition:
         stream = self._stream(channel)
         stream.offset += 1

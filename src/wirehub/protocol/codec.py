@@ -97,6 +97,13 @@ class JsonCodec:
         """The payload of a ``message`` for a JSON publication (``data`` is raw JSON)."""
         return self._encoder.encode(Message(channel, offset, msgspec.Raw(data)))
 
+    def message_ends(self, channel: str, offset: int) -> tuple[bytes, bytes]:
+        """What goes before and after a publication's data in its ``message``:
+        ``head + data + tail == encode_message(channel, offset, data)``. The
+        fan-out path frames the three in one copy (``build_message_frame``)."""
+        return (b'{"type":"message","channel":%b,"offset":%d,"data":' % (self._encoder.encode(channel), offset),
+                b"}")
+
     def encode_history(self, channel: str, position: StreamPosition, publications: list[Publication],
                        more: bool, msg_id: Id) -> bytes:
         """A ``history`` reply; a binary publication's bytes go as base64 in ``data_b64``."""
@@ -160,6 +167,7 @@ _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
 _MESSAGE_TYPE = b"message"
+_DATA_HEADER = struct.Struct(">BI")  # a TLV record's tag and length (docs/protocol.md)
 
 
 class TlvCodec:
@@ -293,6 +301,14 @@ class TlvCodec:
         if msg_id is not None:
             records.append((Tag.ID, str(msg_id).encode()))
         return self._encode_records(records)
+
+    def message_ends(self, channel: str, offset: int, data_bytes: int) -> tuple[bytes, bytes]:
+        """What goes before and after a publication's data in its binary
+        ``message``: ``head + data + tail == encode_message(channel, offset, data)``
+        (the records before ``data``, then ``data``'s own tag and length)."""
+        head = self._encode_records([(Tag.TYPE, _MESSAGE_TYPE), (Tag.CHANNEL, channel.encode()),
+                                     (Tag.OFFSET, _U64.pack(offset))])
+        return head + _DATA_HEADER.pack(Tag.DATA, data_bytes), b""
 
     def encode_message(self, channel: str, offset: int, data: bytes) -> bytes:
         """The payload of a binary ``message``; ``data`` is carried untouched."""

@@ -210,11 +210,17 @@ class History(Reply, tag="history"):
     id: Id = None
 
 
+# A publication's data: JSON text or binary bytes. A client's JSON publish
+# keeps the decoder's ``msgspec.Raw`` view into the received message (no
+# copy); both are buffers.
+PublicationData = Union[bytes, msgspec.Raw]
+
+
 class Publication(msgspec.Struct, gc=False):
     """One accepted publication, as the broker hands it to the hub and keeps it in history."""
 
     channel: str
-    data: bytes
+    data: PublicationData
     offset: int
     epoch: str
     binary: bool = False
