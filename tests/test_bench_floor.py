@@ -40,8 +40,9 @@ def test_a_short_run_reports_every_send():
     assert proc.stderr.count("window ") == 2        # progress, one line per window
     for window in result["windows"]:
         assert 10 <= window["rounds"] <= 21         # 50 rounds/s for 0.4 s
-        # A round ends with its last send, so it bounds every delivery in it.
-        assert 0 < window["delivery_p50_us"] <= window["delivery_p99_us"] <= window["round_max_us"]
+        # A round ends with its last send, so it bounds every delivery in it. (A send may
+        # take less than the clock's resolution: 0 is a valid median.)
+        assert 0 <= window["delivery_p50_us"] <= window["delivery_p99_us"] <= window["round_max_us"]
         assert window["round_p50_us"] <= window["round_p99_us"] <= window["round_max_us"]
         assert window["cpu_us_per_send"] > 0 and 0 <= window["kernel_share"] <= 1
 

@@ -15,8 +15,6 @@ import asyncio
 import json
 import logging
 import re
-import statistics
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +25,7 @@ import websockets
 from picows import WSListener, WSMsgType, ws_connect
 
 from docker_engine import LABEL, containers, engine_host, managed, run_script, stop_started_engine, wait_for
-from helpers import connect_recording, json_client, no_position, running_gateway, start_server
+from helpers import connect_recording, json_client, no_position, running_gateway, start_server, until
 
 from wirehub import Config, Gateway
 from wirehub.sources.docker import DockerSources
@@ -60,13 +58,6 @@ def docker_gateway(host: str, *, config: dict[str, Any] | None = None, **options
     sources = DockerSources(Engine(host), **options)
     sources.install(gw)
     return gw, sources
-
-
-async def until(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s"
-        await asyncio.sleep(0.01)
 
 
 async def read_lines(client, channel: str, *, stop_at_end: bool = True, count: int | None = None,
@@ -223,14 +214,14 @@ async def test_one_engine_stream_for_50_viewers_stopped_after_the_last_leaves(do
         for v in viewers[:49]:
             v.transport.disconnect()
         await until(lambda: gw.hub.viewers(ch) == 1, what="49 viewers gone")
-        await asyncio.sleep(0.7)  # longer than the grace period: one viewer still holds it
+        # Nothing but a stop timer, armed when a channel's last viewer leaves, stops a stream
+        # (this container waits for a flag before it exits): with one viewer left, none is armed.
+        assert logs.channels[ch].stop_timer is None
         assert logs.stats.running == 1 and reader.thread.is_alive()
         viewers[49].transport.disconnect()
-        await until(lambda: gw.hub.viewers(ch) == 0, what="last viewer gone")
-        left = time.monotonic()
-        await until(lambda: not reader.thread.is_alive(), timeout_s=5, what="reader thread ended")
-        assert time.monotonic() - left < 1.0, "the engine stream must stop within a second"
-        assert logs.stats.running == 0 and logs.stats.streams_stopped == 1 and ch not in logs.channels
+        await until(lambda: logs.stats.streams_stopped == 1 and not reader.thread.is_alive(),
+                    what="the engine stream stopped after the last viewer left")
+        assert logs.stats.running == 0 and ch not in logs.channels
 
         # The next subscriber starts a fresh engine stream, tail from the engine's backlog.
         async with json_client(gw) as again:
@@ -313,13 +304,13 @@ async def test_aliases_of_one_container_share_one_engine_stream(docker_host, mad
         reader = logs.channels[by_id].stream.reader
         assert (await a.request(type="unsubscribe", channel=by_name))["type"] == "unsubscribed"
         assert (await c.request(type="unsubscribe", channel=by_prefix))["type"] == "unsubscribed"
-        await asyncio.sleep(0.7)  # longer than the grace period
-        assert set(logs.channels) == {by_id} and reader.thread.is_alive() and logs.stats.running == 1
+        # Their grace period over, both detach; the stream, still watched through by_id, runs on.
+        await until(lambda: set(logs.channels) == {by_id}, what="the unwatched aliases detached")
+        assert reader.thread.is_alive() and logs.stats.running == 1 and logs.stats.streams_stopped == 0
         assert (await b.request(type="unsubscribe", channel=by_id))["type"] == "unsubscribed"
-        left = time.monotonic()
-        await until(lambda: not reader.thread.is_alive(), timeout_s=5, what="reader thread ended")
-        assert time.monotonic() - left < 1.0, "the engine stream must stop within a second"
-        assert logs.stats.running == 0 and logs.stats.streams_stopped == 1
+        await until(lambda: logs.stats.streams_stopped == 1 and not reader.thread.is_alive(),
+                    what="the engine stream stopped after the last alias detached")
+        assert logs.stats.running == 0
         assert not logs.channels and not logs.streams
 
         # Two aliases at once: the first reader to resolve the container follows it.
@@ -344,7 +335,6 @@ class LineCounter(WSListener):  # type: ignore[misc]
         self.transport = None
         self.expected = 1
         self.errors: list[str] = []
-        self.first_at = self.last_at = 0.0
         self.done = asyncio.get_running_loop().create_future()
         self.subscribed = asyncio.get_running_loop().create_future()
 
@@ -364,9 +354,6 @@ class LineCounter(WSListener):  # type: ignore[misc]
             if not self.done.done():
                 self.done.set_result(data)
             return
-        if self.expected == 1:
-            self.first_at = time.perf_counter()
-        self.last_at = time.perf_counter()
         if data["line"] != str(self.expected) and len(self.errors) < 5:
             self.errors.append(f"expected {self.expected}, got {data['line']!r}")
         self.expected += 1
@@ -377,33 +364,35 @@ class LineCounter(WSListener):  # type: ignore[misc]
 
 
 class Pinger(WSListener):  # type: ignore[misc]
-    """Pings through the gateway; the round trip ends when the pong frame arrives."""
+    """Pings through the gateway; ``waiting`` holds the ids not answered yet."""
 
     def __init__(self) -> None:
         self.transport = None
-        self.sent: dict[int, float] = {}
-        self.rtts: list[float] = []
+        self.waiting: set[int] = set()
+        self.answered = 0
 
     def on_ws_connected(self, transport) -> None:
         self.transport = transport
 
     def ping(self, n: int) -> None:
-        self.sent[n] = time.perf_counter()
+        self.waiting.add(n)
         self.transport.send(WSMsgType.TEXT, json.dumps({"type": "ping", "id": n}).encode())
 
     def on_ws_frame(self, transport, frame) -> None:
         if frame.msg_type == WSMsgType.TEXT:
             msg = json.loads(frame.get_payload_as_bytes())
             if msg["type"] == "pong":
-                self.rtts.append(time.perf_counter() - self.sent.pop(msg["id"]))
+                self.waiting.remove(msg["id"])
+                self.answered += 1
 
 
 @pytest.mark.slow
-async def test_high_rate_container_keeps_the_loop_responsive(docker_host, made, record_property):
-    """200,000 lines as fast as the engine delivers them: all arrive in order,
-    at ≥ 20,000 lines/s, memory stays bounded by the handoff, and pings
-    through the same gateway (and the same event loop) keep answering
-    within 50 ms."""
+async def test_high_rate_container_keeps_the_loop_responsive(docker_host, made):
+    """200,000 lines as fast as the engine delivers them: all arrive, in order, none
+    lost; what waits for the loop stays bounded by the handoff, which wakes the loop
+    per batch, not per line; and pings through the same gateway (the same event loop)
+    sent while the lines stream are all answered. How fast the lines come and the
+    pings return depends on the machine: bench/docker_logs.py measures that."""
     total, queue_lines = 200_000, 4096
     cid = made.create(f"{wait_for()}; seq 1 {total}")
     ch = f"logs:{cid}"
@@ -416,30 +405,21 @@ async def test_high_rate_container_keeps_the_loop_responsive(docker_host, made, 
         _, pinger = await ws_connect(Pinger, f"ws://127.0.0.1:{gw.port}/ws")
         handoff = sources.logs.channels[ch].stream.handoff
         await asyncio.to_thread(made.signal, cid)
-        n = 0
         await until(lambda: viewer.expected > 1, what="first line")
+        n = 0
         while not viewer.done.done():
             n += 1
             pinger.ping(n)
             await asyncio.sleep(0.01)
         end = await viewer.done
-        await until(lambda: not pinger.sent, what="the last pong")
+        await until(lambda: not pinger.waiting, what="the last pong")
     assert viewer.errors == [] and viewer.expected == total + 1
     assert end["exit_code"] == 0
-    rate = total / (viewer.last_at - viewer.first_at)
-    rtts = sorted(pinger.rtts)
-    p99 = rtts[int(len(rtts) * 0.99) - 1]
-    summary = (f"{rate:.0f} lines/s; ping RTT median {statistics.median(rtts) * 1e3:.1f} ms, "
-               f"p99 {p99 * 1e3:.1f} ms, max {rtts[-1] * 1e3:.1f} ms ({len(rtts)} pings); handoff held at most "
-               f"{handoff.max_items_seen} lines, {handoff.blocked} blocked puts, {handoff.wakeups} wakeups")
-    record_property("high_rate", summary)
-    logging.getLogger("test").warning("high rate: %s", summary)
-    assert rate >= 20_000, summary
-    assert len(rtts) >= 5
-    assert p99 < 0.050, summary
+    assert pinger.answered == n >= 1
+    stats = f"handoff held at most {handoff.max_items_seen} lines, {handoff.wakeups} wakeups"
     # Memory: what waits for the loop is bounded (the limit plus one read's lines).
-    assert handoff.max_items_seen <= queue_lines + 2000, summary
-    assert handoff.wakeups < total / 20, summary  # batches, not a wakeup per line
+    assert handoff.max_items_seen <= queue_lines + 2000, stats
+    assert handoff.wakeups < total / 20, stats  # batches, not a wakeup per line
 
 
 async def test_log_errors(docker_host, made):

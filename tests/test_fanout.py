@@ -8,7 +8,7 @@ import signal
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from helpers import connect_recording, json_client, rss_kib, running_gateway, start_server
+from helpers import connect_recording, json_client, rss_kib, running_gateway, start_server, until
 
 
 class CountingSubscriber(WSListener):  # type: ignore[misc]
@@ -81,7 +81,9 @@ async def test_slow_consumer_is_closed_and_memory_stays_bounded():
         for i in range(total):
             publisher.transport.send(WSMsgType.TEXT, payload)
             if i % 100 == 0:
-                await asyncio.sleep(0.001)  # let the healthy subscriber read
+                # The healthy subscriber reads on this loop: stay within 1,000 messages (1 MB) of
+                # it, however fast this machine publishes, so that it never becomes slow itself.
+                await until(lambda: len(healthy.offsets) >= i - 1000, what="the healthy subscriber reading")
                 peak = max(peak, rss_kib(proc.pid))
         await asyncio.wait_for(done, 30)
         print(f"server RSS before {rss_before} KiB, peak {peak} KiB")

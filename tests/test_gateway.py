@@ -9,13 +9,14 @@ import struct
 
 import pytest
 import websockets
-from picows import WSMsgType
+from picows import WSFrame, WSMsgType, WSTransport, ws_connect
 
 from wirehub import Gateway, Config, Rejected
 from wirehub._speedups import load
 from wirehub.protocol.codec import Tag
 
-from helpers import RawClient, client_frame, connect_recording, json_client, metrics_text, running_gateway
+from helpers import (RawClient, RecordingClient, client_frame, connect_recording, json_client, metrics_text,
+                     running_gateway, until)
 
 TLV = load("ext").tlv
 pytestmark = pytest.mark.parametrize("impl_name", ["ext", "pure"], indirect=False)
@@ -25,6 +26,21 @@ def tlv_publish(channel: str, data: bytes, **extra: bytes) -> bytes:
     records = [(Tag.TYPE, b"publish"), (Tag.CHANNEL, channel.encode()), (Tag.DATA, data)]
     records += [(getattr(Tag, k.upper()), v) for k, v in extra.items()]
     return TLV.encode(records)
+
+
+class PingCounter(RecordingClient):
+    """Answers the server's pings itself, counting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pings = 0
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.PING:
+            self.pings += 1
+            transport.send_pong(frame.get_payload_as_bytes())
+        else:
+            super().on_ws_frame(transport, frame)
 
 
 class TestPubSub:
@@ -190,10 +206,13 @@ class TestLifecycle:
     async def test_unanswered_pings_close_the_connection(self, impl_name):
         async with running_gateway(impl_name, ping_interval_s=0.2, ping_timeout_s=0.2) as gw:
             silent = await connect_recording(gw.port, enable_auto_pong=False)
-            async with json_client(gw) as alive:  # websockets answers pings
-                assert await silent.wait_closed(timeout=3) == 1001
-                await asyncio.sleep(0.5)
-                assert await alive.request(type="ping") == {"type": "pong"}
+            _, alive = await ws_connect(PingCounter, f"ws://127.0.0.1:{gw.port}/ws", enable_auto_pong=False)
+            assert (await alive.recv_json())["type"] == "welcome"
+            assert await silent.wait_closed(timeout=10) == 1001
+            # A second ping is sent only once the first was answered: the pong counted.
+            await until(lambda: alive.pings >= 2, what="a second ping to the client that answers")
+            alive.send_json(type="ping")
+            assert await alive.recv_json() == {"type": "pong"}
 
     async def test_pings_are_answered_in_order_with_their_payload(self, impl_name):
         async with running_gateway(impl_name, echo=True) as gw:
@@ -238,8 +257,7 @@ class TestLifecycle:
         async with running_gateway(impl_name) as gw, json_client(gw) as c:
             await c.ws.close(4321, "bye")
             assert c.ws.protocol.close_rcvd.code == 4321
-            await asyncio.sleep(0.05)
-            assert gw.metrics.connections_current == 0
+            await until(lambda: gw.metrics.connections_current == 0, what="the connection gone")
 
     @pytest.mark.parametrize("path, status, body", [
         ("/healthz", 200, b"ok\n"), ("/nope", 404, b"not found\n"), ("/ws/extra", 404, b"not found\n"),
@@ -302,7 +320,7 @@ class TestEmbeddingApi:
 
         @gw.on("slow_add")
         async def slow_add(conn, msg):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # answers from a later turn of the loop
             return {"type": "sum", "value": msg["a"] + msg["b"]}
 
         @gw.on("broken")
@@ -350,20 +368,22 @@ class TestEmbeddingApi:
     async def test_upgrade_request_is_kept_for_the_connect_hooks_only(self, impl_name):
         gw = Gateway(Config(port=0), implementation=impl_name)
         seen = []
+        release = asyncio.Event()
         gw.on_connect(lambda conn: seen.append(("sync", conn.request.headers.get("X-Tenant"))))
 
         @gw.on_connect
         async def later(conn):
-            await asyncio.sleep(0.05)
+            await release.wait()
             seen.append(("async", conn.request.headers.get("X-Tenant")))
 
         async with running_gateway(gateway=gw):
             async with json_client(gw, "/ws?token=abc&x=1&x=2",
                                    additional_headers={"X-Tenant": "acme"}) as c:
-                await asyncio.sleep(0.2)
-                assert seen == [("sync", "acme"), ("async", "acme")]
                 [conn] = gw.connections
-                assert conn.request is None   # headers let go once the hooks are done
+                assert seen == [("sync", "acme")] and conn.request is not None  # kept while a hook runs
+                release.set()
+                await until(lambda: conn.request is None, what="headers let go once the hooks are done")
+                assert seen == [("sync", "acme"), ("async", "acme")]
                 assert conn.path == "/ws"
                 assert conn.query == {"token": ["abc"], "x": ["1", "2"]}
                 assert conn.subscriptions == set()
@@ -374,7 +394,7 @@ class TestEmbeddingApi:
         # picows keeps the request and the 101 response on its transport;
         # the compiled listener lets go of both (docs/benchmarks.md, idle memory).
         async with running_gateway(impl_name) as gw, json_client(gw):
-            await asyncio.sleep(0.05)
+            # (Let go in the callback that sent the welcome, which json_client has read.)
             [conn] = gw.connections
             assert conn.request is None
             if impl_name == "ext":
@@ -391,5 +411,5 @@ class TestEmbeddingApi:
                 client_id = c.welcome["client_id"]
                 assert events == [("connect", client_id)]
                 assert [conn.client_id for conn in gw.connections] == [client_id]
-            await asyncio.sleep(0.05)
+            await until(lambda: len(events) == 2, what="the disconnect hook")
             assert events == [("connect", client_id), ("disconnect", client_id)]

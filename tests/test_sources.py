@@ -8,10 +8,9 @@ disconnects, or when its channel empties; clients cannot publish on it.
 
 from __future__ import annotations
 
-import asyncio
 import struct
 
-from helpers import json_client, no_position, running_gateway
+from helpers import json_client, no_position, running_gateway, until
 
 from wirehub import Config, Gateway
 from wirehub.protocol.codec import Tag
@@ -72,13 +71,6 @@ class ScriptedSource:
             tail = request.tail or 0
             self.host.send_history(conn, channel, self.ring.get(channel, [])[-tail:] if tail else [])
             self.host.join(conn, channel)
-
-
-async def until(condition, timeout_s=5.0):
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 class TestSourceContract:
