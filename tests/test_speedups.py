@@ -314,6 +314,22 @@ class TestFlusherPacing:
         loop.advance(0.0002)
         assert [t.writes for t in transports] == [[a, b + c], [a, b + c]]
 
+    def test_a_round_already_merged_enough_does_not_wait(self, impl):
+        """Waiting pays only while it merges publications: with
+        ``MERGED_FRAMES`` queued per dirty batch, work is queued and the
+        round starts at once; one frame fewer, and it waits out the pace."""
+        for queued, written_at_once in ((impl.fanout.MERGED_FRAMES - 1, False), (impl.fanout.MERGED_FRAMES, True)):
+            loop, _, transports, batches = self.make(impl, write_s=0.0005)
+            frame = impl.frame.build_frame(1, b"x")
+            impl.fanout.fanout(batches, frame)
+            loop.run_tick()                   # took 1 ms: the next round may wait 1 ms
+            for _ in range(queued):
+                impl.fanout.fanout(batches, frame)
+            loop.run_tick()
+            assert [len(t.writes) for t in transports] == [2 if written_at_once else 1] * 2
+            loop.advance(0.0011)
+            assert [t.writes[1] for t in transports] == [frame * queued] * 2
+
     def test_the_wait_is_capped(self, impl):
         loop, _, transports, batches = self.make(impl, write_s=0.005, max_pace_s=0.002)
         frame = impl.frame.build_frame(1, b"x")

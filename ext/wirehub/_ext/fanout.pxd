@@ -44,6 +44,7 @@ cdef class Flusher:
     cdef object _slice_handle           # Handle of the round's next slice
     cdef object _paced                  # TimerHandle of a paced fan-out flush, or None
     cdef double _not_before             # loop time before which fan-out waits
+    cdef Py_ssize_t _queued_frames      # fan-out frames queued since the last round started
     cdef readonly double max_pace_s
     cdef readonly object loop
     cdef SharedChunk _chunk             # where fanout() copies frames this tick

@@ -27,6 +27,7 @@ from .frame import build_frame
 SHARE_ABOVE = 16384  # bytes; frames this large are queued by reference
 WRITE_THROUGH = 65536  # bytes; a batch this full is written at once, not at tick end
 PACE_ABOVE_S = 0.0002  # a fan-out flush shorter than this does not delay the next one
+MERGED_FRAMES = 8  # frames per dirty batch at which a fan-out round starts without waiting out the pace
 ROUND_SLICE = 32  # batches a fan-out round writes per loop iteration
 # Upper bounds (seconds) of the fan-out round histogram (see _ext.fanout).
 ROUND_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5,
@@ -48,9 +49,10 @@ Notice = Callable[[int, int, int, int], bytes]
 
 class Flusher:
     """Write every dirty ``OutBatch`` once, on the next event-loop iteration;
-    batches holding a direct reply first, fan-out traffic paced and written
-    ``ROUND_SLICE`` batches per iteration, each round's duration measured
-    with ``clock`` (see ``_ext.fanout.Flusher``)."""
+    batches holding a direct reply first, fan-out traffic paced while that
+    merges publications (fewer than ``MERGED_FRAMES`` queued per dirty batch)
+    and written ``ROUND_SLICE`` batches per iteration, each round's duration
+    measured with ``clock`` (see ``_ext.fanout.Flusher``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_pace_s: float = 0.001,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -61,6 +63,7 @@ class Flusher:
         self._scheduled = False
         self._paced: asyncio.TimerHandle | None = None
         self._not_before = 0.0
+        self.queued_frames = 0  # fan-out frames queued since the last round started
         self._round: list[OutBatch] | None = None  # the fan-out round being written
         self._round_pos = 0
         self._round_started = 0.0
@@ -83,9 +86,11 @@ class Flusher:
         if not self._dirty or self._paced is not None or self._round is not None:
             return
         now = self.loop.time()
-        if self.max_pace_s > 0 and now < self._not_before:
+        if (self.max_pace_s > 0 and now < self._not_before
+                and self.queued_frames < MERGED_FRAMES * len(self._dirty)):
             self._paced = self.loop.call_at(self._not_before, self._on_paced)
             return
+        self.queued_frames = 0
         self._round, self._dirty = self._dirty, []
         self._round_pos = 0
         self._round_started = now
@@ -186,6 +191,7 @@ class OutBatch:
         """Queue a complete frame; return False if the batch refused it."""
         if not self._queue(frame):
             return False
+        self._flusher.queued_frames += 1
         if self.paused:
             return True
         if self.pending_bytes >= WRITE_THROUGH:
