@@ -85,6 +85,35 @@ class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(level, msg, *args, **kwargs)
 
 
+class SwitchingProtocols(WSUpgradeResponse):
+    """A 101 answer followed, in the same write, by the connection's first
+    frame (its ``welcome``): one ``send()`` per handshake instead of two, and
+    no outbound buffer taken for it. Once a server has sent its handshake,
+    the connection is open and it may send frames (RFC 6455 §4.2.2).
+
+    picows adds ``Sec-WebSocket-Accept`` to ``headers`` and calls
+    ``to_bytes()``, which writes the constant part of the head without
+    picows's per-header formatting.
+    """
+
+    _HEAD = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+
+    def __init__(self, headers: dict[str, str], frames: bytes) -> None:
+        self.version = b"HTTP/1.1"
+        self.status = HTTPStatus.SWITCHING_PROTOCOLS
+        self.headers = headers
+        self.body = None
+        self._frames = frames
+
+    def to_bytes(self) -> bytearray:
+        out = bytearray(self._HEAD)
+        for name, value in self.headers.items():
+            out += b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
+        out += b"\r\n"
+        out += self._frames
+        return out
+
+
 class Gateway:
     """A WebSocket pub/sub gateway.
 
@@ -419,9 +448,10 @@ class Gateway:
                 return self._unauthorized(exc)
             if subprotocol is not None:
                 response_headers["Sec-WebSocket-Protocol"] = subprotocol
-            listener = Connection(self, request, params, principal).listener
-        else:
-            listener = EchoConnection(self, params).listener
+            conn = Connection(self, request, params, principal)
+            return WSUpgradeResponseWithListener(SwitchingProtocols(response_headers, conn.welcome_frame()),
+                                                 conn.listener)
+        listener = EchoConnection(self, params).listener
         if not response_headers:
             return listener
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(response_headers), listener)
