@@ -214,6 +214,25 @@ class TestLifecycle:
             alive.send_json(type="ping")
             assert await alive.recv_json() == {"type": "pong"}
 
+    async def test_the_welcome_follows_the_101_with_the_agreed_headers(self, impl_name):
+        """The 101 and the ``welcome`` go out in one write; the head still
+        carries what was agreed, the welcome is an uncompressed text frame,
+        and client ids stay unique past a draw of the id pool (512)."""
+        async with running_gateway(impl_name, max_connections_per_ip=0, new_connections_per_ip_per_s=0) as gw:
+            ids = set()
+            for _ in range(600):
+                client = await RawClient.connect(gw.port, "/ws", extensions="permessage-deflate")
+                head = client.handshake
+                assert head.startswith("HTTP/1.1 101 Switching Protocols\r\n"), head
+                assert "Sec-WebSocket-Accept: " in head and "Sec-WebSocket-Extensions: permessage-deflate" in head
+                opcode, payload = await client.frame()
+                assert opcode == WSMsgType.TEXT and not client.last_rsv1
+                welcome = json.loads(payload)
+                assert welcome["type"] == "welcome" and len(welcome["client_id"]) == 16
+                ids.add(welcome["client_id"])
+                client.writer.close()
+            assert len(ids) == 600
+
     async def test_pings_are_answered_in_order_with_their_payload(self, impl_name):
         async with running_gateway(impl_name, echo=True) as gw:
             client = await RawClient.connect(gw.port, "/echo")
