@@ -23,8 +23,10 @@ from helpers import (RecordingClient, connect_recording, json_client, metrics_te
                      start_server, subscribed_position)
 from picows import WSListener, WSMsgType, ws_connect
 
-from wirehub import ChannelOptions
+from wirehub import ChannelOptions, Config, Gateway
 from wirehub._speedups import load
+from wirehub.broker.memory import MemoryBroker
+from wirehub.clock import ManualClock
 from wirehub.auth import mint_token
 from wirehub.protocol.codec import Tag
 from wirehub.protocol.messages import Range, StreamPosition
@@ -487,3 +489,76 @@ async def test_history_of_10000_channels_stays_under_its_cap(impl_name):
         print(f"RSS grew by {grown / 2**20:.1f} MiB for {kept / 2**20:.1f} MiB of history as counted")
         assert 0.9 * cap < kept <= cap
         assert grown < 2.5 * cap
+
+
+# -- retried publishes (idempotency keys) ------------------------------------------------
+
+async def test_a_retried_publish_is_answered_with_the_first_position_and_not_published_again(impl_name):
+    async with running_gateway(impl_name) as gw, json_client(gw) as sub, json_client(gw) as pub:
+        await sub.subscribe("orders")
+        await sub.subscribe("audit")
+        first = await pub.request(type="publish", channel="orders", data={"n": 1}, id=1, idempotency_key="k1")
+        retry = await pub.request(type="publish", channel="orders", data={"n": 1}, id=2, idempotency_key="k1")
+        assert "duplicate" not in first and first["offset"] == 1
+        assert retry == {**first, "id": 2, "duplicate": True}
+        # The key is per channel; a publish without a key is never a retry.
+        assert (await pub.request(type="publish", channel="audit", data=1, id=3, idempotency_key="k1"))["offset"] == 1
+        assert (await pub.request(type="publish", channel="orders", data={"n": 2}, id=4))["offset"] == 2
+        received = [await sub.recv() for _ in range(3)]
+        assert [(m["channel"], m["offset"], m["data"]) for m in received] == [
+            ("orders", 1, {"n": 1}), ("audit", 1, 1), ("orders", 2, {"n": 2})]
+        assert gw.metrics.duplicate_publishes_total == 1 and gw.metrics.publications_total == 3
+        assert "wirehub_duplicate_publishes_total 1\n" in await metrics_text(gw.port)
+
+
+async def test_a_retried_binary_publish_is_marked_in_tlv(impl_name):
+    tlv = load("ext").tlv
+    publish = tlv.encode([(Tag.TYPE, b"publish"), (Tag.CHANNEL, b"b"), (Tag.DATA, b"\x00\xff"), (Tag.ID, b"1"),
+                          (Tag.IDEMPOTENCY_KEY, "clé".encode())])
+    async with running_gateway(impl_name) as gw, json_client(gw) as c:
+        await c.ws.send(publish)
+        first = dict(tlv.decode(await c.ws.recv()))
+        await c.ws.send(publish)
+        retry = dict(tlv.decode(await c.ws.recv()))
+        assert first[Tag.TYPE] == b"published" and Tag.DUPLICATE not in first
+        assert retry == {**first, Tag.DUPLICATE: b"\x01"}
+        too_long = tlv.encode([(Tag.TYPE, b"publish"), (Tag.CHANNEL, b"b"), (Tag.DATA, b""),
+                               (Tag.IDEMPOTENCY_KEY, b"k" * 256)])
+        await c.ws.send(too_long)
+        assert dict(tlv.decode(await c.ws.recv()))[Tag.CODE] == b"invalid_field"
+
+
+async def test_idempotency_keys_are_forgotten_after_the_window_and_past_the_limit(impl_name):
+    clock = ManualClock()
+    gw = Gateway(Config(port=0, idempotency_window_s=60, idempotency_max_keys=2), implementation=impl_name,
+                 clock=clock)
+    async with running_gateway(gateway=gw), json_client(gw) as c:
+        async def offset(key: str) -> int:
+            return (await c.request(type="publish", channel="c", data=0, id=1, idempotency_key=key))["offset"]
+
+        assert [await offset(k) for k in ("a", "b", "a")] == [1, 2, 1]
+        clock.advance(59.9)
+        assert await offset("b") == 2          # still within the window
+        clock.advance(0.1)
+        assert await offset("b") == 3          # forgotten: published again
+        assert [await offset(k) for k in ("x", "y", "b")] == [4, 5, 6]  # "b" was the oldest of three
+
+
+async def test_bad_idempotency_keys_are_refused_by_field(impl_name):
+    async with running_gateway(impl_name) as gw, json_client(gw) as c:
+        for bad in ("", "k" * 256, 7):
+            reply = await c.request(type="publish", channel="c", data=0, id=1, idempotency_key=bad)
+            assert reply["type"] == "error" and reply["code"] == "invalid_field", reply
+            assert "idempotency_key" in reply["error"]
+        assert (await c.request(type="publish", channel="c", data=0, id=2))["offset"] == 1  # nothing published
+
+
+async def test_a_key_from_a_forgotten_stream_publishes_again(impl_name):
+    """The memory broker forgets idle channels (a new epoch): a retry then
+    lands in the new stream instead of pointing at an offset nobody has."""
+    broker = MemoryBroker(max_idle_channels=1)
+    first, duplicate = broker.publish_once("a", b"1", "k")
+    assert not duplicate and broker.publish_once("a", b"1", "k") == (first, True)
+    broker.publish("b", b"")                       # "a" is forgotten
+    again, duplicate = broker.publish_once("a", b"1", "k")
+    assert not duplicate and again.epoch != first.epoch and again.offset == 1

@@ -114,6 +114,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     docker_max_log_streams: Annotated[int, Positive] = 256
     channels: list[ChannelOptions] = []
     history_max_bytes: Annotated[int, Positive] = 256 * MiB
+    idempotency_window_s: Annotated[float, NonNegative] = 120.0
+    idempotency_max_keys: Annotated[int, Positive] = 100_000
 
     @property
     def auth_enabled(self) -> bool:
@@ -218,6 +220,10 @@ HELP: dict[str, str] = {
                  "the first pattern that covers a channel wins (docs/delivery.md)"),
     "history_max_bytes": ("memory for all channels' history; past it the least recently published "
                           "channels lose theirs"),
+    "idempotency_window_s": ("seconds a publish's idempotency_key is remembered: a retry with the same "
+                             "key on the same channel is answered with the first one's offset and dropped "
+                             "(0: keys are ignored)"),
+    "idempotency_max_keys": "idempotency keys remembered at once, across channels; past it the oldest go first",
 }
 
 ENV_PREFIX = "WIREHUB_"

@@ -269,11 +269,17 @@ class Connection:
     def _publish(self, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         # msg.data stays the decoder's view into the received message: the
         # data is copied next into the frame every subscriber shares (hub).
-        position = self._hub.publish_checked(msg.channel, msg.data, binary=opcode == OP_BINARY,
-                                             origin=self.client_id if msg.exclude_self else None,
-                                             key=msg.key)
+        origin = self.client_id if msg.exclude_self else None
+        duplicate = False
+        if msg.idempotency_key is None:
+            position = self._hub.publish_checked(msg.channel, msg.data, binary=opcode == OP_BINARY,
+                                                 origin=origin, key=msg.key)
+        else:
+            position, duplicate = self._hub.publish_once(msg.channel, msg.data, msg.idempotency_key,
+                                                         binary=opcode == OP_BINARY, origin=origin, key=msg.key)
         if msg.id is not None:
-            self._reply(Published(msg.channel, position.offset, msg.id, position.epoch), codec, opcode)
+            self._reply(Published(msg.channel, position.offset, msg.id, position.epoch, duplicate or None),
+                        codec, opcode)
 
     def _history(self, msg: HistoryRequest, principal: Principal, codec: JsonCodec | TlvCodec,
                  opcode: int) -> None:

@@ -159,7 +159,9 @@ class Gateway:
         # Compressors without context takeover are stateless between messages:
         # one per window size serves every connection (and every fan-out).
         self._shared_compressors: dict[int, Any] = {}
-        self.broker = broker or MemoryBroker(max_history_bytes=cfg.history_max_bytes)
+        self.broker = broker or MemoryBroker(
+            max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,
+            idempotency_window_s=cfg.idempotency_window_s, idempotency_max_keys=cfg.idempotency_max_keys)
         self.policies = ChannelPolicies(cfg.channels)
         self.hub = Hub(self.broker, self.impl, self.json_codec, self.tlv_codec, self.metrics,
                        max_channel_length=cfg.max_channel_length,

@@ -560,6 +560,22 @@ class Hub:
         return self._broker.publish(channel, data, binary=binary, origin=origin, key=key,
                                     history=self.policies.for_channel(channel).history)
 
+    def publish_once(self, channel: str, data: PublicationData, idempotency_key: str, *, binary: bool = False,
+                     origin: str | None = None, key: str | None = None) -> tuple[StreamPosition, bool]:
+        """``publish_checked`` with an idempotency key: a retry of a publish
+        the broker accepted lately is not published again; returns the
+        position and whether it was such a retry (``Broker.publish_once``)."""
+        if self.sources and self.source_for(channel) is not None:
+            raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
+        position, duplicate = self._broker.publish_once(
+            channel, data, idempotency_key, binary=binary, origin=origin, key=key,
+            history=self.policies.for_channel(channel).history)
+        if duplicate:
+            self._metrics.duplicate_publishes_total += 1
+        else:
+            self._metrics.publications_total += 1
+        return position, duplicate
+
     async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:
         """``channel``'s kept publications after ``since`` (before it with

@@ -15,7 +15,7 @@ class Metrics:
     __slots__ = ("connections_total", "connections_current", "messages_received_total",
                  "publications_total", "deliveries_total", "errors_total", "closes_total",
                  "http_requests_total", "refusals_total", "auth_failures_total", "dropped_total",
-                 "lagged_total", "recoveries_total", "collectors")
+                 "lagged_total", "recoveries_total", "duplicate_publishes_total", "collectors")
 
     def __init__(self) -> None:
         self.connections_total = 0
@@ -30,6 +30,7 @@ class Metrics:
         self.auth_failures_total: Counter[str] = Counter()
         self.dropped_total = 0      # publications a slow-consumer policy or max_rate did not deliver
         self.lagged_total = 0       # ``lagged`` notices sent
+        self.duplicate_publishes_total = 0  # publishes dropped as retries of an accepted idempotency key
         self.recoveries_total: Counter[str] = Counter()  # subscribes with ``since``, by result
         # Callables returning more exposition lines (sources add theirs).
         self.collectors: list[Callable[[], list[str]]] = []
@@ -55,6 +56,8 @@ class Metrics:
             f"wirehub_dropped_total {self.dropped_total}",
             "# TYPE wirehub_lagged_total counter",
             f"wirehub_lagged_total {self.lagged_total}",
+            "# TYPE wirehub_duplicate_publishes_total counter",
+            f"wirehub_duplicate_publishes_total {self.duplicate_publishes_total}",
             "# TYPE wirehub_errors_total counter",
         ]
         lines += [f'wirehub_errors_total{{code="{code}"}} {n}' for code, n in sorted(self.errors_total.items())]

@@ -76,6 +76,15 @@ class Broker(Protocol):
         """Append a publication to ``channel``, keep it as ``history`` says, deliver it;
         return its position."""
 
+    def publish_once(self, channel: str, data: PublicationData, idempotency_key: str, *, binary: bool = False,
+                     origin: str | None = None, key: str | None = None,
+                     history: HistoryOptions | None = None) -> tuple[StreamPosition, bool]:
+        """``publish``, unless a publish with ``idempotency_key`` was accepted on
+        ``channel`` within the broker's idempotency window: then nothing is
+        published, and the answer is that publish's position and True. The
+        check and the publish are one step (one process here; one script in
+        a shared broker), so two retries racing each other publish once."""
+
     def position(self, channel: str) -> StreamPosition:
         """``channel``'s last offset and its epoch, as this process knows them now."""
 

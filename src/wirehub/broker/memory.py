@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from ..protocol.messages import Publication, PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
+from .idempotency import RecentKeys
 
 # Python objects behind one kept publication besides its data and frame: the
 # Publication struct, two bytes headers, a list slot (measured with
@@ -99,7 +100,8 @@ class MemoryBroker:
     """
 
     def __init__(self, max_idle_channels: int = 100_000, max_history_bytes: int = 256 << 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, idempotency_window_s: float = 120.0,
+                 idempotency_max_keys: int = 100_000) -> None:
         self._streams: dict[str, _Stream] = {}
         self._idle: dict[str, None] = {}  # insertion-ordered: oldest first
         self._max_idle = max_idle_channels
@@ -109,6 +111,7 @@ class MemoryBroker:
         self._clock = clock
         self._handler: BrokerEventHandler | None = None
         self._patterns: dict[str, None] = {}
+        self.idempotency = RecentKeys(idempotency_window_s, idempotency_max_keys)
 
     @property
     def history_bytes(self) -> int:
@@ -160,6 +163,18 @@ class MemoryBroker:
         if (stream.subscribed or self._patterns) and self._handler is not None:
             self._handler.handle_publication(pub, origin)
         return StreamPosition(pub.offset, pub.epoch)
+
+    def publish_once(self, channel: str, data: PublicationData, idempotency_key: str, *, binary: bool = False,
+                     origin: str | None = None, key: str | None = None,
+                     history: HistoryOptions | None = None) -> tuple[StreamPosition, bool]:
+        now = self._clock()
+        seen = self.idempotency.seen(channel, idempotency_key, now)
+        # A key from an earlier epoch points at a stream this broker lost: publish again.
+        if seen is not None and seen.epoch == self._stream(channel).epoch:
+            return seen, True
+        position = self.publish(channel, data, binary=binary, origin=origin, key=key, history=history)
+        self.idempotency.remember(channel, idempotency_key, position, now)
+        return position, False
 
     def position(self, channel: str) -> StreamPosition:
         stream = self._stream(channel)

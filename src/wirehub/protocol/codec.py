@@ -148,6 +148,8 @@ class Tag:
     PUBLICATION = 0x3B
     MORE = 0x3C
     BINARY = 0x3D
+    IDEMPOTENCY_KEY = 0x3E
+    DUPLICATE = 0x3F
 
 
 _FIELD_BY_TAG = {
@@ -159,10 +161,10 @@ _FIELD_BY_TAG = {
     Tag.SINCE_EPOCH: "since_epoch", Tag.RECOVERED: "recovered", Tag.FROM: "first",
     Tag.TO: "last", Tag.DROPPED: "dropped", Tag.LIMIT: "limit", Tag.REVERSE: "reverse",
     Tag.MAX_RATE: "max_rate", Tag.KEY: "key", Tag.PUBLICATION: "publications", Tag.MORE: "more",
-    Tag.BINARY: "binary",
+    Tag.BINARY: "binary", Tag.IDEMPOTENCY_KEY: "idempotency_key", Tag.DUPLICATE: "duplicate",
 }
 _U64_FIELDS = frozenset({"offset", "exp", "tail", "since_offset", "first", "last", "dropped", "limit"})
-_FLAG_FIELDS = frozenset({"exclude_self", "recovered", "reverse", "more", "binary"})
+_FLAG_FIELDS = frozenset({"exclude_self", "recovered", "reverse", "more", "binary", "duplicate"})
 _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
 _F64 = struct.Struct(">d")
@@ -197,11 +199,13 @@ class TlvCodec:
         if msg_type is None:
             raise UnknownType("missing `type`", id=msg_id)
         if msg_type == "publish":
-            key = fields.get("key")
+            key, once = fields.get("key"), fields.get("idempotency_key")
             if key is not None and len(key) > MAX_KEY_LENGTH:
                 raise InvalidField(f"TLV `key` must be at most {MAX_KEY_LENGTH} characters", id=msg_id)
+            if once is not None and not 0 < len(once) <= MAX_KEY_LENGTH:
+                raise InvalidField(f"TLV `idempotency_key` must be 1 to {MAX_KEY_LENGTH} characters", id=msg_id)
             return Publish(self._require(fields, "channel"), msgspec.Raw(self._require(fields, "data")),
-                           msg_id, fields.get("exclude_self", False), key)
+                           msg_id, fields.get("exclude_self", False), key, once)
         if msg_type == "subscribe":
             self._require(fields, "channel")
             return self._convert(fields, Subscribe, ("channel", "id", "tail", "max_rate"))

@@ -62,6 +62,8 @@ class Publish(Command, tag="publish"):
     exclude_self: bool = False
     # Conflation and max_rate keep the latest publication per key.
     key: Union[Annotated[str, msgspec.Meta(max_length=MAX_KEY_LENGTH)], None] = None
+    # A retry with the same key on the same channel is not published again (docs/delivery.md).
+    idempotency_key: Union[Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_LENGTH)], None] = None
 
 
 class Ping(Command, tag="ping"):
@@ -143,6 +145,9 @@ class Published(Reply, tag="published"):
     offset: int
     id: Id = None
     epoch: Union[str, None] = None
+    # True: the publish repeated an idempotency key; this is the first
+    # one's position, and nothing was published again. Absent otherwise.
+    duplicate: Union[bool, None] = None
 
 
 class Message(Reply, tag="message"):
