@@ -40,7 +40,7 @@ async def test_subscribe_publish_request_and_wait_for():
     async with running_gateway(channels=KEEP_ALL) as gw:
         @gw.on("add")
         def add(conn, msg):
-            return {"type": "sum", "value": msg["a"] + msg["b"], "id": msg.get("id")}
+            return {"type": "sum", "value": msg["a"] + msg["b"]}  # the gateway adds the id
 
         async with wirehub.connect(url(gw)) as client:
             assert client.state == CONNECTED and client.client_id

@@ -354,6 +354,9 @@ class TestEmbeddingApi:
             assert await c.request(type="whoami", x=5) == \
                 {"type": "you_are", "client_id": c.welcome["client_id"], "echo": 5}
             assert await c.request(type="slow_add", a=2, b=3) == {"type": "sum", "value": 5}
+            # A dict answer gets the request's id, sync or async, so clients can match it.
+            assert (await c.request(type="whoami", x=1, id="q1"))["id"] == "q1"
+            assert await c.request(type="slow_add", a=1, b=1, id=7) == {"type": "sum", "value": 2, "id": 7}
             assert await c.request(type="broken", id=1) == \
                 {"type": "error", "code": "internal_error", "error": "internal error; see the server log", "id": 1}
             assert (await c.request(type="refuse"))["code"] == "forbidden"

@@ -198,8 +198,10 @@ class _Listener(WSListener):  # type: ignore[misc]
             else:
                 self._client._dispatch(msg)
         elif frame.msg_type == WSMsgType.CLOSE:
-            self._close = (int(frame.get_close_code()), frame.get_close_reason() or "")
-            transport.send_close(frame.get_close_code())
+            code = int(frame.get_close_code())
+            self._close = (code, frame.get_close_reason() or "")
+            # Echo the code (RFC 6455 §5.5.1), unless it is one that never goes on the wire.
+            transport.send_close(code if code not in (1005, 1006, 1015) else 1000)
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:

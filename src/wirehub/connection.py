@@ -39,6 +39,15 @@ logger = logging.getLogger("wirehub.connection")
 _NO_SUBSCRIPTIONS: frozenset[str] = frozenset()
 
 
+def _answering(result: Any, msg: Any) -> Any:
+    """A handler's dict answer carries the request's ``id`` (unless it set
+    one), so that clients match answers to requests without the handler's help."""
+    msg_id = getattr(msg, "id", None)
+    if msg_id is not None and isinstance(result, dict) and "id" not in result:
+        return {**result, "id": msg_id}
+    return result
+
+
 class _ClientIds:
     """Unguessable client ids, 8 random bytes each, drawn from one
     ``os.urandom`` call per ``IDS_PER_DRAW`` ids: a ``getrandom`` system call
@@ -378,7 +387,7 @@ class Connection:
         if inspect.isawaitable(result):
             self._run(result, msg, codec, opcode)
         elif result is not None:
-            self.send(result)
+            self.send(_answering(result, msg))
 
     def _check_running(self) -> None:
         """Refuse another task past ``max_pending_handlers_per_connection``."""
@@ -414,7 +423,7 @@ class Connection:
         elif isinstance(task.result(), bytes):
             self.push(opcode, task.result())
         elif task.result() is not None:
-            self.send(task.result())
+            self.send(_answering(task.result(), msg))
 
     def _internal_error(self, msg: CustomMessage, codec: JsonCodec | TlvCodec, opcode: int,
                         exc: BaseException | None = None) -> None:

@@ -211,7 +211,9 @@ class Gateway:
         """Register ``handler(conn, message_dict)`` for an application message type.
 
         Usable as a decorator. The handler may be sync or async; a non-None
-        return value is sent back to the client as JSON. Raising a
+        return value is sent back to the client as JSON (a dict gets the
+        message's ``id`` when it has none, for clients that match answers
+        to requests). Raising a
         ``WirehubError`` answers with that error; any other exception answers
         ``internal_error`` and is logged. With ``permission``, only clients
         whose token lists it (or ``admin``) get through; the others get
