@@ -554,8 +554,7 @@ class Hub:
                         origin: str | None = None, key: str | None = None) -> StreamPosition:
         """``publish`` for a name the caller already passed through ``check_channel``
         (a client's publish is checked before its permission is)."""
-        if self.sources and self.source_for(channel) is not None:
-            raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
+        self._check_writable(channel)
         self._metrics.publications_total += 1
         return self._broker.publish(channel, data, binary=binary, origin=origin, key=key,
                                     history=self.policies.for_channel(channel).history)
@@ -565,8 +564,7 @@ class Hub:
         """``publish_checked`` with an idempotency key: a retry of a publish
         the broker accepted lately is not published again; returns the
         position and whether it was such a retry (``Broker.publish_once``)."""
-        if self.sources and self.source_for(channel) is not None:
-            raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
+        self._check_writable(channel)
         position, duplicate = self._broker.publish_once(
             channel, data, idempotency_key, binary=binary, origin=origin, key=key,
             history=self.policies.for_channel(channel).history)
@@ -575,6 +573,10 @@ class Hub:
         else:
             self._metrics.publications_total += 1
         return position, duplicate
+
+    def _check_writable(self, channel: str) -> None:
+        if self.sources and self.source_for(channel) is not None:
+            raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
 
     async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:
@@ -635,12 +637,10 @@ class Hub:
         frame = pub.frame
         if frame is None:
             if pub.binary:
-                head, tail = self._tlv.message_ends(pub.channel, pub.offset, len(pub.data))
-                frame = self._build_message_frame(OP_BINARY, head, pub.data, tail)
+                opcode, (head, tail) = OP_BINARY, self._tlv.message_ends(pub.channel, pub.offset, len(pub.data))
             else:
-                head, tail = self._json.message_ends(pub.channel, pub.offset)
-                frame = self._build_message_frame(OP_TEXT, head, pub.data, tail)
-            pub.frame = frame
+                opcode, (head, tail) = OP_TEXT, self._json.message_ends(pub.channel, pub.offset)
+            frame = pub.frame = self._build_message_frame(opcode, head, pub.data, tail)
         return frame
 
     def _deliver(self, channel: Channel, opcode: int, payload: memoryview, origin: str | None,

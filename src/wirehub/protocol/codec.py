@@ -18,7 +18,7 @@ import msgspec
 
 from .errors import InvalidField, InvalidMessage, UnknownType
 from .messages import (MAX_KEY_LENGTH, Auth, ClientMessage, Command, CustomMessage, History,
-                       HistoryEntry, HistoryRequest, Id, Message, Ping, Publication, Publish, Range, Reply,
+                       HistoryEntry, HistoryRequest, Id, Ping, Publication, Publish, Range, Reply,
                        StreamPosition, Subscribe, Unsubscribe)
 
 _TYPE_PATH = re.compile(r"at `\$\.type`$")
@@ -95,11 +95,12 @@ class JsonCodec:
 
     def encode_message(self, channel: str, offset: int, data: bytes) -> bytes:
         """The payload of a ``message`` for a JSON publication (``data`` is raw JSON)."""
-        return self._encoder.encode(Message(channel, offset, msgspec.Raw(data)))
+        head, tail = self.message_ends(channel, offset)
+        return b"".join((head, data, tail))
 
     def message_ends(self, channel: str, offset: int) -> tuple[bytes, bytes]:
-        """What goes before and after a publication's data in its ``message``:
-        ``head + data + tail == encode_message(channel, offset, data)``. The
+        """What goes before and after a publication's data in its ``message``
+        (msgspec's encoding of ``Message``, split around ``data``). The
         fan-out path frames the three in one copy (``build_message_frame``)."""
         return (b'{"type":"message","channel":%b,"offset":%d,"data":' % (self._encoder.encode(channel), offset),
                 b"}")
@@ -308,13 +309,13 @@ class TlvCodec:
 
     def message_ends(self, channel: str, offset: int, data_bytes: int) -> tuple[bytes, bytes]:
         """What goes before and after a publication's data in its binary
-        ``message``: ``head + data + tail == encode_message(channel, offset, data)``
-        (the records before ``data``, then ``data``'s own tag and length)."""
+        ``message``: the records before ``data``, then ``data``'s own tag and
+        length (nothing after it)."""
         head = self._encode_records([(Tag.TYPE, _MESSAGE_TYPE), (Tag.CHANNEL, channel.encode()),
                                      (Tag.OFFSET, _U64.pack(offset))])
         return head + _DATA_HEADER.pack(Tag.DATA, data_bytes), b""
 
     def encode_message(self, channel: str, offset: int, data: bytes) -> bytes:
         """The payload of a binary ``message``; ``data`` is carried untouched."""
-        return self._encode_records([(Tag.TYPE, _MESSAGE_TYPE), (Tag.CHANNEL, channel.encode()),
-                                     (Tag.OFFSET, _U64.pack(offset)), (Tag.DATA, data)])
+        head, tail = self.message_ends(channel, offset, len(data))
+        return b"".join((head, data, tail))
