@@ -404,13 +404,13 @@ int main(int argc, char **argv) {
         printf("%s\"%s\": %ld", i ? ", " : "", kinds[i].name, kinds[i].count);
     printf("}, \"concurrency\": %ld, \"close\": \"%s\", \"busy_poll\": %s, \"elapsed_s\": %.6f, "
            "\"handshakes_per_s\": %.1f, \"latency_us\": {\"p50\": %.1f, \"p99\": %.1f, "
-           "\"max\": %.1f}, \"client_cpu_s\": %.3f",
+           "\"max\": %.1f}, \"client_cpu_s\": %.6f",
            concurrency, close_name, busy_poll ? "true" : "false", elapsed_s,
            elapsed_s > 0 ? ok / elapsed_s : 0.0, percentile(r->latency, ok, 0.50) / 1e3,
            percentile(r->latency, ok, 0.99) / 1e3, ok ? r->latency[ok - 1] / 1e3 : 0.0, client_cpu);
     /* The server's CPU over the same window (the held connections' closes come after). */
     if (server_cpu >= 0)
-        printf(", \"server\": {\"pid\": %d, \"cpu_s\": %.3f, \"cpu_percent\": %.1f, "
+        printf(", \"server\": {\"pid\": %d, \"cpu_s\": %.6f, \"cpu_percent\": %.1f, "
                "\"handshakes_per_cpu_s\": %.0f}", server_pid, server_cpu,
                elapsed_s > 0 ? 100 * server_cpu / elapsed_s : 0.0,
                server_cpu > 0 ? ok / server_cpu : 0.0);
