@@ -68,9 +68,10 @@ setup(
         "wirehub.broker",
         "wirehub.protocol",
         "wirehub.sources",
+        "wirehub.static",
         "wirehub.loadgen",
     ],
-    package_data={"wirehub": ["py.typed"]},
+    package_data={"wirehub": ["py.typed"], "wirehub.static": ["*.js", "package.json"]},
     ext_modules=_extensions(),
     options={"build_ext": {"parallel": BUILD_JOBS}},
 )

@@ -32,7 +32,7 @@ import msgspec
 from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol
 
-from . import _speedups, openfiles
+from . import _speedups, openfiles, static_files
 from .__version__ import __version__
 from .admission import Admission, RefusalReason
 from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
@@ -181,6 +181,7 @@ class Gateway:
         build = f'wirehub_build_info{{hot_path="{self.impl.name}",version="{__version__}"}} 1'
         self.metrics.collectors.append(lambda: ["# TYPE wirehub_build_info gauge", build])
         self.gc_watch = PauseWatch()
+        self.static_files = static_files.load_all()
         self.metrics.collectors.append(self.gc_watch.metric_lines)
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -429,6 +430,11 @@ class Gateway:
         if path == "/metrics":
             body = self.metrics.render(self.hub.subscription_count, len(self.hub.channels))
             return self._http(HTTPStatus.OK, body.encode(), "text/plain; version=0.0.4")
+        static = self.static_files.get(path)
+        if static is not None:
+            response = static.response(request.headers.get("If-None-Match"))
+            self.metrics.http_requests_total[int(response.status)] += 1
+            return WSUpgradeResponseWithListener(response, None)
         return self._http(HTTPStatus.NOT_FOUND, b"not found\n")
 
     def _upgrade(self, request: WSUpgradeRequest, path: str) -> Any:
