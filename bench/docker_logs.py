@@ -1,4 +1,4 @@
-"""Docker log channels: lines/s through wirehub against the engine's own stream, and pings meanwhile.
+"""Docker log channels: lines/s through wirehub against the engine's own stream, pings meanwhile, and subscribe -> first line.
 
 Each round runs two busybox containers (tests/engine's image, no network)
 that wait for a flag, then write ``seq 1 <--lines>`` as fast as they can:
@@ -18,12 +18,30 @@ to the direct read of the same round; the pings' round trips while the lines
 stream (median, p99, max) against the same gateway idle. Every line must
 arrive once, in order, in both: otherwise the run fails (status 1).
 
+First line (``--first-line`` rounds): how soon a viewer sees a container
+that never stops printing (a numbered line every 5 ms). Each round starts
+such a container, waits until it has printed 50 lines, then times, from
+the request to the first line of a 10-line tail:
+
+  sdk      ``APIClient.logs(stream=True, follow=True, tail=10)`` (an
+           ``inspect`` and the logs request, as the gateway makes);
+  cli      ``docker logs -f --tail 10`` (process start included), if the
+           ``docker`` CLI is installed;
+  wirehub  ``subscribe`` with ``tail: 10`` on ``logs:<id>`` through the same
+           ``wirehub serve --docker`` process (a fresh engine stream each
+           round: a new container): the ``subscribed`` reply and the first
+           line. The viewer also checks the join: 10 consecutive numbers,
+           then the next 200 lines live, none missing or repeated.
+
+Reported: the median, min and max of the rounds, in ms.
+
 The engine: DOCKER_HOST if it answers, else the one
 tests/engine/start-engine.sh starts (installing docker.io on first use),
 stopped again at the end.
 
-    python bench/docker_logs.py                      # 200,000 lines, 5 rounds, ~2 min
+    python bench/docker_logs.py                      # 200,000 lines, 5 rounds, then 7 first-line rounds
     python bench/docker_logs.py --lines 50000 --repeat 3
+    python bench/docker_logs.py --only first-line --first-line 9   # ~30 s
 
 See docs/benchmarks.md, "Docker log channels".
 """
@@ -35,7 +53,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -59,6 +79,11 @@ from docker_engine import Containers, containers, ping, run_script, wait_for  # 
 PING_INTERVAL_S = 0.01
 IDLE_PINGS = 100
 TIMEOUT_S = 300.0   # for one reader's lines: a stalled stream fails the run instead of hanging it
+# First line: a container that never stops printing, a tail of 10 (as ``docker logs -f --tail 10``).
+PRINT_EVERY_5MS = "i=1; while true; do echo $i; i=$((i+1)); sleep 0.005; done"
+FIRST_TAIL = 10
+PRINTED_BEFORE = 50   # lines the container has printed before the request (the tail is full)
+LIVE_CHECKED = 200    # live lines after the tail checked for a gap or a duplicate
 _decode = msgspec.json.Decoder().decode
 
 
@@ -241,23 +266,169 @@ def one_round(api: Any, host: str, opts: argparse.Namespace, wirehub_first: bool
     return result
 
 
-def main_rounds(opts: argparse.Namespace) -> dict[str, Any]:
-    server_cores, client_cores = split_cores()
-    if client_cores:
-        os.sched_setaffinity(0, client_cores)
-    rounds = []
-    with engine() as host:
-        api = docker.APIClient(base_url=host, version="auto")
+# -- subscribe -> first line ------------------------------------------------------------
+
+
+def wait_printed(api: Any, cid: str, count: int) -> None:
+    """Wait until the container has printed line ``count``."""
+    deadline = time.monotonic() + 30
+    while True:
+        last = api.logs(cid, tail=1).split()
+        if last and int(last[-1]) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the container did not print {count} lines within 30 s")
+        time.sleep(0.02)
+
+
+def sdk_first_line(host: str, cid: str) -> float:
+    """Seconds from ``APIClient.logs(follow=True, tail=10)`` to its first line (the client, and its
+    API version negotiation, made before the clock starts)."""
+    api = docker.APIClient(base_url=host, version="auto")
+    try:
+        start = time.perf_counter()
+        stream = api.logs(cid, stream=True, follow=True, tail=FIRST_TAIL)  # inspect, then the request
         try:
-            for r in range(opts.repeat):
-                rounds.append(one_round(api, host, opts, r % 2 == 1, server_cores))
-                run = rounds[-1]
-                print(f"round {r + 1}/{opts.repeat}: direct {run['direct']['lines_per_s']:,.0f} lines/s, "
-                      f"wirehub {run['wirehub']['lines_per_s']:,.0f} ({run['ratio']:.2f}x); ping p99 idle "
-                      f"{run['wirehub']['ping_idle']['p99_ms']:.1f} ms, streaming "
-                      f"{run['wirehub']['ping_streaming']['p99_ms']:.1f} ms", file=sys.stderr, flush=True)
+            next(stream)
+            return time.perf_counter() - start
         finally:
-            api.close()
+            stream.close()
+    finally:
+        api.close()
+
+
+def cli_first_line(cli: str, host: str, cid: str) -> float:
+    """Seconds from starting ``docker logs -f --tail 10`` to its first line on stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([cli, "-H", host, "logs", "-f", "--tail", str(FIRST_TAIL), cid],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        if not proc.stdout.readline():
+            raise RuntimeError("docker logs printed nothing")
+        return time.perf_counter() - start
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+class FirstLines(WSListener):  # type: ignore[misc]
+    """Subscribes with a tail; notes when the reply and the first line came, checks the join."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.sent_at = self.subscribed_at = self.first_at = 0.0
+        self.position = -1
+        self.lines: list[tuple[int, int]] = []   # (offset, number)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_ws_connected(self, transport: Any) -> None:
+        self.transport = transport
+
+    def subscribe(self, channel: str) -> None:
+        self.sent_at = time.perf_counter()
+        self.transport.send(WSMsgType.TEXT, json.dumps(
+            {"type": "subscribe", "channel": channel, "tail": FIRST_TAIL}).encode())
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if frame.msg_type != WSMsgType.TEXT or self.done.done():
+            return
+        msg = _decode(frame.get_payload_as_bytes())
+        if msg["type"] == "subscribed":
+            self.subscribed_at = time.perf_counter()
+            self.position = msg["position"]["offset"]
+        elif msg["type"] == "message":
+            if not self.lines:
+                self.first_at = time.perf_counter()
+            self.lines.append((msg["offset"], int(msg["data"]["line"])))
+            if len(self.lines) == FIRST_TAIL + LIVE_CHECKED:
+                self.done.set_result(None)
+        elif msg["type"] == "error":
+            self.done.set_exception(RuntimeError(f"the subscribe failed: {msg}"))
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("the gateway closed the viewer's connection"))
+
+    def errors(self) -> list[str]:
+        """What is wrong with the join: the tail is the 10 lines before the first live one,
+        each line once, none missing."""
+        tail = [number for offset, number in self.lines if offset <= self.position]
+        numbers = [number for _, number in self.lines]
+        errors = []
+        if len(tail) != FIRST_TAIL:
+            errors.append(f"a tail of {len(tail)} lines, not {FIRST_TAIL}")
+        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            errors.append(f"not consecutive: {numbers[:20]}...")
+        return errors
+
+
+async def wirehub_first_line(port: int, cid: str) -> dict[str, Any]:
+    transport, viewer = await ws_connect(FirstLines, f"ws://127.0.0.1:{port}/ws")
+    try:
+        viewer.subscribe(f"logs:{cid}")
+        await asyncio.wait_for(viewer.done, 60)
+    finally:
+        transport.disconnect()
+    return {"subscribed_s": viewer.subscribed_at - viewer.sent_at, "first_line_s": viewer.first_at - viewer.sent_at,
+            "errors": viewer.errors()}
+
+
+def first_line_rounds(host: str, opts: argparse.Namespace, server_cores: set[int] | None) -> dict[str, Any]:
+    """``opts.first_line`` rounds of subscribe -> first line, each with a container of its own."""
+    cli = shutil.which("docker")
+    wirehub = next(s for s in servers(sys.executable) if s.name == "wirehub").commands["broadcast"]
+    server = Running([*wirehub, "--docker", "--docker-host", host], server_cores)
+    rounds = []
+    api = docker.APIClient(base_url=host, version="auto")
+    try:
+        with containers(api, f"bench-{uuid.uuid4().hex[:12]}") as made:
+            for r in range(opts.first_line):
+                cid = made.create(PRINT_EVERY_5MS)
+                wait_printed(api, cid, PRINTED_BEFORE)
+                run: dict[str, Any] = {}
+                # The order alternates: whichever reads second finds the engine warmed up by the first.
+                order = ["wirehub", "sdk", "cli"] if r % 2 == 0 else ["cli", "sdk", "wirehub"]
+                for name in order:
+                    if name == "wirehub":
+                        run.update(uvloop.run(wirehub_first_line(server.port, cid)))
+                    elif name == "sdk":
+                        run["sdk_s"] = sdk_first_line(host, cid)
+                    elif cli is not None:
+                        run["cli_s"] = cli_first_line(cli, host, cid)
+                api.remove_container(cid, force=True)
+                rounds.append(run)
+                print(f"first line, round {r + 1}/{opts.first_line}: sdk {run['sdk_s'] * 1e3:.1f} ms"
+                      + (f", cli {run['cli_s'] * 1e3:.1f} ms" if "cli_s" in run else "")
+                      + f", wirehub subscribed {run['subscribed_s'] * 1e3:.1f} ms, first line "
+                      f"{run['first_line_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    finally:
+        api.close()
+        server.stop()
+
+    def figures(key: str) -> dict[str, float]:
+        values = [run[key] * 1e3 for run in rounds if key in run]
+        return {"median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values)}
+
+    keys = ["sdk_s", "cli_s", "subscribed_s", "first_line_s"] if cli else ["sdk_s", "subscribed_s", "first_line_s"]
+    return {"rounds": opts.first_line, "figures": {key[:-2]: figures(key) for key in keys},
+            "hot_path": server.hot_path,
+            "errors": [f"first line round {i + 1}: {error}" for i, run in enumerate(rounds) for error in run["errors"]]}
+
+
+def rate_rounds(host: str, opts: argparse.Namespace, server_cores: set[int] | None) -> dict[str, Any]:
+    rounds = []
+    api = docker.APIClient(base_url=host, version="auto")
+    try:
+        for r in range(opts.repeat):
+            rounds.append(one_round(api, host, opts, r % 2 == 1, server_cores))
+            run = rounds[-1]
+            print(f"round {r + 1}/{opts.repeat}: direct {run['direct']['lines_per_s']:,.0f} lines/s, "
+                  f"wirehub {run['wirehub']['lines_per_s']:,.0f} ({run['ratio']:.2f}x); ping p99 idle "
+                  f"{run['wirehub']['ping_idle']['p99_ms']:.1f} ms, streaming "
+                  f"{run['wirehub']['ping_streaming']['p99_ms']:.1f} ms", file=sys.stderr, flush=True)
+    finally:
+        api.close()
 
     def median(figure: Callable[[dict[str, Any]], float]) -> float:
         return statistics.median(figure(run) for run in rounds)
@@ -276,7 +447,21 @@ def main_rounds(opts: argparse.Namespace) -> dict[str, Any]:
             "rounds": rounds}
 
 
-def print_result(result: dict[str, Any]) -> None:
+def main_rounds(opts: argparse.Namespace) -> dict[str, Any]:
+    server_cores, client_cores = split_cores()
+    if client_cores:
+        os.sched_setaffinity(0, client_cores)
+    result: dict[str, Any] = {}
+    with engine() as host:
+        if opts.only in (None, "rate"):
+            result["rate"] = rate_rounds(host, opts, server_cores)
+        if opts.only in (None, "first-line") and opts.first_line:
+            result["first_line"] = first_line_rounds(host, opts, server_cores)
+    result["errors"] = [error for part in ("rate", "first_line") for error in result.get(part, {}).get("errors", [])]
+    return result
+
+
+def print_rate(result: dict[str, Any]) -> None:
     p = result["ping_ms"]
     print(f"{result['lines']:,} lines (seq in a container), medians of {result['repeat']} rounds; "
           f"wirehub's {', '.join(result['hot_path'])} hot path:")
@@ -292,21 +477,49 @@ def print_result(result: dict[str, Any]) -> None:
           else "LINES LOST OR OUT OF ORDER:\n  " + "\n  ".join(result["errors"]))
 
 
+FIRST_LINE_ROWS = {
+    "sdk": "docker SDK logs(tail=10): first line",
+    "cli": "docker logs -f --tail 10: first line",
+    "subscribed": "wirehub subscribe: subscribed",
+    "first_line": "wirehub subscribe tail 10: first line",
+}
+
+
+def print_first_line(result: dict[str, Any]) -> None:
+    print(f"subscribe -> first line, a container printing a line every 5 ms, {result['rounds']} rounds; "
+          f"wirehub's {result['hot_path']} hot path:")
+    print(f"{'':<40} {'median':>9} {'min':>9} {'max':>9}")
+    for key, label in FIRST_LINE_ROWS.items():
+        if key in result["figures"]:
+            f = result["figures"][key]
+            print(f"{label:<40} {f['median_ms']:>6.1f} ms {f['min_ms']:>6.1f} ms {f['max_ms']:>6.1f} ms")
+    print(f"the tail then {LIVE_CHECKED} live lines, each once, in every round" if not result["errors"]
+          else "JOIN WRONG:\n  " + "\n  ".join(result["errors"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=200_000, help="lines per container (default 200,000)")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; medians (default 5)")
+    parser.add_argument("--first-line", type=int, default=7, metavar="ROUNDS",
+                        help="rounds of subscribe -> first line (default 7; 0: none)")
+    parser.add_argument("--only", choices=["rate", "first-line"], help="one of the two measurements")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     opts = parser.parse_args(argv)
-    if opts.lines < 2 or opts.repeat < 1:
-        parser.error("--lines must be >= 2, --repeat >= 1")
+    if opts.lines < 2 or opts.repeat < 1 or opts.first_line < 0:
+        parser.error("--lines must be >= 2, --repeat >= 1, --first-line >= 0")
+    if opts.only == "first-line" and not opts.first_line:
+        parser.error("--only first-line needs --first-line >= 1")
     result = main_rounds(opts)
     if opts.json:
         print(json.dumps(result, indent=2))
     else:
-        print_result(result)
+        if "rate" in result:
+            print_rate(result["rate"])
+        if "first_line" in result:
+            print_first_line(result["first_line"])
     return 1 if result["errors"] else 0
 
 

@@ -12,9 +12,12 @@ in this file and leaves the engine running.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import re
+import struct
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,13 +28,17 @@ import websockets
 from picows import WSListener, WSMsgType, ws_connect
 
 from docker_engine import LABEL, containers, engine_host, managed, run_script, stop_started_engine, wait_for
-from helpers import connect_recording, json_client, no_position, running_gateway, start_server, until
+from helpers import (connect_recording, json_client, no_position, running_gateway, start_server,
+                     subscribed_position, until)
 
 from wirehub import Config, Gateway
 from wirehub.sources.docker import DockerSources
 from wirehub.sources.docker_engine import Engine
+from wirehub.sources.docker_logs import DockerLogsSource, _clocks_agree, ts_ns
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
+# A container that never pauses: a numbered line every 5 ms, from 1.
+PRINT_EVERY_5MS = "i=1; while true; do echo $i; i=$((i+1)); sleep 0.005; done"
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +87,17 @@ def numbers(lines: list[dict]) -> list[int]:
 def assert_consecutive_offsets(lines: list[dict]) -> None:
     offsets = [m["offset"] for m in lines]
     assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), offsets
+
+
+async def printed(api, cid: str, count: int, timeout_s: float = 30.0) -> None:
+    """Wait until the engine has line ``count`` of a container that numbers its lines."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = (await asyncio.to_thread(api.logs, cid, tail=1)).split()
+        if last and int(last[-1]) >= count:
+            return
+        assert time.monotonic() < deadline, f"line {count} not printed within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 # -- logs:<container> ---------------------------------------------------------------
@@ -259,6 +277,40 @@ async def test_a_viewer_resuming_with_since_gets_every_line_once_across_a_restar
         await asyncio.to_thread(made.signal, cid, "end")
 
 
+async def test_a_container_that_never_pauses_is_joined_right_after_its_tail(docker_host, made, api):
+    """A container printing a numbered line every 5 ms is never quiet. The backlog
+    ends at the first line stamped after the logs request, not after a quiet period:
+    ``quiet_s`` and ``catch_up_max_s`` are a minute here, far longer than the test
+    waits, and the subscribes are still answered. ``tail: 20`` is exactly the 20
+    lines before the first live one (stamped after the subscribe), then every line
+    once; a viewer without a tail gets no backlog line."""
+    tail, live = 20, 300
+    cid = made.create(PRINT_EVERY_5MS)
+    await printed(api, cid, 2 * tail)  # a full tail before the stream starts
+    ch = f"logs:{cid}"
+    gw, sources = docker_gateway(docker_host, logs_options={"quiet_s": 60.0, "catch_up_max_s": 60.0})
+    async with running_gateway(gateway=gw), json_client(gw) as a, json_client(gw) as b:
+        before = time.time_ns()
+        await a.send(type="subscribe", channel=ch, tail=tail, id=1)
+        await b.send(type="subscribe", channel=ch, id=2)
+        position = subscribed_position(await a.recv(20), ch, id=1)["offset"]
+        lines_a, _ = await read_lines(a, ch, count=tail + live)
+        first = numbers(lines_a)[0]
+        assert first > 1 and numbers(lines_a) == list(range(first, first + tail + live))
+        assert_consecutive_offsets(lines_a)
+        # The tail is what the channel held at the join: exactly the 20 lines before the first live one.
+        assert [m["offset"] <= position for m in lines_a] == [True] * tail + [False] * live
+        # ... which was stamped after the subscribe (the logs request came after it).
+        assert ts_ns(lines_a[tail]["data"]["ts"]) >= before
+        # b joined at the same point or later (had its subscribe come after the first live line):
+        # either way it gets no backlog line, and the same lines as a from its join on.
+        position_b = subscribed_position(await b.recv(20), ch, id=2)["offset"]
+        assert position_b >= position
+        after_b = [m for m in lines_a if m["offset"] > position_b]
+        assert (await read_lines(b, ch, count=len(after_b)))[0] == after_b
+        assert sources.logs.stats.streams_started == 1
+
+
 async def test_aliases_of_one_container_share_one_engine_stream(docker_host, made):
     """``logs:<name>``, ``logs:<id>`` and ``logs:<id prefix>`` from three connections: one
     engine stream; each channel has its own consecutive offsets and the same lines (same
@@ -420,6 +472,106 @@ async def test_high_rate_container_keeps_the_loop_responsive(docker_host, made):
     # Memory: what waits for the loop is bounded (the limit plus one read's lines).
     assert handoff.max_items_seen <= queue_lines + 2000, stats
     assert handoff.wakeups < total / 20, stats  # batches, not a wakeup per line
+
+
+def test_engine_timestamps_and_clock_agreement():
+    assert ts_ns("2026-12-07T06:32:50.714487071Z") == 1796625170_714487071
+    assert ts_ns("2026-12-07T06:32:50.7Z") == ts_ns("2026-12-07T08:32:50.700+02:00") == 1796625170_700000000
+    assert ts_ns("2026-12-07T06:32:50Z") == 1796625170_000000000
+    assert [ts_ns(bad) for bad in ("", "2026-12-07T06:32:50.", "2026-12-07T06:32:50.5", "not a time stamp!!")] == \
+        [None] * 4
+    sent = 1796625170_400000000
+    date = "Mon, 07 Dec 2026 06:32:50 GMT"   # the engine's clock read 06:32:50.x
+    assert _clocks_agree(date, sent, sent + 5_000_000)
+    assert _clocks_agree(date, sent + 590_000_000, sent + 700_000_000)        # read at .99x: still 50
+    assert not _clocks_agree("Mon, 07 Dec 2026 06:32:52 GMT", sent, sent + 5_000_000)  # 1.6 s ahead
+    assert not _clocks_agree("Mon, 07 Dec 2026 06:32:48 GMT", sent, sent + 5_000_000)  # 1.4 s behind
+    assert not _clocks_agree(None, sent, sent) and not _clocks_agree("yesterday", sent, sent)
+
+
+def engine_ts(ns: int) -> bytes:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ" % fraction
+
+
+class SkewedEngine:
+    """Just enough of the engine's API for one container's log stream, its clock an
+    hour ahead of ours (its ``Date`` header and its timestamps): the backlog (lines 1
+    to ``backlog``), nothing until ``live`` is set, then ``live_lines`` more."""
+
+    CID = "f" * 64
+
+    def __init__(self, backlog: int, live_lines: int) -> None:
+        self.backlog, self.live_lines = backlog, live_lines
+        self.skew_ns = 3600 * 1_000_000_000
+        self.live = asyncio.Event()
+
+    @staticmethod
+    def chunk(number: int, stamp_ns: int) -> bytes:
+        payload = engine_ts(stamp_ns) + b" %d\n" % number
+        frame = struct.pack(">BxxxL", 1, len(payload)) + payload
+        return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].split(b"?")[0]
+                if path.endswith(b"/logs"):
+                    await self.logs(reader, writer)
+                    return
+                if path.endswith(b"/version"):
+                    body = b'{"ApiVersion":"1.41","Version":"skewed"}'
+                elif path.endswith(b"/json"):
+                    body = b'{"Id":"%s","Config":{"Tty":false},"State":{"Status":"running"}}' % self.CID.encode()
+                else:
+                    body = b'{"message":"not here"}'
+                status = b"200 OK" if not body.startswith(b'{"message"') else b"404 Not Found"
+                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (status, len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def logs(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        now = time.time_ns() + self.skew_ns
+        date = email.utils.formatdate(now / 1e9, usegmt=True).encode()
+        backlog = b"".join(self.chunk(n, now - (self.backlog - n) * 1_000_000) for n in range(1, self.backlog + 1))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+                     b"Date: %s\r\nTransfer-Encoding: chunked\r\n\r\n%s" % (date, backlog))  # at once
+        await writer.drain()
+        await self.live.wait()
+        now = time.time_ns() + self.skew_ns
+        writer.write(b"".join(self.chunk(self.backlog + n, now + n * 1000) for n in range(1, self.live_lines + 1)))
+        await writer.drain()
+        await reader.read()  # until the gateway stops following
+
+
+async def test_an_engine_with_a_skewed_clock_falls_back_to_the_quiet_rule(tmp_path, caplog):
+    """An engine whose clock is an hour ahead stamps even its backlog "after" the logs
+    request: its ``Date`` header gives it away, the timestamps are not trusted, and the
+    backlog ends when the engine goes quiet. The tail is the backlog's last lines,
+    then the live ones, each once."""
+    engine = SkewedEngine(backlog=30, live_lines=100)
+    path = tmp_path / "skewed.sock"
+    server = await asyncio.start_unix_server(engine.serve, str(path))
+    gw = Gateway(Config(port=0))
+    logs = DockerLogsSource(Engine(f"unix://{path}"), ring_lines=50)
+    gw.add_source(logs)
+    gw.policies.add_default("logs:**", history_size=50)
+    with caplog.at_level(logging.WARNING, logger="wirehub.sources.docker_logs"):
+        async with server, running_gateway(gateway=gw), json_client(gw) as c:
+            reply = await c.request(type="subscribe", channel="logs:fake", tail=3, id=1)
+            position = subscribed_position(reply, "logs:fake", id=1)["offset"]
+            tail, _ = await read_lines(c, "logs:fake", count=3)
+            assert numbers(tail) == [28, 29, 30] and tail[-1]["offset"] == position
+            engine.live.set()
+            rest, _ = await read_lines(c, "logs:fake", count=100)
+            assert numbers(rest) == list(range(31, 131))
+            assert_consecutive_offsets(tail + rest)
+    assert any("clock" in r.getMessage() and "differs" in r.getMessage() for r in caplog.records)
 
 
 async def test_log_errors(docker_host, made):

@@ -22,13 +22,25 @@ same lines as the others', with its own offsets. (The ring exists for this
 seeding; subscribers are served from the history.)
 
 Joining without a gap or a duplicate: subscribers wait (``pending``) until
-the engine's backlog has been read — the reader says so when the engine has
-been quiet for ``quiet_s`` (50 ms), or after ``catch_up_max_s`` of a stream
-that never pauses. Admission is then either one loop callback
+the engine's backlog has been read. The engine sends the backlog and the
+live lines on one response with no marker in between, but every line
+carries the engine's timestamp, and the backlog is the lines written before
+the logs request: the reader notes the wall clock just before it makes the
+request and puts ``CAUGHT_UP`` in the handoff right before the first line
+stamped at or after that instant (``_first_live``). For a container that
+keeps printing, subscribers are admitted as soon as the tail has arrived
+and the next line follows it. The fallback is the old rule: the engine has
+been quiet for ``quiet_s`` (50 ms: a container that prints nothing new), or
+``catch_up_max_s`` (1 s) have passed. It is the only rule when the engine's
+clock cannot be the gateway's: its ``Date`` header (``_clocks_agree``) is
+off by more than a second from the time the request was made (a remote
+engine with a skewed clock). Admission is then either one loop callback
 (``subscribed``, the join) or, with ``tail`` or ``since``, the hub's
 recovery (``wirehub.recovery``): the asked lines from the history with
 their original offsets, then the join, so every live line after them
-reaches the subscriber exactly once.
+reaches the subscriber exactly once — wherever the boundary falls, since
+every line is published once and admission is one callback between two
+lines; the boundary only decides which lines count as the tail.
 
 A channel detaches ``stop_grace_s`` after its last subscriber left (a viewer
 reloading a page does not restart anything); the stream stops when its last
@@ -53,6 +65,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import datetime
+import email.utils
 import logging
 import select
 import socket
@@ -75,6 +89,10 @@ PREFIX = "logs:"
 # Channels no longer followed whose last line is remembered (``DockerLogsSource._seen``).
 SEEN_CHANNELS = 4096
 RESOLVED, CAUGHT_UP, END, ERROR = "resolved", "caught_up", "end", "error"
+# How far the engine's ``Date`` header may be outside the interval in which
+# the gateway made the request before the clocks count as disagreeing.
+CLOCK_TOLERANCE_NS = 250_000_000
+_skew_warned: set[str] = set()   # engines whose clock skew was logged (once each)
 
 
 class StreamEnd(msgspec.Struct, tag_field="type", tag="stream_end", omit_defaults=True, gc=False):
@@ -122,6 +140,62 @@ def _body_socket(response: Any) -> tuple[socket.socket, bytes]:
     finally:
         sock.settimeout(None)
     return sock, b"".join(parts)
+
+
+def ts_ns(ts: str) -> int | None:
+    """Nanoseconds since the epoch of an engine timestamp (RFC 3339:
+    ``2026-11-26T17:44:52.869125634Z``, or with a ``+hh:mm`` offset; the
+    fraction may have trailing zeros trimmed), or None if ``ts`` is not one."""
+    if len(ts) < 20 or ts[10] not in "Tt":
+        return None
+    pos, fraction = 19, 0
+    if ts[19] == ".":
+        pos = 20
+        while pos < len(ts) and ts[pos].isdigit():
+            pos += 1
+        digits = ts[20:pos]
+        if not digits:
+            return None
+        fraction = int(digits[:9].ljust(9, "0"))
+    zone = ts[pos:]
+    if zone in ("Z", "z"):
+        zone = "+00:00"
+    try:
+        seconds = datetime.datetime.fromisoformat(ts[:19] + zone)
+    except ValueError:
+        return None
+    if seconds.tzinfo is None:
+        return None
+    return int(seconds.timestamp()) * 1_000_000_000 + fraction
+
+
+def _first_live(lines: list[Any], live_from_ns: int) -> int | None:
+    """The index of the first of ``lines`` (``LogLine``s) stamped at or after
+    ``live_from_ns``, or None. Lines without a timestamp are passed over."""
+    for i, line in enumerate(lines):
+        ns = ts_ns(line.ts)
+        if ns is not None and ns >= live_from_ns:
+            return i
+    return None
+
+
+def _clocks_agree(date: str | None, sent_ns: int, received_ns: int,
+                  tolerance_ns: int = CLOCK_TOLERANCE_NS) -> bool:
+    """Whether the engine's clock can be the gateway's: its ``Date`` header
+    (whole seconds, read at some moment between ``sent_ns`` and
+    ``received_ns`` on the gateway's clock) falls in that interval, give or
+    take ``tolerance_ns``. A skew under about a second cannot be told."""
+    if not date:
+        return False
+    try:
+        engine = email.utils.parsedate_to_datetime(date)
+    except (TypeError, ValueError):
+        return False
+    if engine.tzinfo is None:
+        return False
+    engine_ns = int(engine.timestamp()) * 1_000_000_000
+    return (engine_ns <= received_ns + tolerance_ns
+            and sent_ns - tolerance_ns < engine_ns + 1_000_000_000)
 
 
 def _readable(sock: socket.socket, timeout_s: float) -> bool:
@@ -195,9 +269,12 @@ class _Reader:
                 if not self._claimed(container_id):
                     return
                 params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 1, "tail": self._engine_tail}
+                # The backlog is what was written before this instant.
+                requested_ns = time.time_ns()
                 response = client._get(client._url("/containers/{0}/logs", container_id),
                                        params=params, stream=True)
                 client._raise_for_status(response)
+                live_from = self._live_from(response.headers.get("Date"), requested_ns, time.time_ns())
                 sock, leftover = _body_socket(response)
             except Exception as exc:
                 if not self._stopped.is_set():
@@ -209,7 +286,7 @@ class _Reader:
                 self._sock = sock
             chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
             end = self._follow(sock, leftover, ChunkedDecoder() if chunked else None, LogDecoder(tty),
-                               container_id)
+                               container_id, live_from)
             if end is None:
                 return
             if end.reason == "exited":
@@ -227,9 +304,30 @@ class _Reader:
             if client is not None:
                 client.close()
 
+    def _live_from(self, date: str | None, sent_ns: int, received_ns: int) -> int | None:
+        """The first instant whose lines are live (``sent_ns``), or None when the
+        engine's clock disagrees with ours (``_clocks_agree``): then only the
+        quiet rule ends the backlog."""
+        if _clocks_agree(date, sent_ns, received_ns):
+            return sent_ns
+        address = self._engine.address
+        if address not in _skew_warned:
+            _skew_warned.add(address)
+            logger.warning("the Docker engine's clock (Date: %s) differs from the gateway's by more than "
+                           "a second, or cannot be read: its log timestamps are not used, a stream's "
+                           "backlog ends when the engine is quiet for %.0f ms (or after %.1f s)",
+                           date, self._quiet_s * 1e3, self._catch_up_max_s)
+        return None
+
     def _follow(self, sock: socket.socket, data: bytes, dechunk: ChunkedDecoder | None,
-                decoder: LogDecoder, container_id: str) -> StreamEnd | None:
-        """Read until the engine ends the stream; None when stopped by us."""
+                decoder: LogDecoder, container_id: str, live_from: int | None = None) -> StreamEnd | None:
+        """Read until the engine ends the stream; None when stopped by us.
+
+        The backlog has been read (``CAUGHT_UP``) just before the first line
+        stamped at or after ``live_from`` (ns since the epoch, None: no such
+        rule), when the engine has been quiet for ``quiet_s``, or after
+        ``catch_up_max_s``, whichever comes first.
+        """
         encode = msgspec.json.encode
         caught_up = False
         deadline = time.monotonic() + self._catch_up_max_s
@@ -253,6 +351,12 @@ class _Reader:
                     for line in lines:
                         encoded = encode(line)
                         items.append((encoded, len(encoded)))
+                    if not caught_up and live_from is not None:
+                        first = _first_live(lines, live_from)
+                        if first is not None:
+                            # The lines before it are the backlog: pending subscribers join there.
+                            caught_up = True
+                            items.insert(first, ((CAUGHT_UP, None), 0))
                     if not self._put(items):
                         return None
                 if dechunk is not None and dechunk.done:
@@ -362,7 +466,9 @@ class DockerLogsSource:
         ring_bytes: bytes kept per container (older lines go first).
         max_streams: containers followed at once.
         stop_grace_s: how long a stream outlives its last subscriber.
-        quiet_s, catch_up_max_s: when the engine's backlog counts as read.
+        quiet_s, catch_up_max_s: when the engine's backlog counts as read
+            if no line stamped after the logs request has come first (a
+            quiet container; an engine whose clock disagrees with ours).
         queue_lines, queue_bytes: handoff bounds (backpressure to the reader).
         batch_lines: lines published per loop callback. A socket read, a ping,
             a flush can run between two slices: at 128 lines (about 1 ms with
