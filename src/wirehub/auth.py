@@ -7,6 +7,9 @@ A token's claims become a ``Principal``::
      "publish": ["telemetry.*"],                 # ... and write
      "permissions": ["runners:delete"]}          # custom message types; "admin" is all
 
+A reserved channel (``$sys:metrics``) is read with a permission instead
+(``sys:metrics``): no ``subscribe`` pattern covers it (``protocol.patterns``).
+
 Verification is pyjwt with an explicit algorithm list that always matches the
 key type (never ``none``, never an HMAC algorithm when the key is a public
 key: the classic "HS256 signed with the RSA public key" confusion).
@@ -24,7 +27,12 @@ import jwt
 
 from .clock import Clock
 from .protocol.errors import AuthCode, AuthError
-from .protocol.patterns import PatternError, compile_pattern
+from .protocol.patterns import (
+    RESERVED_PREFIX,
+    PatternError,
+    compile_pattern,
+    reserved_permission,
+)
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -68,6 +76,11 @@ class Principal:
         return cls(None, unrestricted=True)
 
     def can_subscribe(self, channel: str) -> bool:
+        """Whether the claims cover ``channel``; for a reserved channel, whether
+        the principal holds the permission that reads it."""
+        if channel[:1] == RESERVED_PREFIX:
+            permission = reserved_permission(channel)
+            return permission is not None and (self.unrestricted or self.has_permission(permission))
         return self.unrestricted or _allowed(self._subscribe, self._can_subscribe, channel)
 
     def can_publish(self, channel: str) -> bool:

@@ -115,6 +115,11 @@ class ManualClock(Clock):
                 timer.callback(*timer.args)
         self._offset = target
 
+    def scheduled(self) -> list[Callable[..., Any]]:
+        """The callbacks of the timers still due to run (not run, not cancelled), in deadline order:
+        what a test checks to see that a periodic task stopped."""
+        return [timer.callback for _, _, timer in sorted(self._timers) if not timer.cancelled]
+
     @property
     def sleeping(self) -> int:
         """Tasks asleep in ``sleep()`` and not yet woken. After ``advance()``

@@ -116,6 +116,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     history_max_bytes: Annotated[int, Positive] = 256 * MiB
     idempotency_window_s: Annotated[float, NonNegative] = 120.0
     idempotency_max_keys: Annotated[int, Positive] = 100_000
+    metrics_interval_s: Annotated[float, Positive] = 5.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -224,6 +225,8 @@ HELP: dict[str, str] = {
                              "key on the same channel is answered with the first one's offset and dropped "
                              "(0: keys are ignored)"),
     "idempotency_max_keys": "idempotency keys remembered at once, across channels; past it the oldest go first",
+    "metrics_interval_s": ("seconds between two metrics_update messages on $sys:metrics, sent only while "
+                           "someone is subscribed (docs/operations.md)"),
 }
 
 ENV_PREFIX = "WIREHUB_"

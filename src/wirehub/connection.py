@@ -203,11 +203,15 @@ class Connection:
         self._gateway.run_hooks("disconnect", self)
 
     def on_text(self, payload: bytes) -> None:
-        self._metrics.messages_received_total += 1
+        metrics = self._metrics
+        metrics.messages_received_total += 1
+        metrics.received_bytes_total += len(payload)
         self._handle(payload, self._json, OP_TEXT)
 
     def on_binary(self, payload: bytes) -> None:
-        self._metrics.messages_received_total += 1
+        metrics = self._metrics
+        metrics.messages_received_total += 1
+        metrics.received_bytes_total += len(payload)
         self._handle(payload, self._tlv, OP_BINARY)
 
     def on_refused(self, binary: bool) -> None:

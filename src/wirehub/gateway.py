@@ -50,6 +50,7 @@ from .protocol.errors import AuthError, CloseCode
 from .protocol.messages import AuthFailed, Command, CustomMessage, StreamPosition
 from .protocol.permessage_deflate import DeflateOptions, DeflateParams, NegotiationError, negotiate
 from .sources.base import Source
+from .sources.metrics import MetricsSource
 
 logger = logging.getLogger("wirehub.gateway")
 
@@ -123,7 +124,8 @@ class Gateway:
         implementation: ``"ext"`` (Cython) or ``"pure"`` (the Python
             references); defaults to ext unless ``WIREHUB_NO_EXTENSIONS=1``.
         sources: producers of channels the gateway runs itself
-            (``sources/base.py``); ``config.docker`` adds the Docker ones.
+            (``sources/base.py``); ``config.docker`` adds the Docker ones, and
+            ``$sys:metrics`` (``sources/metrics.py``) is always there.
         clock: where every timeout, token expiry and the heartbeat read time
             (``wirehub.clock``); tests pass a ``ManualClock``.
 
@@ -187,6 +189,8 @@ class Gateway:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.echo_connections: set[EchoConnection] = set()
         self.sources: list[Source] = []
+        self.metrics_source = MetricsSource(self, interval_s=cfg.metrics_interval_s)  # $sys:metrics
+        self.add_source(self.metrics_source)
         for source in sources:
             self.add_source(source)
         if cfg.docker:

@@ -29,7 +29,8 @@ from .protocol.codec import JsonCodec, TlvCodec
 from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
 from .protocol.messages import (Error, Lagged, Publication, PublicationData, Reply, StreamPosition, Subscribe,
                                 Subscribed)
-from .protocol.patterns import PatternError, check_pattern, is_channel_name, is_pattern
+from .protocol.patterns import (RESERVED_CHANNELS, PatternError, check_pattern, is_channel_name, is_pattern,
+                                is_reserved)
 from .recovery import Recovery, plan
 
 if TYPE_CHECKING:
@@ -258,6 +259,11 @@ class Hub:
         if not name or len(name) > self._max_channel_length:
             raise InvalidChannel(f"channel name must be 1 to {self._max_channel_length} characters")
         if not is_channel_name(name):
+            if is_reserved(name):
+                if name in RESERVED_CHANNELS:
+                    return  # the gateway's own: its source refuses a publish
+                raise InvalidChannel(f"channel name {name[:64]!r}: names starting with '$' are reserved, "
+                                     f"and the gateway's are {', '.join(sorted(RESERVED_CHANNELS))}")
             raise InvalidChannel(f"channel name {name[:64]!r} has characters outside [A-Za-z0-9_-.:@/=]")
 
     def check_pattern(self, pattern: str) -> None:
@@ -508,7 +514,9 @@ class Hub:
     def _follow_index(self, routes: PatternRoutes) -> None:
         """Make ``routes.sources`` the patterns that cover the channel now."""
         routes.version = self._index_version
-        sources = self._index.match(routes.name)
+        # No pattern covers a reserved name ($sys:metrics): those are read
+        # with a permission, never through ``**`` (protocol.patterns).
+        sources = self._index.match(routes.name) if not is_reserved(routes.name) else []
         if sources == routes.sources:  # the same PatternChannels, in order
             return
         name = routes.name
@@ -575,8 +583,11 @@ class Hub:
         return position, duplicate
 
     def _check_writable(self, channel: str) -> None:
-        if self.sources and self.source_for(channel) is not None:
-            raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
+        # On every publish, and there is always a source ($sys:metrics): the
+        # loop of source_for, without its call.
+        for source in self.sources:
+            if source.owns(channel):
+                raise Forbidden(f"{channel[:64]!r} is written by the gateway only")
 
     async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:
@@ -597,11 +608,14 @@ class Hub:
     def send_history(self, conn: Connection, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
         """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s."""
         encode = self._json.encode_message
-        sent = 0
+        sent = size = 0
         for offset, data in entries:
-            conn.push(OP_TEXT, encode(channel, offset, data))
+            message = encode(channel, offset, data)
+            conn.push(OP_TEXT, message)
             sent += 1
+            size += len(message)
         self._metrics.deliveries_total += sent
+        self._metrics.delivered_bytes_total += size
 
     def viewers(self, channel: str) -> int:
         found = self.channels.get(channel)
@@ -648,7 +662,7 @@ class Hub:
         sender = channel.members.get(origin) if origin is not None else None
         exclude = sender.batch if sender is not None else None
         held = policy.slow_consumer != DISCONNECT or channel.rate_held
-        delivered = 0
+        delivered = size = 0
         for window_bits, batches in channel.groups.items():
             if window_bits is None or len(payload) < self._threshold:
                 frame = pub.frame
@@ -656,14 +670,17 @@ class Hub:
                 # Encode once, compress once per window size, frame once.
                 frame = self._build_frame(opcode, self._compressors[window_bits].compress(payload), True)
             if held:
-                delivered += self._fanout_held(batches, frame, exclude, channel.name, pub.offset, pub.key,
-                                               policy.slow_consumer, policy.max_queue_bytes,
-                                               self._notice(channel))
+                reached = self._fanout_held(batches, frame, exclude, channel.name, pub.offset, pub.key,
+                                            policy.slow_consumer, policy.max_queue_bytes, self._notice(channel))
             else:
-                delivered += self._fanout(batches, frame, exclude)
+                reached = self._fanout(batches, frame, exclude)
+            delivered += reached
+            size += reached * len(frame)  # counted per group, not per subscriber
         for conn in channel.takeover:
             if conn is not sender and conn.push(opcode, payload):
                 delivered += 1
+                size += len(payload)  # before the connection compresses it
+        self._metrics.delivered_bytes_total += size
         return delivered
 
     # -- lagged ------------------------------------------------------------------
@@ -760,7 +777,7 @@ class Hub:
         hole); return the offset that follows the last one sent."""
         frames: list[bytes] = []
         plain = conn.fanout_group is None
-        sent = 0
+        sent = size = 0
         for pub in pubs:
             if pub.offset < next_offset:
                 continue
@@ -775,9 +792,11 @@ class Hub:
                 conn.push(OP_BINARY if pub.binary else OP_TEXT, self._frame_payload(frame))
             next_offset = pub.offset + 1
             sent += 1
+            size += len(frame)
         if frames:
             conn.batch.push_many(frames)
         self._metrics.deliveries_total += sent
+        self._metrics.delivered_bytes_total += size
         return next_offset
 
     def _send_lagged(self, conn: Connection, name: str, first: int, last: int, opcode: int) -> None:

@@ -15,7 +15,8 @@ class Metrics:
     __slots__ = ("connections_total", "connections_current", "messages_received_total",
                  "publications_total", "deliveries_total", "errors_total", "closes_total",
                  "http_requests_total", "refusals_total", "auth_failures_total", "dropped_total",
-                 "lagged_total", "recoveries_total", "duplicate_publishes_total", "collectors")
+                 "lagged_total", "recoveries_total", "duplicate_publishes_total", "received_bytes_total",
+                 "delivered_bytes_total", "collectors")
 
     def __init__(self) -> None:
         self.connections_total = 0
@@ -32,6 +33,13 @@ class Metrics:
         self.lagged_total = 0       # ``lagged`` notices sent
         self.duplicate_publishes_total = 0  # publishes dropped as retries of an accepted idempotency key
         self.recoveries_total: Counter[str] = Counter()  # subscribes with ``since``, by result
+        # Counted where the size is at hand, never per byte or per subscriber:
+        # the payloads of the messages clients sent (as the listener hands
+        # them over, inflated), and the frames of the publications delivered
+        # (counted once per fan-out group: a frame's size times the batches
+        # it reached). Replies, pings and handshakes are not counted.
+        self.received_bytes_total = 0
+        self.delivered_bytes_total = 0
         # Callables returning more exposition lines (sources add theirs).
         self.collectors: list[Callable[[], list[str]]] = []
 
@@ -52,6 +60,10 @@ class Metrics:
             f"wirehub_publications_total {self.publications_total}",
             "# TYPE wirehub_deliveries_total counter",
             f"wirehub_deliveries_total {self.deliveries_total}",
+            "# TYPE wirehub_received_bytes_total counter",
+            f"wirehub_received_bytes_total {self.received_bytes_total}",
+            "# TYPE wirehub_delivered_bytes_total counter",
+            f"wirehub_delivered_bytes_total {self.delivered_bytes_total}",
             "# TYPE wirehub_dropped_total counter",
             f"wirehub_dropped_total {self.dropped_total}",
             "# TYPE wirehub_lagged_total counter",

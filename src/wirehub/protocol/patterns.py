@@ -12,6 +12,14 @@ included::
 
 Wildcards inside a segment (``run*``) are refused rather than guessed at, so
 a pattern never matches more than it reads as.
+
+Names that start with ``$`` are *reserved*: the gateway's own channels
+(``RESERVED_CHANNELS``, such as ``$sys:metrics``), read with a permission
+rather than with channel claims and never written by clients. ``$`` is not a
+channel character, so no pattern can name them, and no pattern matches
+them: not ``**``, not a token's claims, not a ``[[channels]]`` rule::
+
+    **              every channel but $sys:metrics
 """
 
 from __future__ import annotations
@@ -24,6 +32,12 @@ _CHANNEL = re.compile(f"[{CHANNEL_CHARS}]+")
 _SEPARATORS = re.compile(r"([.:])")
 _ONE_SEGMENT = "[^.:]+"
 
+RESERVED_PREFIX = "$"
+METRICS_CHANNEL = "$sys:metrics"
+# The reserved channels, each with the permission that reads it (``admin``
+# covers every permission; an open gateway's connections read them all).
+RESERVED_CHANNELS = {METRICS_CHANNEL: "sys:metrics"}
+
 
 class PatternError(ValueError):
     """A pattern that is not valid; the message says why."""
@@ -35,7 +49,18 @@ def is_pattern(name: str) -> bool:
 
 
 def is_channel_name(name: str) -> bool:
+    """Whether ``name`` is made of channel characters only (a reserved name is not)."""
     return _CHANNEL.fullmatch(name) is not None
+
+
+def is_reserved(name: str) -> bool:
+    """Whether ``name`` is in the reserved ``$`` namespace (a valid name there or not)."""
+    return name[:1] == RESERVED_PREFIX
+
+
+def reserved_permission(name: str) -> str | None:
+    """The permission that reads the reserved channel ``name``; None for any other name."""
+    return RESERVED_CHANNELS.get(name)
 
 
 def check_pattern(pattern: str) -> list[str]:
@@ -75,7 +100,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
         PatternError: as ``check_pattern``.
     """
     check_pattern(pattern)
-    regex = []
+    regex = [f"(?!{re.escape(RESERVED_PREFIX)})"]  # a pattern never matches a reserved name
     for part in _SEPARATORS.split(pattern):
         if part == "*":
             regex.append(_ONE_SEGMENT)
@@ -87,5 +112,6 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 
 
 def matches(pattern: str, channel: str) -> bool:
-    """Whether ``channel`` is covered by ``pattern`` (which must be valid)."""
+    """Whether ``channel`` is covered by ``pattern`` (which must be valid); never
+    true of a reserved name."""
     return compile_pattern(pattern).fullmatch(channel) is not None
