@@ -27,6 +27,10 @@ What it does for the application (docs/clients.md has the state table):
   published twice (docs/delivery.md, "Retried publishes").
 * **Refreshes tokens** through ``get_token`` on ``token_expiring`` and
   before reconnecting; concurrent needs share one call.
+* **Keeps to the wire's rules** through ``client_wire.ClientWire``
+  (fragments, UTF-8, limits, closing; permessage-deflate offered and used
+  both ways), which Autobahn's fuzzingserver checks (docs/conformance.md);
+  ``bytes`` data is published as TLV on a binary frame and arrives as bytes.
 
 Time and randomness are injectable (``wirehub.clock``), so the backoff is
 tested without waiting.
@@ -44,12 +48,16 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import msgspec
-from picows import WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSHandshakeError, WSMsgType, WSTransport
 
+from . import _speedups, client_wire
+from .client_wire import DEFAULT_MAX_MESSAGE_BYTES, ClientWire, ExtensionRejected
 from .clock import Clock
+from .protocol.codec import TlvCodec
+from .protocol.errors import WirehubError
 from .protocol.messages import StreamPosition
 from .protocol.patterns import is_pattern
 
@@ -173,42 +181,48 @@ class Subscription:
         self._readable.set()
 
 
-class _Listener(WSListener):  # type: ignore[misc]
-    """One connection's frames, handed to the client; ``closed`` resolves with (code, reason)."""
+_TEXT = WSMsgType.TEXT
+_decode_json = msgspec.json.Decoder().decode
 
-    def __init__(self, client: Client) -> None:
+
+class _Listener(ClientWire):
+    """One connection's messages, decoded and handed to the client: JSON
+    text, TLV binary (``client_wire.ClientWire`` reassembles, validates,
+    inflates and closes). ``closed`` resolves with (code, reason)."""
+
+    def __init__(self, client: Client, **wire_options: Any) -> None:
+        super().__init__(**wire_options)
         self._client = client
-        self.transport: WSTransport | None = None
         self.welcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.closed: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
-        self._close: tuple[int, str] = (1006, "connection lost")
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type == WSMsgType.TEXT:
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        if opcode is _TEXT:
             try:
-                msg = msgspec.json.decode(frame.get_payload_as_bytes())
+                msg = _decode_json(payload)
             except msgspec.DecodeError:
                 logger.warning("undecodable message from the server")
                 return
-            if not self.welcome.done():
-                self.welcome.set_result(msg)
-            else:
-                self._client._dispatch(msg)
-        elif frame.msg_type == WSMsgType.CLOSE:
-            code = int(frame.get_close_code())
-            self._close = (code, frame.get_close_reason() or "")
-            # Echo the code (RFC 6455 §5.5.1), unless it is one that never goes on the wire.
-            transport.send_close(code if code not in (1005, 1006, 1015) else 1000)
-            transport.disconnect()
+        else:
+            try:
+                msg = self._client._tlv.decode_fields(payload)
+            except WirehubError as exc:
+                logger.warning("undecodable binary message from the server: %s", exc)
+                return
+            msg_id = msg.get("id")
+            if isinstance(msg_id, str) and msg_id.isascii() and msg_id.isdigit():
+                msg["id"] = int(msg_id)  # TLV ids are text; the client's are integers
+        if not isinstance(msg, dict):
+            logger.warning("a message from the server that is not an object")
+        elif not self.welcome.done():
+            self.welcome.set_result(msg)
+        else:
+            self._client._dispatch(msg)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        super().on_ws_disconnected(transport)
         if not self.welcome.done():
-            self.welcome.set_exception(ConnectionError(f"closed before welcome: {self._close}"))
-        if not self.closed.done():
-            self.closed.set_result(self._close)
+            self.welcome.set_exception(ConnectionError(
+                f"closed before welcome: {self.close_code} {self.close_reason}".rstrip()))
 
 
 PUBLISH, SUBSCRIBE, REQUEST, CONTROL = "publish", "subscribe", "request", "control"
@@ -228,6 +242,7 @@ class _Outgoing:
     kind: str
     answer: asyncio.Future[Any] | None
     size: int = 0
+    binary: bool = False  # sent as TLV on a binary frame (a publish of bytes)
 
 
 class Client:
@@ -242,6 +257,11 @@ class Client:
         max_reconnect_attempts: the backoff (None: retry for ever).
         max_queued, max_queued_bytes: the offline queue's bounds.
         max_buffered: messages one subscription buffers (``Subscription``).
+        compression: offer permessage-deflate (RFC 7692).
+        max_message_bytes: the largest message accepted from the server
+            (after inflating); a larger one fails the connection with 1009.
+        implementation: ``"ext"`` or ``"pure"`` hot-path modules for UTF-8
+            checks, inflating and TLV (default: ``wirehub._speedups``' choice).
         clock, rng: time and randomness (tests inject them).
     """
 
@@ -250,6 +270,8 @@ class Client:
                  reconnect_interval_s: float = 1.0, max_reconnect_interval_s: float = 30.0,
                  reconnect_decay: float = 1.5, max_reconnect_attempts: int | None = None,
                  max_queued: int = 1000, max_queued_bytes: int = 1 << 20, max_buffered: int = 10_000,
+                 compression: bool = True, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 implementation: str | None = None,
                  clock: Clock | None = None, rng: random.Random | None = None) -> None:
         self.url = url
         self.state = DISCONNECTED
@@ -263,6 +285,10 @@ class Client:
         self.max_queued = max_queued
         self.max_queued_bytes = max_queued_bytes
         self._max_buffered = max_buffered
+        self.compression = compression
+        self.max_message_bytes = max_message_bytes
+        self._impl = _speedups.load(implementation) if implementation else client_wire.default_implementation()
+        self._tlv = TlvCodec(self._impl.tlv)
         self._token = token
         self._get_token = get_token
         self._token_call: asyncio.Future[str] | None = None
@@ -277,10 +303,12 @@ class Client:
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_MESSAGES)
         self._waiters: list[tuple[str, Callable[[dict[str, Any]], bool] | None, asyncio.Future[Any]]] = []
         self._transport: WSTransport | None = None
+        self._wire: _Listener | None = None
         self._runner: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._ever_connected = False
         self._error: BaseException | None = None  # why the last attempt failed, or why it stopped
+        self._failed_here = False  # the last connection was failed by this client (bad data from the server)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -306,15 +334,15 @@ class Client:
         if self.state == CLOSED:
             return
         self._finish(ClientClosed("the client was closed"))
-        if self._transport is not None:
-            self._transport.send_close(1000)
+        if self._transport is not None and self._wire is not None:
+            self._wire.close(1000)
             self._transport.disconnect()
         if self._runner is not None and self._runner is not asyncio.current_task():
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -346,7 +374,7 @@ class Client:
         self._subscriptions[channel] = sub
         sub._ready = asyncio.get_running_loop().create_future()
         if self.state == CONNECTED:
-            self._write(self._register(_Outgoing(self._subscribe_msg(sub), SUBSCRIBE, sub._ready)))
+            self._transmit(_Outgoing(self._subscribe_msg(sub), SUBSCRIBE, sub._ready))
         # else: the next connection subscribes it (_on_connected)
         try:
             await sub._ready
@@ -357,19 +385,26 @@ class Client:
         return sub
 
     async def publish(self, channel: str, data: Any, *, key: str | None = None) -> StreamPosition:
-        """Publish ``data`` (anything msgspec encodes as JSON); return its
-        position once the server has it. Queued while disconnected.
+        """Publish ``data``; return its position once the server has it.
+        Queued while disconnected.
+
+        ``bytes``, ``bytearray`` or ``memoryview`` data goes as a binary
+        publication (TLV on a binary frame, docs/protocol.md): subscribers
+        get exactly these bytes as ``Message.data``. Anything else must be
+        what msgspec encodes as JSON.
 
         Raises:
             TypeError: ``data`` cannot be encoded as JSON.
             QueueFull: disconnected, and the offline queue is full.
             ServerError: the server refused (``forbidden``, ``invalid_channel``, ...).
         """
-        msg: dict[str, Any] = {"type": "publish", "channel": channel, "data": msgspec.Raw(_encode(data)),
+        binary = isinstance(data, (bytes, bytearray, memoryview))
+        msg: dict[str, Any] = {"type": "publish", "channel": channel,
+                               "data": bytes(data) if binary else msgspec.Raw(_encode(data)),
                                "idempotency_key": uuid.uuid4().hex}
         if key is not None:
             msg["key"] = key
-        reply = await self._send(msg, PUBLISH)
+        reply = await self._send(msg, PUBLISH, binary)
         return StreamPosition(reply["offset"], reply.get("epoch") or "")
 
     async def request(self, message: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
@@ -419,14 +454,15 @@ class Client:
                     self._error = exc
                     self._finish(ClientClosed(str(exc)))
                     return
-                except (OSError, asyncio.TimeoutError, WSHandshakeError, ConnectionError) as exc:
+                except (TimeoutError, OSError, WSHandshakeError, ConnectionError) as exc:
                     self._error = exc
                     code, reason = None, str(exc)
                 if connected_at is not None:
                     if self._clock.monotonic() - connected_at >= self.max_reconnect_interval_s:
                         attempt = 0
                     if code in TERMINAL_CLOSE_CODES or (code == POLICY_VIOLATION and not self._can_refresh(reason)):
-                        self._finish(ClientClosed(f"closed by the server: {code} {reason}"), code, reason)
+                        by = "the client failed the connection" if self._failed_here else "closed by the server"
+                        self._finish(ClientClosed(f"{by}: {code} {reason}"), code, reason)
                         return
                 self._set_state(DISCONNECTED, code, reason)
                 attempt += 1
@@ -449,26 +485,30 @@ class Client:
             self._token = await self._fresh_token()
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
-            transport, listener = await ws_connect(functools.partial(_Listener, self), self.url,
-                                                   extra_headers=headers, enable_auto_pong=True)
+            transport, listener = await client_wire.connect(
+                self.url, functools.partial(_Listener, self), compression=self.compression,
+                max_message_bytes=self.max_message_bytes, impl=self._impl, extra_headers=headers)
         except WSHandshakeError as exc:
             status = exc.response.status if exc.response is not None else None
             if status == 401 and self._get_token is None:
                 raise _Terminal(f"the server refused the token: {(exc.raw_body or b'').decode()[:200]}") from exc
             raise
-        self._transport = transport
+        except ExtensionRejected as exc:
+            raise _Terminal(f"{exc} (compression=False does not offer it)") from exc
+        self._transport, self._wire = transport, listener
         try:
             try:
                 welcome = await asyncio.wait_for(listener.welcome, WELCOME_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 transport.disconnect()
                 raise
             self.client_id = welcome.get("client_id")
             connected_at = self._clock.monotonic()
             self._on_connected()
             code, reason = await listener.closed
+            self._failed_here = listener.failed
         finally:
-            self._transport = None
+            self._transport = self._wire = None
             self._connected.clear()
             self._on_disconnected()
         return connected_at, code, reason
@@ -478,11 +518,11 @@ class Client:
         resumes before any queued publish can reach it."""
         for sub in self._subscriptions.values():
             answer = sub._ready if sub._ready is not None and not sub._ready.done() else None
-            self._write(self._register(_Outgoing(self._subscribe_msg(sub), SUBSCRIBE, answer)))
+            self._transmit(_Outgoing(self._subscribe_msg(sub), SUBSCRIBE, answer))
         while self._outbox:
             out = self._outbox.popleft()
             self._outbox_bytes -= out.size
-            self._write(self._register(out))
+            self._transmit(out)
         self._set_state(CONNECTED)
         self._ever_connected = True
         self._connected.set()
@@ -505,14 +545,14 @@ class Client:
 
     # -- sending -----------------------------------------------------------------------
 
-    async def _send(self, msg: dict[str, Any], kind: str) -> Any:
+    async def _send(self, msg: dict[str, Any], kind: str, binary: bool = False) -> Any:
         """Send now, or queue until connected (bounded); return the answer."""
         self._check_open()
-        out = _Outgoing(msg, kind, asyncio.get_running_loop().create_future())
+        out = _Outgoing(msg, kind, asyncio.get_running_loop().create_future(), binary=binary)
         if self.state == CONNECTED:
-            self._write(self._register(out))
+            self._transmit(out)
         else:
-            out.size = len(_encode(msg))
+            out.size = len(self._tlv.encode_fields(msg) if binary else _encode(msg))
             if len(self._outbox) >= self.max_queued or self._outbox_bytes + out.size > self.max_queued_bytes:
                 raise QueueFull(f"offline queue full ({len(self._outbox)} messages, {self._outbox_bytes} bytes)")
             self._outbox.append(out)
@@ -524,11 +564,16 @@ class Client:
         self._next_id += 1
         out.msg["id"] = self._next_id
         self._in_flight[self._next_id] = out
-        return _encode(out.msg)
+        return self._tlv.encode_fields(out.msg) if out.binary else _encode(out.msg)
 
-    def _write(self, payload: bytes) -> None:
-        assert self._transport is not None
-        self._transport.send(WSMsgType.TEXT, payload)
+    def _transmit(self, out: _Outgoing) -> None:
+        """Register ``out`` and send it, as TLV on a binary frame or as JSON."""
+        payload = self._register(out)
+        self._write(payload, WSMsgType.BINARY if out.binary else WSMsgType.TEXT)
+
+    def _write(self, payload: bytes, opcode: WSMsgType = WSMsgType.TEXT) -> None:
+        assert self._wire is not None
+        self._wire.send(opcode, payload)
 
     def _subscribe_msg(self, sub: Subscription) -> dict[str, Any]:
         msg: dict[str, Any] = {"type": "subscribe", "channel": sub.channel}
@@ -543,7 +588,7 @@ class Client:
         if self._transport is None:
             return  # the next connection resubscribes it anyway
         self._write(_encode({"type": "unsubscribe", "channel": sub.channel}))
-        self._write(self._register(_Outgoing(self._subscribe_msg(sub), SUBSCRIBE, None)))
+        self._transmit(_Outgoing(self._subscribe_msg(sub), SUBSCRIBE, None))
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         if self._subscriptions.get(sub.channel) is not sub:
@@ -551,7 +596,7 @@ class Client:
         del self._subscriptions[sub.channel]
         sub._end()
         if self.state == CONNECTED:
-            self._write(self._register(_Outgoing({"type": "unsubscribe", "channel": sub.channel}, CONTROL, None)))
+            self._transmit(_Outgoing({"type": "unsubscribe", "channel": sub.channel}, CONTROL, None))
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -639,7 +684,7 @@ class Client:
             logger.exception("get_token failed; the connection will close when the token expires")
             return
         if self._transport is not None:
-            self._write(self._register(_Outgoing({"type": "auth", "token": self._token}, CONTROL, None)))
+            self._transmit(_Outgoing({"type": "auth", "token": self._token}, CONTROL, None))
 
     def _can_refresh(self, reason: str) -> bool:
         return self._get_token is not None and reason == "token expired"

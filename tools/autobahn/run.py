@@ -1,10 +1,17 @@
-"""Run the Autobahn|Testsuite fuzzingclient against a WebSocket server.
+"""Run Autobahn|Testsuite against wirehub: the server, or the Python client.
 
-By default this starts ``wirehub serve --echo`` on a free port and runs every
-case (``*``: 517 cases, 12.* and 13.* permessage-deflate included) against
-``ws://127.0.0.1:PORT/echo``. ``--server picows`` runs the bundled picows echo
+By default this runs the fuzzingclient: it starts ``wirehub serve --echo`` on
+a free port and runs every case (``*``: 517 cases, 12.* and 13.*
+permessage-deflate included) against ``ws://127.0.0.1:PORT/echo``.
+``--server picows`` runs the bundled picows echo
 (``tools/autobahn/picows_echo.py``, the baseline) instead, and ``--url``
 targets a server that is already running.
+
+``--client`` turns it around: ``wstest -m fuzzingserver`` listens on a free
+port and ``tools/autobahn/client_echo.py``, an echo agent on
+``wirehub.Client``'s wire layer (``wirehub.client_wire``), connects to it
+for every case; the report is ``reports/clients/``. ``--client pure`` runs
+the agent on the pure-Python hot path.
 
 Autobahn|Testsuite runs on Python 2.7 only. The first run builds a pinned
 virtualenv in ``.cache/autobahn-venv`` (``requirements-py2.txt``, about a
@@ -23,6 +30,7 @@ Examples::
     python tools/autobahn/run.py --quick --strict      # CI: 373 cases, ~2 min
     python tools/autobahn/run.py --url ws://127.0.0.1:9001/ --agent websockets
     python tools/autobahn/run.py --write-summary docs/conformance.md
+    python tools/autobahn/run.py --client --strict     # the Python client, every case
 """
 
 from __future__ import annotations
@@ -90,6 +98,11 @@ GROUPS = {
 }
 SUMMARY_START = "<!-- autobahn-summary:start -->"
 SUMMARY_END = "<!-- autobahn-summary:end -->"
+CLIENT_SUMMARY_START = "<!-- autobahn-client-summary:start -->"
+CLIENT_SUMMARY_END = "<!-- autobahn-client-summary:end -->"
+# After the agent's last connection (/updateReports), wstest writes the
+# reports and exits; past this it is stuck and is stopped.
+REPORTS_TIMEOUT_S = 120
 
 PYTHON2_MISSING = """\
 Autobahn|Testsuite needs Python 2.7 and none was found ({tried}).
@@ -132,6 +145,7 @@ def find_python2(explicit: str | None) -> tuple[str | None, list[str]]:
         try:
             out = subprocess.run(
                 [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -193,7 +207,7 @@ def _ensure_venv_locked(python2: str, venv: Path) -> Path:
 
 
 def _check_call(cmd: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise RunnerError(f"command failed ({proc.returncode}): {' '.join(cmd)}")
@@ -301,11 +315,35 @@ def write_spec(workdir: Path, url: str, agent: str, cases: list[str], exclude: l
     return path
 
 
-def run_wstest(wstest: Path, spec: Path, workdir: Path, progress: bool) -> tuple[int, list[str]]:
-    """Run wstest; show one progress line; return (status, cases that could not connect)."""
+def write_server_spec(workdir: Path, url: str, cases: list[str], exclude: list[str]) -> Path:
+    """The fuzzingserver's spec: listen on ``url``, reports in ``clients/``."""
+    spec = {
+        "url": url,
+        "options": {"failByDrop": False},
+        "outdir": str(workdir / "clients"),
+        "cases": cases,
+        "exclude-cases": exclude,
+        "exclude-agent-cases": {},
+    }
+    path = workdir / "fuzzingserver.json"
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def run_wstest(wstest: Path, spec: Path, workdir: Path, progress: bool, mode: str = "fuzzingclient",
+               agent_cmd: list[str] | None = None) -> tuple[int, list[str]]:
+    """Run wstest; show one progress line; return (status, cases that could not connect).
+
+    With ``agent_cmd`` (the fuzzingserver), that client is started once
+    wstest runs, its output in ``client_echo.log``; wstest is stopped if it
+    has not exited ``REPORTS_TIMEOUT_S`` after the agent, and an agent that
+    failed raises ``RunnerError``.
+    """
     python = wstest.parent / "python"
-    cmd = [str(python), "-u", str(wstest), "-m", "fuzzingclient", "-s", str(spec)]
-    log_path = workdir / "wstest.log"
+    cmd = [str(python), "-u", str(wstest), "-m", mode, "-s", str(spec)]
+    if mode == "fuzzingserver":
+        cmd += ["--webport", "0"]  # no embedded web server (its port 8080 could be taken)
+    log_path = workdir / ("wstest.log" if mode == "fuzzingclient" else f"wstest-{mode}.log")
     total = 0
     done = 0
     current = ""
@@ -340,6 +378,19 @@ def run_wstest(wstest: Path, spec: Path, workdir: Path, progress: bool) -> tuple
                 show()
 
         threading.Thread(target=ticker, daemon=True).start()
+        agent = None
+        if agent_cmd:
+            agent_log = open(workdir / "client_echo.log", "wb")  # noqa: SIM115 - closed below
+            agent = subprocess.Popen(agent_cmd, stdout=agent_log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+            def reaper() -> None:  # wstest ends after the agent's /updateReports
+                agent.wait()
+                try:
+                    proc.wait(REPORTS_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+
+            threading.Thread(target=reaper, daemon=True).start()
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
@@ -354,6 +405,16 @@ def run_wstest(wstest: Path, spec: Path, workdir: Path, progress: bool) -> tuple
         status = proc.wait()
         ticker_stop.set()
     show(final=True)
+    if agent is not None:
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:  # wstest died under it
+            agent.kill()
+            agent.wait()
+        agent_log.close()
+        if agent.returncode != 0:
+            tail = (workdir / "client_echo.log").read_text(errors="replace")[-2000:].strip()
+            raise RunnerError(f"the client echo agent exited with {agent.returncode}: {tail}")
     return status, connect_failures
 
 
@@ -426,8 +487,9 @@ def non_ok(results: list[dict]) -> list[dict]:
     return [r for r in results if r["behavior"] in ("FAILED", "UNIMPLEMENTED")]
 
 
-def print_report(results, totals, groups, agent: str, elapsed_s: float, missing: list[str]) -> None:
-    print(f"\nAutobahn|Testsuite fuzzingclient against {agent}: {len(results)} cases in {elapsed_s:.0f}s")
+def print_report(results, totals, groups, agent: str, elapsed_s: float, missing: list[str],
+                 mode: str = "fuzzingclient") -> None:
+    print(f"\nAutobahn|Testsuite {mode} against {agent}: {len(results)} cases in {elapsed_s:.0f}s")
     print(format_table(totals, groups))
     bad = non_ok(results)
     failed = [r for r in bad if r["behavior"] == "FAILED"]
@@ -471,12 +533,15 @@ def _common_text(texts: list[str]) -> str:
     return f"{prefix}…{suffix}".strip()
 
 
-def write_summary(path: Path, results, totals, groups, agent: str, elapsed_s: float, command: str) -> None:
-    """Write the generated block into ``path`` between the summary markers."""
+def write_summary(path: Path, results, totals, groups, agent: str, elapsed_s: float, command: str,
+                  client: bool = False) -> None:
+    """Write the generated block into ``path`` between the summary markers
+    (the client's own markers for a ``--client`` run)."""
+    start, end = (CLIENT_SUMMARY_START, CLIENT_SUMMARY_END) if client else (SUMMARY_START, SUMMARY_END)
     lines = [
-        SUMMARY_START,
-        f"Generated by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: "
-        f"agent `{agent}`, {len(results)} cases, {elapsed_s:.0f} s on this project's 2-core machine.",
+        start,
+        (f"Generated by `{command}` on {time.strftime('%Y-%m-%d', time.gmtime())}: "
+         f"agent `{agent}`, {len(results)} cases, {elapsed_s:.0f} s on this project's 2-core machine."),
         "",
         format_table(totals, groups),
         "",
@@ -485,8 +550,8 @@ def write_summary(path: Path, results, totals, groups, agent: str, elapsed_s: fl
     if shown:
         order = {b: i for i, b in enumerate(["FAILED", "UNIMPLEMENTED", "NON-STRICT", "INFORMATIONAL"])}
         lines += [
-            f"Cases not OK ({len(shown)}; FAILED first; a run of UNIMPLEMENTED cases "
-            "in one subgroup is one row):",
+            (f"Cases not OK ({len(shown)}; FAILED first; a run of UNIMPLEMENTED cases "
+             "in one subgroup is one row):"),
             "",
             "| case | behavior | close | description |",
             "|---|---|---|---|",
@@ -500,12 +565,12 @@ def write_summary(path: Path, results, totals, groups, agent: str, elapsed_s: fl
             lines.append(f"| {ids} | {r['behavior']} | {r['behavior_close']} | {desc} |")
     else:
         lines.append("Every case is OK.")
-    lines.append(SUMMARY_END)
+    lines.append(end)
     block = "\n".join(lines)
     text = path.read_text() if path.exists() else ""
-    if SUMMARY_START in text and SUMMARY_END in text:
-        head, rest = text.split(SUMMARY_START, 1)
-        tail = rest.split(SUMMARY_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
         text = head + block + tail
     else:
         text = (text.rstrip() + "\n\n" if text else "# Conformance\n\n") + block + "\n"
@@ -518,7 +583,8 @@ def write_summary(path: Path, results, totals, groups, agent: str, elapsed_s: fl
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Run Autobahn|Testsuite (fuzzingclient) against a WebSocket server.",
+        description="Run Autobahn|Testsuite against a WebSocket server (fuzzingclient) or, with "
+        "--client, against wirehub's Python client (fuzzingserver).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Exit status: 0 ok, 1 a case FAILED (or UNIMPLEMENTED with --strict), "
         "2 the run broke, 77 skipped (no Python 2.7).",
@@ -533,7 +599,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "tools/autobahn/picows_echo.py; picows-deflate[-pure]: the same with wirehub's "
         "permessage-deflate)",
     )
-    parser.add_argument("--agent", help="agent name in the report (default from --server, or 'server')")
+    target.add_argument(
+        "--client",
+        nargs="?",
+        const="ext",
+        choices=["ext", "pure"],
+        help="test the Python client instead: wstest's fuzzingserver against "
+        "tools/autobahn/client_echo.py (wirehub.client_wire) on the compiled (default) or pure hot path",
+    )
+    parser.add_argument(
+        "--agent", help="agent name in the report (default from --server or --client, or 'server')"
+    )
     parser.add_argument(
         "--cases", default="*", help="comma-separated globs over whole case ids, e.g. '1.*,12.*.1' (default '*')"
     )
@@ -589,7 +665,7 @@ def _run(args: argparse.Namespace, python2: str) -> int:
     wstest = ensure_venv(python2, Path(args.venv).resolve())
     reports = Path(args.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)
-    outdir = reports / "servers"
+    outdir = reports / ("clients" if args.client else "servers")
     # Stale case files from an earlier run would be read as this run's.
     shutil.rmtree(outdir, ignore_errors=True)
 
@@ -598,30 +674,43 @@ def _run(args: argparse.Namespace, python2: str) -> int:
     if args.quick:
         exclude += _split(QUICK_EXCLUDE)
     start = time.monotonic()
+    mode = "fuzzingserver" if args.client else "fuzzingclient"
+    wstest_log = reports / ("wstest.log" if mode == "fuzzingclient" else f"wstest-{mode}.log")
     with contextlib.ExitStack() as stack:
-        if args.url:
+        if args.client:
+            url = f"ws://127.0.0.1:{free_port()}"
+            agent = args.agent or ("wirehub-client" if args.client == "ext" else "wirehub-client-pure")
+            log(f"fuzzingserver: cases {args.cases} on {url}, client {agent} (tools/autobahn/client_echo.py)")
+            spec = write_server_spec(reports, url, cases, exclude)
+            agent_cmd = [sys.executable, str(HERE / "client_echo.py"), url, "--agent", agent]
+            if args.client == "pure":
+                agent_cmd.append("--pure")
+            status, connect_failures = run_wstest(wstest, spec, reports, not args.quiet, mode, agent_cmd)
+        elif args.url:
             url, agent = args.url, args.agent or "server"
         else:
             url, agent, _ = stack.enter_context(started_server(args.server, reports / "server.log"))
             agent = args.agent or agent
-        log(f"fuzzingclient: cases {args.cases} against {url}")
-        spec = write_spec(reports, url, agent, cases, exclude)
-        status, connect_failures = run_wstest(wstest, spec, reports, progress=not args.quiet)
+        if not args.client:
+            log(f"fuzzingclient: cases {args.cases} against {url}")
+            spec = write_spec(reports, url, agent, cases, exclude)
+            status, connect_failures = run_wstest(wstest, spec, reports, progress=not args.quiet)
     elapsed = time.monotonic() - start
     if status != 0:
-        raise RunnerError(f"wstest exited with {status}: see {reports / 'wstest.log'}")
+        raise RunnerError(f"wstest exited with {status}: see {wstest_log}")
 
     results = load_results(outdir, agent)
-    expected = _expected_cases(reports / "wstest.log")
+    expected = _expected_cases(wstest_log)
     got = {r["id"] for r in results}
     missing = [c for c in expected if c not in got]
     totals, groups = summarize(results)
-    print_report(results, totals, groups, agent, elapsed, missing)
+    print_report(results, totals, groups, agent, elapsed, missing, mode)
     if connect_failures:
         log(f"could not connect to {url} at case {connect_failures[0]}: the server died or refused")
     if args.write_summary:
         command = "python tools/autobahn/run.py " + " ".join(argv_for_doc(args))
-        write_summary(Path(args.write_summary), results, totals, groups, agent, elapsed, command.strip())
+        write_summary(Path(args.write_summary), results, totals, groups, agent, elapsed, command.strip(),
+                      client=bool(args.client))
     log(f"HTML report: {outdir / 'index.html'}")
 
     if totals["FAILED"] or missing or connect_failures:
@@ -640,7 +729,9 @@ def _expected_cases(wstest_log: Path) -> list[str]:
 
 def argv_for_doc(args: argparse.Namespace) -> list[str]:
     out = []
-    if args.url:
+    if args.client:
+        out += ["--client"] if args.client == "ext" else ["--client", args.client]
+    elif args.url:
         out += ["--url", args.url]
     elif args.server != "wirehub":
         out += ["--server", args.server]

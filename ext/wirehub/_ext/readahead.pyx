@@ -15,6 +15,11 @@ gets the bytes before it, the listener's outbound batch is flushed, then the
 rest is fed as a second read. Reads without such a frame pass through
 untouched, so the guard costs one header scan per read.
 
+With ``client=True`` it guards a client's ``WSProtocol`` (``wirehub.client_wire``):
+server frames are unmasked, so a *masked* frame is the risky one, and the
+upgrade response may share a read with the first frames (a server may send
+them at once): picows gets the response head alone, the rest is scanned.
+
 It is also where admission control runs (``wirehub.admission``): the
 guard asks ``admission.admit(transport)`` at accept, answers a refused socket
 once its request arrives (or drops it at once when too many refused sockets
@@ -37,6 +42,7 @@ cdef class ReadAheadGuard:
         inner: the picows ``WSProtocol`` for this connection.
         max_frame_size: picows's ``max_frame_size`` (a larger frame is one it refuses).
         admission: a ``wirehub.admission.Admission``, or None for no limits.
+        client: ``inner`` is a client's protocol (see the module docstring).
     """
 
     cdef object _inner
@@ -52,11 +58,16 @@ cdef class ReadAheadGuard:
     cdef int _header_len
     cdef uint64_t _max_frame_size
     cdef bint _upgraded
+    cdef bint _client
+    cdef int _head_state         # client: how much of the response's CR LF CR LF was seen (4: all)
+    cdef Py_ssize_t _head_pos    # client: response bytes seen
+    cdef bint _not_101           # client: the response's status is not 101
 
-    def __init__(self, inner, uint64_t max_frame_size, admission=None):
+    def __init__(self, inner, uint64_t max_frame_size, admission=None, bint client=False):
         self._inner = inner
         self._max_frame_size = max_frame_size
         self._admission = admission
+        self._client = client
 
     # asyncio protocol interface, forwarded
     def connection_made(self, transport):
@@ -107,6 +118,10 @@ cdef class ReadAheadGuard:
         return self._view
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        if not self._upgraded and self._client:
+            self._feed_response(nbytes)
+            self._view = None
+            return
         if not self._upgraded:
             # The HTTP upgrade request: picows's concern, once admitted.
             if self._discard:
@@ -133,6 +148,55 @@ cdef class ReadAheadGuard:
         # until then would hold a memoryview and its buffer (~300 bytes) on
         # every idle connection.
         self._view = None
+
+    cdef _feed_response(self, Py_ssize_t nbytes):
+        """A client's reads until the upgrade: a 101's head alone to picows,
+        then what followed it in the same read through ``_feed``. Any other
+        status goes through whole (picows fails the handshake on it and
+        keeps the body that came with the head for the error)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t end = 0, i
+        cdef bytes tail = None
+        cdef const uint8_t* p
+        cdef uint8_t byte
+        if self._head_state < 4:
+            PyObject_GetBuffer(self._view, &view, PyBUF_SIMPLE)
+            try:
+                p = <const uint8_t*>view.buf
+                for i in range(nbytes):
+                    byte = p[i]
+                    if 9 <= self._head_pos <= 11 and byte != b"101"[self._head_pos - 9]:
+                        self._not_101 = True  # "HTTP/1.1 101": the status is bytes 9-11
+                    self._head_pos += 1
+                    if byte == (10 if self._head_state & 1 else 13):  # CR LF CR LF
+                        self._head_state += 1
+                        if self._head_state == 4:
+                            end = i + 1
+                            break
+                    else:
+                        self._head_state = 1 if byte == 13 else 0
+                if 0 < end < nbytes and not self._not_101:
+                    tail = (<char*>view.buf)[end:nbytes]
+            finally:
+                PyBuffer_Release(&view)
+        if tail is None:
+            self._inner.buffer_updated(nbytes)
+            self._upgraded = self._inner.listener is not None
+            return
+        self._inner.buffer_updated(end)
+        self._upgraded = self._inner.listener is not None
+        self._view = self._inner.get_buffer(-1)
+        PyObject_GetBuffer(self._view, &view, PyBUF_SIMPLE)
+        try:
+            if view.len < len(tail):  # cannot happen: the tail fit before
+                raise RuntimeError("picows read buffer shrank below the unread tail")
+            memcpy(view.buf, <char*>tail, len(tail))
+        finally:
+            PyBuffer_Release(&view)
+        if self._upgraded:
+            self._feed(len(tail))
+        else:
+            self._inner.buffer_updated(len(tail))
 
     cdef _feed(self, Py_ssize_t nbytes):
         cdef Py_buffer view
@@ -227,8 +291,8 @@ cdef class ReadAheadGuard:
 
     cdef inline bint _risky_start(self, uint8_t b0, uint8_t b1) noexcept:
         cdef uint8_t opcode = b0 & 0x0F
-        if not (b1 & 0x80):
-            return True  # unmasked client frame (RFC 6455 §5.1)
+        if (b1 & 0x80) == (0x80 if self._client else 0):
+            return True  # a masked server frame, an unmasked client frame (RFC 6455 §5.1)
         if opcode == 0 or opcode == 1 or opcode == 2:
             return False
         if opcode == 9 or opcode == 10:

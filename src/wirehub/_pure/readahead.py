@@ -1,5 +1,6 @@
 """Keep picows from answering frame N+1 before frame N is delivered
-(reference of ``_ext.readahead``; see its docstring for the why)."""
+(reference of ``_ext.readahead``; see its docstring for the why, and for
+``client=True``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from typing import Any
 class ReadAheadGuard(asyncio.BufferedProtocol):
     """The loop's protocol; forwards to ``inner`` and splits reads before risky frames."""
 
-    def __init__(self, inner: Any, max_frame_size: int, admission: Any = None) -> None:
+    def __init__(self, inner: Any, max_frame_size: int, admission: Any = None, client: bool = False) -> None:
         self._inner = inner
+        self._client = client
+        self._head_state = 0  # client: how much of the response's CR LF CR LF was seen (4: all)
+        self._head_pos = 0    # client: response bytes seen
+        self._not_101 = False  # client: the response's status is not 101
         self._max_frame_size = max_frame_size
         self._admission = admission
         self._peer: str | None = None
@@ -72,6 +77,10 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if not self._upgraded and self._client:
+            self._feed_response(nbytes)
+            self._view = None
+            return
         if not self._upgraded:
             if self._discard:
                 return
@@ -107,6 +116,38 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
             self._view = self._inner.get_buffer(-1)
             self._view[:len(tail)] = tail
             nbytes = len(tail)
+
+    def _feed_response(self, nbytes: int) -> None:
+        """A client's reads until the upgrade: a 101's head alone to picows,
+        then what followed it in the same read through the scan; any other
+        status goes through whole (see the compiled twin)."""
+        end = 0
+        data = bytes(self._view[:nbytes])
+        if self._head_state < 4:
+            for i, byte in enumerate(data):
+                if 9 <= self._head_pos <= 11 and byte != b"101"[self._head_pos - 9]:
+                    self._not_101 = True  # "HTTP/1.1 101": the status is bytes 9-11
+                self._head_pos += 1
+                if byte == (10 if self._head_state & 1 else 13):  # CR LF CR LF
+                    self._head_state += 1
+                    if self._head_state == 4:
+                        end = i + 1
+                        break
+                else:
+                    self._head_state = 1 if byte == 13 else 0
+        tail = data[end:] if 0 < end < nbytes and not self._not_101 else b""
+        if not tail:
+            self._inner.buffer_updated(nbytes)
+            self._upgraded = self._inner.listener is not None
+            return
+        self._inner.buffer_updated(end)
+        self._upgraded = self._inner.listener is not None
+        self._view = self._inner.get_buffer(-1)
+        self._view[:len(tail)] = tail
+        if self._upgraded:
+            self.buffer_updated(len(tail))
+        else:
+            self._inner.buffer_updated(len(tail))
 
     def _find_split(self, data: bytes) -> int:
         pos, n = 0, len(data)
@@ -146,11 +187,10 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
             self._skip = length
         return 0
 
-    @staticmethod
-    def _risky_start(b0: int, b1: int) -> bool:
+    def _risky_start(self, b0: int, b1: int) -> bool:
         opcode = b0 & 0x0F
-        if not b1 & 0x80:
-            return True
+        if bool(b1 & 0x80) == self._client:
+            return True  # a masked server frame, an unmasked client frame (RFC 6455 §5.1)
         if opcode in (0, 1, 2):
             return False
         if opcode in (9, 10):

@@ -17,9 +17,25 @@ from typing import Any
 import msgspec
 
 from .errors import InvalidField, InvalidMessage, UnknownType
-from .messages import (MAX_KEY_LENGTH, Auth, ClientMessage, Command, CustomMessage, History,
-                       HistoryEntry, HistoryRequest, Id, Ping, Publication, Publish, Range, Reply,
-                       StreamPosition, Subscribe, Unsubscribe)
+from .messages import (
+    MAX_KEY_LENGTH,
+    Auth,
+    ClientMessage,
+    Command,
+    CustomMessage,
+    History,
+    HistoryEntry,
+    HistoryRequest,
+    Id,
+    Ping,
+    Publication,
+    Publish,
+    Range,
+    Reply,
+    StreamPosition,
+    Subscribe,
+    Unsubscribe,
+)
 
 _TYPE_PATH = re.compile(r"at `\$\.type`$")
 # msgspec's decoders recurse per nesting level and stop at the interpreter's
@@ -178,7 +194,7 @@ class TlvCodec:
     ``offset`` and ``exp`` (u64 big-endian) and ``exclude_self`` (one byte)."""
 
     def __init__(self, tlv: SimpleNamespace, custom_types: Container[str] = ()) -> None:
-        self._decode_records: Callable[[bytes], list[tuple[int, bytes]]] = tlv.decode
+        self._decode_records: Callable[..., list[tuple[int, bytes]]] = tlv.decode
         self._encode_records: Callable[[list[tuple[int, bytes]]], bytes] = tlv.encode
         self._custom_types = custom_types
 
@@ -319,3 +335,77 @@ class TlvCodec:
         """The payload of a binary ``message``; ``data`` is carried untouched."""
         head, tail = self.message_ends(channel, offset, len(data))
         return b"".join((head, data, tail))
+
+    # -- the client's side: server messages in, client messages out --------------------
+
+    def decode_fields(self, payload: bytes, max_records: int = 4096) -> dict[str, Any]:
+        """A server message from a binary frame, as the dict its JSON twin
+        decodes to (what ``wirehub.Client`` dispatches): ``data`` stays bytes,
+        ``from``/``to`` keep their JSON names, the ``position`` and ``missed``
+        of ``subscribed`` and the ``position`` of ``history`` are nested again,
+        and a ``history``'s ``publication`` records become ``publications``
+        (dicts of ``offset``, ``data`` as bytes, ``binary``, ``key``). ``id``
+        is the text the server sent: TLV ids are strings.
+
+        Raises:
+            InvalidMessage: malformed TLV.
+            InvalidField: an unknown or repeated tag, a value of the wrong size.
+        """
+        try:
+            records = self._decode_records(payload, max_records)
+        except ValueError as exc:
+            raise InvalidMessage(f"malformed TLV: {exc}") from None
+        fields: dict[str, Any] = {}
+        publications = []
+        for tag, value in records:
+            if tag == Tag.PUBLICATION:
+                publications.append(self.decode_fields(value))
+                continue
+            name = _FIELD_BY_TAG.get(tag)
+            if name is None:
+                raise InvalidField(f"unknown TLV tag 0x{tag:02x}")
+            name = _JSON_NAMES.get(name, name)
+            if name in fields:
+                raise InvalidField(f"duplicate TLV tag 0x{tag:02x} ({name})")
+            fields[name] = self._field_value(_TLV_NAMES.get(name, name), value)
+        msg_type = fields.get("type")
+        if msg_type in ("subscribed", "history") and "offset" in fields:
+            fields["position"] = {"offset": fields.pop("offset"), "epoch": fields.pop("epoch", "")}
+        if msg_type == "subscribed" and "from" in fields:
+            fields["missed"] = {"from": fields.pop("from"), "to": fields.pop("to", None)}
+        if msg_type == "history":
+            fields["publications"] = publications
+        return fields
+
+    def encode_fields(self, fields: dict[str, Any]) -> bytes:
+        """A client message given as its JSON-style dict (``type``,
+        ``channel``, ``data`` as bytes, ``id``, ``key``, ``idempotency_key``,
+        ...) as TLV records; ``id`` goes as text. ``None`` values are left out.
+
+        Raises:
+            ValueError: a field TLV has no tag for.
+        """
+        records: list[tuple[int, bytes]] = []
+        for name, value in fields.items():
+            if value is None:
+                continue
+            tag = _TAG_BY_FIELD.get(_TLV_NAMES.get(name, name))
+            if tag is None:
+                raise ValueError(f"no TLV tag for the field {name!r}")
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                encoded = bytes(value)
+            elif isinstance(value, bool):
+                encoded = b"\x01" if value else b"\x00"
+            elif isinstance(value, int):
+                encoded = _U64.pack(value) if _TLV_NAMES.get(name, name) in _U64_FIELDS else str(value).encode()
+            elif isinstance(value, float):
+                encoded = _F64.pack(value)
+            else:
+                encoded = str(value).encode()
+            records.append((tag, encoded))
+        return self._encode_records(records)
+
+
+# The two fields whose TLV names (the Structs' attributes) differ from their JSON names.
+_JSON_NAMES = {"first": "from", "last": "to"}
+_TLV_NAMES = {json_name: name for name, json_name in _JSON_NAMES.items()}

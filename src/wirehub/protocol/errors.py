@@ -65,6 +65,15 @@ class CloseCode(IntEnum):
     TRY_AGAIN_LATER = 1013
 
 
+def is_valid_close_code(code: int) -> bool:
+    """RFC 6455 §7.4.1/§7.4.2 and the IANA registry: the codes a peer may put
+    on the wire (1004-1006 and 1015 never go on it, 1016-2999 are unassigned,
+    5000 and up do not exist). The client's receive path uses it; the
+    gateway's listeners keep their own copies (``_pure`` and ``_ext`` import
+    nothing from ``protocol``), held equal by tests/test_client_wire.py."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
 class WirehubError(Exception):
     """A request failed; the client gets ``{"type":"error","code":...}``."""
 

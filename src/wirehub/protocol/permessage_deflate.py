@@ -1,4 +1,5 @@
-"""Negotiate permessage-deflate (RFC 7692) on the server side, with no I/O.
+"""Negotiate permessage-deflate (RFC 7692), with no I/O: the server's side,
+and (at the end) the client's.
 
 The server hands :func:`negotiate` the client's ``Sec-WebSocket-Extensions``
 header values and its own :class:`DeflateOptions`; it gets back the agreed
@@ -24,11 +25,19 @@ permessage-deflate. RFC 7692 fails the connection only on the client side
 ``server_no_context_takeover`` or ``client_no_context_takeover=1``, are
 declined here, never raised.
 
-:class:`NegotiationError` is raised for one thing only: a header value that
-does not parse as the ``Sec-WebSocket-Extensions`` grammar of RFC 6455
-§9.1 (say ``permessage-deflate;;`` or ``a b``). That is a malformed
-handshake request, which RFC 6455 §4.2.1 answers with an HTTP error such as
-``400 Bad Request``. The caller maps it to that response.
+:class:`NegotiationError` is raised, on the server's side, for one thing
+only: a header value that does not parse as the ``Sec-WebSocket-Extensions``
+grammar of RFC 6455 §9.1 (say ``permessage-deflate;;`` or ``a b``). That is a
+malformed handshake request, which RFC 6455 §4.2.1 answers with an HTTP
+error such as ``400 Bad Request``. The caller maps it to that response.
+
+The client's side
+-----------------
+A client sends :data:`CLIENT_OFFER` and checks the server's answer with
+:func:`accept_response`. Here a bad answer is not declined but fatal: an
+extension the client did not offer (RFC 6455 §4.1), a parameter not defined
+for responses, a duplicate, or an invalid value (RFC 7692 §5, §7.1) raise
+:class:`NegotiationError`, and the client must fail the connection.
 
 What is agreed, parameter by parameter (RFC 7692 §7.1)
 -------------------------------------------------------
@@ -56,10 +65,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "CLIENT_OFFER",
     "EXTENSION_NAME",
     "DeflateOptions",
     "DeflateParams",
     "NegotiationError",
+    "accept_response",
     "negotiate",
     "parse_extensions",
 ]
@@ -365,3 +376,60 @@ def _accept(params: list[Param], options: DeflateOptions) -> tuple[DeflateParams
     if answer_client_bits:
         parts.append(f"client_max_window_bits={client_bits}")
     return agreed, "; ".join(parts)
+
+
+# --- the client's side (RFC 7692 §5, §7.1) ----------------------------------------------
+
+# What wirehub.Client offers: no limits asked of the server, and the client
+# may be asked for a smaller window (a server that wants one says so:
+# Autobahn's 13.3-13.6 do). client_no_context_takeover needs no offer: a
+# server may always ask for it (§7.1.1.2).
+CLIENT_OFFER = f"{EXTENSION_NAME}; client_max_window_bits"
+
+
+def accept_response(header_values: list[str], offered: bool = True) -> DeflateParams | None:
+    """Check the server's ``Sec-WebSocket-Extensions`` answer to :data:`CLIENT_OFFER`.
+
+    Args:
+        header_values: the response's ``Sec-WebSocket-Extensions`` fields.
+        offered: whether the request carried :data:`CLIENT_OFFER` (without
+            it, any extension in the answer is an error).
+
+    Returns:
+        What was agreed (``server_*`` configure the client's inflater,
+        ``client_*`` its deflater), or ``None``: no extension, nothing is
+        compressed either way.
+
+    Raises:
+        NegotiationError: the answer is not acceptable (an extension not
+            offered, two of them, a parameter that is unknown, repeated,
+            carries a value it must not or lacks one it needs, window bits
+            outside 8-15 or with a leading zero); fail the connection.
+    """
+    if not header_values:
+        return None
+    extensions = parse_extensions(header_values)
+    if not offered or len(extensions) != 1 or extensions[0][0] != EXTENSION_NAME:
+        names = ", ".join(name for name, _ in extensions)
+        raise NegotiationError(f"the server answered with extensions we did not offer (or more than one): {names}")
+    agreed: dict[str, object] = {}
+    for name, value in extensions[0][1]:
+        if name in agreed:
+            raise NegotiationError(f"{name} appears twice in the server's answer")
+        if name in ("server_no_context_takeover", "client_no_context_takeover"):
+            if value is not None:
+                raise NegotiationError(f"{name} takes no value, the server sent {value!r}")
+            agreed[name] = True
+        elif name in ("server_max_window_bits", "client_max_window_bits"):
+            # §7.1.2: both take a value in a response, 8 to 15, no leading zero.
+            if value not in _WINDOW_BITS_VALUES:
+                raise NegotiationError(f"{name}={value} in the server's answer: 8 to 15 expected")
+            agreed[name] = _WINDOW_BITS_VALUES[value]
+        else:
+            raise NegotiationError(f"the server's answer has a parameter we do not know: {name}")
+    return DeflateParams(
+        server_no_context_takeover=bool(agreed.get("server_no_context_takeover")),
+        client_no_context_takeover=bool(agreed.get("client_no_context_takeover")),
+        server_max_window_bits=agreed.get("server_max_window_bits", 15),  # type: ignore[arg-type]
+        client_max_window_bits=agreed.get("client_max_window_bits", 15),  # type: ignore[arg-type]
+    )
