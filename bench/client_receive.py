@@ -35,25 +35,68 @@ import websockets
 import wirehub
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER = """
-import asyncio, sys, uvloop
-from wirehub import ChannelOptions, Config, Gateway
+SERVER = r"""
+# A sender that cannot be the bottleneck: enough of a wirehub gateway for a
+# subscriber (welcome, subscribed, and a burst of pre-encoded `message`
+# frames written in large chunks), so that what is measured is the client.
+import asyncio, base64, hashlib, json, sys, uvloop
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+def frame(payload):
+    n = len(payload)
+    if n < 126:
+        return bytes([0x81, n]) + payload
+    if n < 65536:
+        return bytes([0x81, 126]) + n.to_bytes(2, "big") + payload
+    return bytes([0x81, 127]) + n.to_bytes(8, "big") + payload
+
+class Blaster(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buf, self.upgraded = transport, b"", False
+
+    def data_received(self, data):
+        self.buf += data
+        if not self.upgraded:
+            head, sep, rest = self.buf.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                                 + frame(b'{"type":"welcome","client_id":"bench","server":"blaster"}'))
+            self.upgraded, self.buf = True, rest
+        while len(self.buf) >= 6:  # client frames: masked, small
+            size = self.buf[1] & 0x7F
+            at = 2
+            if size == 126:
+                size, at = int.from_bytes(self.buf[2:4], "big"), 4
+            if len(self.buf) < at + 4 + size:
+                return
+            mask, payload = self.buf[at:at + 4], self.buf[at + 4:at + 4 + size]
+            self.buf = self.buf[at + 4 + size:]
+            text = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            try:
+                self.handle(json.loads(text))
+            except ValueError:
+                return  # a close or a binary frame: nothing to answer
+
+    def handle(self, msg):
+        if msg.get("type") == "subscribe":
+            self.transport.write(frame(json.dumps({"type": "subscribed", "channel": msg["channel"],
+                "id": msg.get("id"), "position": {"offset": 0, "epoch": "e"}}).encode()))
+        elif msg.get("type") == "burst":
+            channel, data = msg["channel"], json.dumps({"p": "x" * int(msg["size"])})
+            template = '{"type":"message","channel":"%s","offset":%%d,"data":%s}' % (channel, data)
+            for first in range(1, int(msg["count"]) + 1, 4096):
+                last = min(first + 4096, int(msg["count"]) + 1)
+                self.transport.write(b"".join(frame((template % n).encode()) for n in range(first, last)))
+            self.transport.write(frame(json.dumps({"type": "burst_done", "id": msg.get("id")}).encode()))
 
 async def main():
-    gw = Gateway(Config(port=int(sys.argv[1]), channels=[ChannelOptions(pattern="**", history_size=1_000_000)],
-                        max_connections_per_ip=0, new_connections_per_ip_per_s=0, rate_limit_messages_per_s=0,
-                        rate_limit_bytes_per_s=0, high_water_bytes=1 << 30))  # nobody is a slow consumer here
-
-    @gw.on("burst")
-    async def burst(conn, msg):
-        data = {"p": "x" * int(msg["size"])}
-        for n in range(int(msg["count"])):
-            gw.publish(msg["channel"], data)
-            if n % 256 == 255:
-                await asyncio.sleep(0)
-        return {"type": "burst_done", "id": msg.get("id")}
-
-    await gw.start()
+    await asyncio.get_running_loop().create_server(Blaster, "127.0.0.1", int(sys.argv[1]))
     print("ready", flush=True)
     await asyncio.Event().wait()
 
@@ -70,13 +113,17 @@ async def with_wirehub(url: str, channel: str, count: int, size: int) -> tuple[f
     async with wirehub.connect(url, max_buffered=count) as client:
         sub = await client.subscribe(channel)
         started, cpu = time.perf_counter(), cpu_s()
-        await client.request({"type": "burst", "channel": channel, "count": count, "size": size}, timeout_s=600)
+        # Ask, and take the messages as they come (as the websockets client does).
+        asked = asyncio.ensure_future(client.request(
+            {"type": "burst", "channel": channel, "count": count, "size": size}, timeout_s=600))
         seen = 0
         async for _ in sub:
             seen += 1
             if seen == count:
                 break
-        return time.perf_counter() - started, cpu_s() - cpu
+        elapsed, used = time.perf_counter() - started, cpu_s() - cpu
+        await asked
+        return elapsed, used
 
 
 async def with_websockets(url: str, channel: str, count: int, size: int) -> tuple[float, float]:

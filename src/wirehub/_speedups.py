@@ -1,7 +1,8 @@
 """The one importer of the compiled hot path.
 
 ``implementation()`` returns a namespace with ``tlv``, ``frame``, ``bucket``,
-``fanout``, ``deflate``, ``listener``, ``readahead`` and ``routing``: the
+``fanout``, ``deflate``, ``listener``, ``readahead``, ``routing`` and
+``client_frames`` (the Python client's fast path): the
 Cython modules from ``wirehub._ext`` when they are built, else (or with
 ``WIREHUB_NO_EXTENSIONS=1``) the pure-Python references from
 ``wirehub._pure``, which have the same API; a fallback nobody asked for is
@@ -14,7 +15,7 @@ import importlib
 import os
 from types import SimpleNamespace
 
-MODULES = ("tlv", "frame", "bucket", "fanout", "deflate", "listener", "readahead", "routing")
+MODULES = ("tlv", "frame", "bucket", "fanout", "deflate", "listener", "readahead", "routing", "client_frames")
 
 
 def load(name: str) -> SimpleNamespace:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import inspect
 import logging
 import random
@@ -96,13 +95,20 @@ class ServerError(ClientError):
         self.code = code
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A publication delivered to a subscription."""
+class Message(msgspec.Struct, frozen=True, gc=False, tag="message", tag_field="type"):
+    """A publication delivered to a subscription.
+
+    A msgspec struct tagged like the server's ``message``, so that a
+    publication's frame decodes straight into the object the application
+    gets: no dict, no second object (``_Listener.on_message``). Not tracked
+    by the cyclic collector (``gc=False``): a frozen record of decoded JSON
+    cannot be part of a cycle, and a buffer of many thousands of them would
+    otherwise make every collection longer.
+    """
 
     channel: str
     offset: int
-    data: Any
+    data: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,28 +137,41 @@ class Subscription:
         self.channel = channel
         self.max_rate = max_rate
         self.on_gap: Callable[[Gap], None] | None = None
-        self.position: StreamPosition | None = None  # the last offset received, and its epoch
+        # The last offset received and its epoch (``position``), kept as
+        # plain values: they change with every message.
+        self._offset = -1
+        self._epoch: str | None = None
         self._client = client
         self._buffer: collections.deque[Message] = collections.deque()
         self._max_buffered = max_buffered
         self._behind = False  # buffering stopped at max_buffered; resume once drained
-        self._readable = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # __anext__ waits on it, when the buffer is empty
         self._ended = False
         self._ready: asyncio.Future[Any] | None = None  # the application's subscribe() waits on it
+
+    @property
+    def position(self) -> StreamPosition | None:
+        """The last offset received, and its epoch (None before the first ``subscribed``)."""
+        return StreamPosition(self._offset, self._epoch) if self._epoch is not None else None
+
+    @position.setter
+    def position(self, position: StreamPosition) -> None:
+        self._offset, self._epoch = position.offset, position.epoch
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self
 
     async def __anext__(self) -> Message:
-        while not self._buffer:
+        buffer = self._buffer
+        while not buffer:
             if self._ended:
                 raise StopAsyncIteration
             if self._behind:
                 self._behind = False
                 self._client._resume(self)
-            self._readable.clear()
-            await self._readable.wait()
-        return self._buffer.popleft()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return buffer.popleft()
 
     async def unsubscribe(self) -> None:
         """Stop the subscription; iteration ends once the buffer is read."""
@@ -160,16 +179,15 @@ class Subscription:
 
     # -- fed by the client ------------------------------------------------------
 
-    def _offer(self, offset: int, data: Any) -> None:
-        position = self.position
-        if position is not None and offset <= position.offset:
+    def _take(self, msg: Message) -> None:
+        if msg.offset <= self._offset:
             return  # already received: sent again by a resume
         if self._behind or len(self._buffer) >= self._max_buffered:
             self._behind = True
             return
-        self.position = StreamPosition(offset, position.epoch if position is not None else "")
-        self._buffer.append(Message(self.channel, offset, data))
-        self._readable.set()
+        self._offset = msg.offset
+        self._buffer.append(msg)
+        self._wake()
 
     def _gap(self, gap: Gap) -> None:
         if self.on_gap is not None:
@@ -178,11 +196,22 @@ class Subscription:
 
     def _end(self) -> None:
         self._ended = True
-        self._readable.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 _TEXT = WSMsgType.TEXT
 _decode_json = msgspec.json.Decoder().decode
+_decode_message = msgspec.json.Decoder(Message).decode
+# How the gateway's ``message`` frames start (``JsonCodec.encode_message``):
+# the frames that take the typed decoder.
+_MESSAGE_PREFIX = b'{"type":"message",'
 
 
 class _Listener(ClientWire):
@@ -196,6 +225,17 @@ class _Listener(ClientWire):
         self.welcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def on_message(self, opcode: int, payload: bytes) -> None:
+        if opcode is _TEXT and payload.startswith(_MESSAGE_PREFIX) and self.welcome.done():
+            # A publication, most of what arrives: straight into its Message.
+            try:
+                msg = _decode_message(payload)
+            except msgspec.DecodeError:
+                pass  # not the shape expected: the general path below says what is wrong
+            else:
+                sub = self._client._subscriptions.get(msg.channel)
+                if sub is not None:
+                    sub._take(msg)
+                return
         if opcode is _TEXT:
             try:
                 msg = _decode_json(payload)
@@ -486,7 +526,7 @@ class Client:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
             transport, listener = await client_wire.connect(
-                self.url, functools.partial(_Listener, self), compression=self.compression,
+                self.url, _Listener, client=self, compression=self.compression,
                 max_message_bytes=self.max_message_bytes, impl=self._impl, extra_headers=headers)
         except WSHandshakeError as exc:
             status = exc.response.status if exc.response is not None else None
@@ -605,7 +645,7 @@ class Client:
         if msg_type == "message":
             sub = self._subscriptions.get(msg["channel"])
             if sub is not None:
-                sub._offer(msg["offset"], msg.get("data"))
+                sub._take(Message(sub.channel, msg["offset"], msg.get("data")))
             return
         if msg_type == "subscribed":
             self._subscribed(msg)

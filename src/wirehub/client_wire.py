@@ -1,8 +1,9 @@
 """A client connection's wire: frames in, whole messages out (RFC 6455, RFC 7692).
 
-``ClientWire`` is a picows listener that does for a client what the
-gateway's ``FrameListener`` (``wirehub._ext.listener``) does for a server,
-with the gateway's own parts: ``Utf8Validator``/``is_utf8`` (``frame``),
+``ClientWire`` does for a client what the gateway's ``FrameListener``
+(``wirehub._ext.listener``) does for a server, on top of a compiled
+per-frame fast path (``client_frames.FramePath``: whole plain messages never
+reach Python code here) and with the gateway's own parts: ``Utf8Validator``/``is_utf8`` (``frame``),
 ``Inflater``/``Deflater`` (``deflate``), both through ``wirehub._speedups``,
 the negotiation's grammar (``protocol.permessage_deflate.accept_response``)
 and the close-code rule (``protocol.errors.is_valid_close_code``).
@@ -49,11 +50,11 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
-from picows import WSAutoPingStrategy, WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSAutoPingStrategy, WSFrame, WSMsgType, WSTransport
 from picows.picows import WSProtocol
 from picows.url import parse_url
 
@@ -94,8 +95,30 @@ def default_implementation() -> SimpleNamespace:
     return _speedups.implementation()
 
 
-class ClientWire(WSListener):  # type: ignore[misc]
+Wire = TypeVar("Wire", bound="ClientWire")
+
+
+def listener_class(wire: type[Wire], impl: SimpleNamespace) -> type[Wire]:
+    """``wire`` (a ``ClientWire`` subclass) on ``impl``'s per-frame fast path
+    (``client_frames.FramePath``, a picows listener): the class ``connect``
+    instantiates. The fast path is a base class, not a helper, so that picows
+    calls it in C for every frame (``cpdef on_ws_frame``) and only the frames
+    it does not take reach Python."""
+    return _on_frame_path(wire, impl.client_frames.FramePath)
+
+
+@functools.cache
+def _on_frame_path(wire: type[Wire], frame_path: type) -> type[Wire]:
+    return type(wire.__name__, (wire, frame_path),
+                {"__module__": wire.__module__, "__doc__": wire.__doc__, "__qualname__": wire.__qualname__})
+
+
+class ClientWire:
     """One client connection's receive path; override :meth:`on_message`.
+
+    A picows listener once ``connect`` puts it on the fast path
+    (``listener_class``): ``FramePath`` takes the whole plain messages in C
+    and hands this class the rest (``on_other_frame``).
 
     Args:
         deflate: the agreed permessage-deflate parameters (``connect`` passes
@@ -111,6 +134,7 @@ class ClientWire(WSListener):  # type: ignore[misc]
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  compress_threshold_bytes: int = COMPRESS_THRESHOLD_BYTES,
                  compress_level: int = COMPRESS_LEVEL, impl: SimpleNamespace | None = None) -> None:
+        super().__init__()
         impl = impl or default_implementation()
         self.deflate = deflate
         self.max_message_bytes = max_message_bytes
@@ -120,9 +144,8 @@ class ClientWire(WSListener):  # type: ignore[misc]
         self.failed = False                  # this side failed the connection
         self.closed: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         self._impl = impl
-        self._is_utf8 = impl.frame.is_utf8
         self._closing = False    # a CLOSE was sent or received: only a CLOSE matters now
-        self._plain = True       # neither a fragmented message open nor closing: the fast path
+        self.plain = True       # neither a fragmented message open nor closing: the fast path
         self._abort_timer: asyncio.TimerHandle | None = None
         # The message being reassembled: its opcode (0: none), whether it is
         # compressed, its parts so far and their size.
@@ -164,7 +187,7 @@ class ClientWire(WSListener):  # type: ignore[misc]
         transport = self.transport
         if transport is None or self._closing or transport.is_disconnected:
             return
-        self._closing, self._plain = True, False
+        self._closing, self.plain = True, False
         self._ended_by(code, reason)
         transport.send_close(code, reason.encode()[:123])
         self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self._abort)
@@ -198,21 +221,11 @@ class ClientWire(WSListener):  # type: ignore[misc]
         # asyncio logs it as never retrieved. It is in close_code/picows's log.
         asyncio.ensure_future(_consume(transport.wait_disconnected()))
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        opcode = frame.msg_type
-        # The common case first: a whole uncompressed message in one frame,
-        # while no fragmented message is open and nothing is closing. (``is``
-        # against module constants: picows hands out the enum's members, and
-        # an attribute lookup on the enum class costs ~70 ns.)
-        if (opcode is _TEXT or opcode is _BINARY) and frame.fin and self._plain and not (
-                frame.rsv1 or frame.rsv2 or frame.rsv3) and frame.payload_size <= self.max_message_bytes:
-            payload = frame.get_payload_as_bytes()
-            if opcode is _TEXT and not self._is_utf8(payload):
-                self.fail(CloseCode.INVALID_TEXT, "text message is not valid UTF-8")
-                return
-            self.on_message(opcode, payload)
-        elif self._closing or transport.is_close_frame_sent:
-            if opcode is _CLOSE:
+    def on_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """Every frame the fast path (``FramePath.on_ws_frame``) does not take:
+        a fragment, a compressed or control frame, anything while closing."""
+        if self._closing or transport.is_close_frame_sent:
+            if frame.msg_type == WSMsgType.CLOSE:
                 transport.disconnect()  # the answer to our CLOSE, or a second one
         else:
             self._on_other_frame(frame)
@@ -243,7 +256,7 @@ class ClientWire(WSListener):  # type: ignore[misc]
         elif frame.rsv1 and self.deflate is None:
             self.fail(CloseCode.PROTOCOL_ERROR, "RSV1 set without permessage-deflate")
         else:
-            self._opcode, self._plain = opcode, False
+            self._opcode, self.plain = opcode, False
             self._compressed = bool(frame.rsv1)
             self._size = 0
             self._add_fragment(frame)
@@ -278,7 +291,7 @@ class ClientWire(WSListener):  # type: ignore[misc]
         self._parts.append(chunk)
         if not frame.fin:
             return
-        opcode, self._opcode, self._plain = self._opcode, 0, True
+        opcode, self._opcode, self.plain = self._opcode, 0, True
         parts, self._parts = self._parts, []
         if text and not self._utf8.finish():
             self.fail(CloseCode.INVALID_TEXT, "text message is not valid UTF-8")
@@ -295,7 +308,7 @@ class ClientWire(WSListener):  # type: ignore[misc]
                 self.fail(CloseCode.PROTOCOL_ERROR, "invalid close code")
                 transport.disconnect()  # the server sent its CLOSE: it will not answer ours
                 return
-        self._closing, self._plain = True, False
+        self._closing, self.plain = True, False
         self._ended_by(code, (frame.get_close_reason() or "") if frame.payload_size > 2 else "")
         # Echo the code (RFC 6455 §5.5.1); a CLOSE without one is answered 1000.
         transport.send_close(code if code != _NO_STATUS else CloseCode.NORMAL)
@@ -315,16 +328,16 @@ async def _consume(waiting: Awaitable[None]) -> None:
         await waiting
 
 
-Wire = TypeVar("Wire", bound=ClientWire)
 _PICOWS_LOGGER = logging.getLogger("picows.client")  # ws_connect's
 
 
-async def connect(url: str, make_listener: Callable[..., Wire] = ClientWire, *, compression: bool = True,
+async def connect(url: str, wire: type[Wire] = ClientWire, *, compression: bool = True,
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, impl: SimpleNamespace | None = None,
                   extra_headers: dict[str, str] | None = None, ssl_context: ssl.SSLContext | None = None,
-                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> tuple[WSTransport, Wire]:
-    """Open a connection whose listener is ``make_listener(deflate=...,
-    max_message_bytes=..., impl=...)``: permessage-deflate offered when
+                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S, **wire_options: Any) -> tuple[WSTransport, Wire]:
+    """Open a connection whose listener is a ``wire`` (on ``impl``'s fast
+    path, ``listener_class``) made with ``deflate=..., max_message_bytes=...,
+    impl=...`` and ``wire_options``: permessage-deflate offered when
     ``compression`` (``CLIENT_OFFER``) and the answer checked.
 
     What ``picows.ws_connect`` builds (no proxies, no redirects), behind the
@@ -351,7 +364,8 @@ async def connect(url: str, make_listener: Callable[..., Wire] = ClientWire, *, 
         except NegotiationError as exc:
             # Not a TypeError: picows would call the factory again without arguments.
             raise ExtensionRejected(f"the server's permessage-deflate answer is not acceptable: {exc}") from None
-        return make_listener(deflate=agreed, max_message_bytes=max_message_bytes, impl=impl)
+        return listener_class(wire, impl)(deflate=agreed, max_message_bytes=max_message_bytes, impl=impl,
+                                          **wire_options)
 
     max_frame_size = max_message_bytes + _FRAME_SLACK_BYTES
     inner = WSProtocol(
