@@ -71,7 +71,7 @@ setup(
         "wirehub.static",
         "wirehub.loadgen",
     ],
-    package_data={"wirehub": ["py.typed"], "wirehub.static": ["*.js", "package.json"]},
+    package_data={"wirehub": ["py.typed"], "wirehub.static": ["*.js", "*.html", "*.css", "package.json"]},
     ext_modules=_extensions(),
     options={"build_ext": {"parallel": BUILD_JOBS}},
 )

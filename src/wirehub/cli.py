@@ -29,6 +29,11 @@ examples:
   wirehub serve --jwt-secret "$SECRET"             # clients need a token (docs/security.md)
   wirehub serve --tls-cert cert.pem --tls-key key.pem   # serve wss://
 
+  wirehub serve --api-port 8081 --api-key "$API_KEY"     # HTTP publish API on 127.0.0.1:8081
+  curl -H "X-API-Key: $API_KEY" -d '{"channel":"prices.btc","data":{"bid":101.5}}' \\
+       http://127.0.0.1:8081/api/publish                 # -> {"channel":...,"offset":1,...,"delivered":3}
+  wirehub serve --api-port 8081 --jwt-secret "$SECRET" --api-jwt   # tokens' publish claims decide
+
 precedence: defaults < --config file < WIREHUB_* environment < flags
 """
 
@@ -215,6 +220,8 @@ async def _serve(cfg: Config) -> None:
     elif cfg.allow_anonymous:
         print("wirehub: anonymous connections allowed (default_subscribe/default_publish only)",
               file=sys.stderr, flush=True)
+    if gateway.http_api is not None:
+        print(f"wirehub: {gateway.http_api.describe()}", file=sys.stderr, flush=True)
     if gateway.admission.capped_by_open_files:
         print(f"wirehub: at most {gateway.admission.max_connections:,} connections: the open-file limit is "
               f"{open_files:,} (ulimit -n); past it clients are answered 503", file=sys.stderr, flush=True)

@@ -117,6 +117,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idempotency_window_s: Annotated[float, NonNegative] = 120.0
     idempotency_max_keys: Annotated[int, Positive] = 100_000
     metrics_interval_s: Annotated[float, Positive] = 5.0
+    # The HTTP publish API (http_api.py), on a listener of its own.
+    api_port: Optional[Annotated[int, msgspec.Meta(ge=0, le=65535)]] = None
+    api_host: str = "127.0.0.1"
+    api_key: list[str] = []
+    api_jwt: bool = False
+    api_rate_limit_per_s: Annotated[float, NonNegative] = 10_000.0
+    api_rate_limit_burst: Annotated[float, NonNegative] = 20_000.0
+    api_request_timeout_s: Annotated[float, Positive] = 10.0
+    api_idle_timeout_s: Annotated[float, Positive] = 60.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -130,14 +139,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 f"max_payload_bytes ({self.max_payload_bytes}) so one message always fits")
         for rate, burst in (("rate_limit_messages_per_s", "rate_limit_burst_messages"),
                             ("rate_limit_bytes_per_s", "rate_limit_burst_bytes"),
-                            ("rate_limit_violations_per_s", "rate_limit_burst_violations")):
+                            ("rate_limit_violations_per_s", "rate_limit_burst_violations"),
+                            ("api_rate_limit_per_s", "api_rate_limit_burst")):
             if getattr(self, rate) > 0 and getattr(self, burst) <= 0:
                 raise ValueError(f"{burst} must be > 0 when {rate} is set")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if not self.auth_enabled:
             for name in ("jwt_algorithms", "jwt_audience", "jwt_issuer", "default_subscribe",
-                         "default_publish"):
+                         "default_publish", "api_jwt"):
                 if getattr(self, name):
                     raise ValueError(f"{name} needs a key: set jwt_secret, jwt_public_key or jwks")
         for pattern in (*self.default_subscribe, *self.default_publish):
@@ -227,6 +237,19 @@ HELP: dict[str, str] = {
     "idempotency_max_keys": "idempotency keys remembered at once, across channels; past it the oldest go first",
     "metrics_interval_s": ("seconds between two metrics_update messages on $sys:metrics, sent only while "
                            "someone is subscribed (docs/operations.md)"),
+    "api_port": ("TCP port of the HTTP publish API (POST /api/publish, /api/broadcast, /api/batch; "
+                 "docs/operations.md); unset: no API (0 picks a free port)"),
+    "api_host": "interface the HTTP API listens on (loopback by default: producers run beside the gateway)",
+    "api_key": ("key a producer sends to the HTTP API (X-API-Key or Authorization: Bearer), repeatable; "
+                "it may publish on every channel a client may"),
+    "api_jwt": ("accept the gateway's tokens on the HTTP API too: a token publishes where its publish "
+                "claims allow (needs jwt_secret, jwt_public_key or jwks)"),
+    "api_rate_limit_per_s": ("publications per second per API key, token subject or (open API) client IP "
+                             "over HTTP; more are answered 429 (0 = unlimited)"),
+    "api_rate_limit_burst": "HTTP API publication burst per API key, token subject or client IP",
+    "api_request_timeout_s": ("seconds an HTTP API request has from its first byte to its last; "
+                              "slower is answered 408 and closed"),
+    "api_idle_timeout_s": "seconds an HTTP API keep-alive connection may wait between two requests",
 }
 
 ENV_PREFIX = "WIREHUB_"

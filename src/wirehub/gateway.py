@@ -43,6 +43,7 @@ from .config import Config
 from .connection import Connection, EchoConnection
 from .delivery import ChannelPolicies
 from .garbage import PauseWatch
+from .http_api import HttpApi
 from .hub import TAKEOVER, Hub
 from .metrics import Metrics, histogram_lines
 from .protocol.codec import JsonCodec, TlvCodec
@@ -183,10 +184,11 @@ class Gateway:
         build = f'wirehub_build_info{{hot_path="{self.impl.name}",version="{__version__}"}} 1'
         self.metrics.collectors.append(lambda: ["# TYPE wirehub_build_info gauge", build])
         self.gc_watch = PauseWatch()
-        self.static_files = static_files.load_all()
+        self.static_files = static_files.load_all(cfg.ws_path)
         self.metrics.collectors.append(self.gc_watch.metric_lines)
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self.http_api: HttpApi | None = None  # with config.api_port: the HTTP publish API (http_api.py)
         self.echo_connections: set[EchoConnection] = set()
         self.sources: list[Source] = []
         self.metrics_source = MetricsSource(self, interval_s=cfg.metrics_interval_s)  # $sys:metrics
@@ -351,6 +353,9 @@ class Gateway:
         self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls,
                                                 backlog=cfg.listen_backlog)
         self._heartbeat_task = loop.create_task(self._heartbeat())
+        if cfg.api_port is not None:
+            self.http_api = HttpApi(self)
+            await self.http_api.start(tls)
         self.gc_watch.install()
         for source in self.sources:
             await source.start()
@@ -378,6 +383,8 @@ class Gateway:
         if self._server is None:
             return
         self._server.close()
+        if self.http_api is not None:
+            await self.http_api.stop()
         self._heartbeat_task.cancel()
         self.gc_watch.uninstall()
         listeners = [c.listener for c in self.hub.clients.values()]
@@ -434,6 +441,8 @@ class Gateway:
         if path == "/metrics":
             body = self.metrics.render(self.hub.subscription_count, len(self.hub.channels))
             return self._http(HTTPStatus.OK, body.encode(), "text/plain; version=0.0.4")
+        if path == "/api" or path.startswith("/api/"):
+            return self._api_elsewhere()
         static = self.static_files.get(path)
         if static is not None:
             response = static.response(request.headers.get("If-None-Match"))
@@ -494,6 +503,16 @@ class Gateway:
         response = WSUpgradeResponse.create_error_response(
             HTTPStatus.UNAUTHORIZED, body, {"WWW-Authenticate": challenge, "Content-Type": "application/json"})
         return WSUpgradeResponseWithListener(response, None)
+
+    def _api_elsewhere(self) -> Any:
+        """``/api/...`` on the WebSocket port: 404, saying where the HTTP API is."""
+        api = self.http_api
+        where = (f"it listens on {self.config.api_host}:{api.port} (--api-port)" if api is not None
+                 else "it is off: start the gateway with --api-port")
+        body = msgspec.json.encode({"code": "not_found", "error": f"the HTTP API has a port of its own: {where}"})
+        self.metrics.http_requests_total[HTTPStatus.NOT_FOUND] += 1
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+            HTTPStatus.NOT_FOUND, body, {"Content-Type": "application/json"}), None)
 
     def _http(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain") -> Any:
         self.metrics.http_requests_total[int(status)] += 1

@@ -41,9 +41,11 @@ and timers) and ``gateway.sources`` (Docker log streams, when installed).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import socket
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import msgspec
@@ -74,19 +76,36 @@ RATES = (
 )
 RATE_DIGITS = 3
 PER_NODE = frozenset({"node", "uptime_s", "window_s"})
+TOP_CHANNELS = 10  # entries of ``top_channels``
+_members, _count = attrgetter("members"), itemgetter(1)
+
+
+def top_channels(counts: Any) -> list[dict[str, Any]]:
+    """The ``TOP_CHANNELS`` largest of ``(channel, subscribers)`` pairs, most
+    subscribers first (ties in the order given): one pass, a heap of ten."""
+    busiest = heapq.nlargest(TOP_CHANNELS, counts, key=_count)
+    return [{"channel": name, "subscribers": subscribers} for name, subscribers in busiest]
 
 
 def total(nodes: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum of the nodes' entries: every count, gauge and rate adds up
-    (``node``, ``uptime_s`` and ``window_s`` describe one node and are left out)."""
+    (``node``, ``uptime_s`` and ``window_s`` describe one node and are left out);
+    ``top_channels`` are merged, a channel's subscribers summed over the nodes."""
     summed: dict[str, Any] = {}
+    merged: dict[str, int] | None = None
     for node in nodes:
         for name, value in node.items():
-            if name not in PER_NODE:
+            if name == "top_channels":
+                merged = {} if merged is None else merged
+                for entry in value:
+                    merged[entry["channel"]] = merged.get(entry["channel"], 0) + entry["subscribers"]
+            elif name not in PER_NODE:
                 summed[name] = summed.get(name, 0) + value
     for name, value in summed.items():
         if isinstance(value, float):
             summed[name] = round(value, RATE_DIGITS if name.endswith("_per_s") else 6)
+    if merged is not None:
+        summed["top_channels"] = top_channels(merged.items())
     return summed
 
 
@@ -227,6 +246,9 @@ class MetricsSource:
             "gc_collections_total": sum(watch.collections),
             "gc_pause_seconds_total": round(watch.pause_seconds, 6),
             "docker_log_streams": self._log_streams(),
+            # One pass in C over the channels (the length of each one's member
+            # dict): about 0.2 µs a channel, once per sample.
+            "top_channels": top_channels(zip(hub.channels, map(len, map(_members, hub.channels.values())))),
         }
 
     def _read_counters(self) -> dict[str, int]:
