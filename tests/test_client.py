@@ -8,6 +8,7 @@ import asyncio
 import random
 import signal
 
+import msgspec
 import pytest
 
 import wirehub
@@ -15,6 +16,7 @@ from wirehub import ChannelOptions, Config, Gateway
 from wirehub.auth import mint_token
 from wirehub.client import (CLOSED, CONNECTED, Client, ClientClosed, Gap, Message, QueueFull, ServerError)
 from wirehub.clock import ManualClock
+from wirehub.protocol.messages import Subscribed
 
 from helpers import free_port, running_gateway, start_server, until
 
@@ -200,3 +202,69 @@ async def test_publishes_while_disconnected_are_bounded():
     for publish in queued:
         with pytest.raises(ClientClosed):
             await publish
+
+
+class SnapshotSource:
+    """Owns ``state:*`` like the runners source: a subscriber first gets a
+    snapshot at the channel's current offset (the one ``subscribed`` reports),
+    then every later publication."""
+
+    def __init__(self) -> None:
+        self.host = None
+        self.offsets: dict[str, int] = {}
+
+    def owns(self, channel):
+        return channel.startswith("state:")
+
+    def bind(self, host):
+        self.host = host
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    def subscribe(self, conn, channel, request, answer):
+        answer(Subscribed(channel, request.id))
+        snapshot = msgspec.json.encode({"snapshot": self.offsets.get(channel, 0)})
+        self.host.send_history(conn, channel, [(self.offsets.get(channel, 0), snapshot)])
+        self.host.join(conn, channel)
+        return False
+
+    def cancel(self, conn, channel):
+        return False
+
+    def forget(self, conn):
+        pass
+
+    def vacated(self, channel):
+        pass
+
+    def emit(self, channel: str, n: int) -> None:
+        self.offsets[channel] = self.host.emit(channel, msgspec.json.encode({"n": n}))
+
+
+async def test_a_sources_snapshot_at_the_subscribed_offset_is_delivered():
+    """The runners channel's ``initial_state`` comes at the offset ``subscribed``
+    reports: a fresh subscription takes it, then everything after it once."""
+    source = SnapshotSource()
+    gw = Gateway(Config(port=0), sources=[source])
+    async with running_gateway(gateway=gw), wirehub.connect(url(gw), **FAST) as client:
+        source.emit("state:a", 1)
+        source.emit("state:a", 2)
+        sub = await client.subscribe("state:a")
+        assert sub.position.offset == 2
+        source.emit("state:a", 3)
+        assert await take(sub, 2) == [Message("state:a", 2, {"snapshot": 2}), Message("state:a", 3, {"n": 3})]
+        states: list[str] = []
+        client.on("state", lambda state, code, reason: states.append(state))
+        for conn in gw.connections:
+            conn.close(1012, "service restart")
+        await until(lambda: "disconnected" in states and client.state == CONNECTED, what="the client back")
+        # A source that keeps no history answers a resume afresh (no `recovered`):
+        # its snapshot comes again, the state to start from, then what follows.
+        assert await take(sub, 1) == [Message("state:a", 3, {"snapshot": 3})]
+        source.emit("state:a", 4)
+        assert await take(sub, 1) == [Message("state:a", 4, {"n": 4})]
+

@@ -33,6 +33,7 @@ from wirehub.auth import mint_token
 from wirehub.clock import ManualClock
 
 from helpers import free_port, running_gateway, start_server, until
+from test_client import SnapshotSource
 
 JS_TESTS = Path(__file__).parent / "js"
 CLIENT_JS = resources.files("wirehub.static").joinpath("wirehub.js")
@@ -99,8 +100,11 @@ async def run_node(node: list[str], script: str, env: dict[str, str], timeout_s:
 
 
 def control_handlers(gw: Gateway, clock: ManualClock | None = None) -> None:
-    """The messages the Node suites use to reach into the gateway."""
+    """The messages the Node suites use to reach into the gateway (and
+    ``state:*``, a source that sends a snapshot at the subscribed offset)."""
     feeds: list[asyncio.Task[int]] = []
+    snapshots = SnapshotSource()
+    gw.add_source(snapshots)
 
     @gw.on("add")
     def add(conn: Any, msg: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +126,11 @@ def control_handlers(gw: Gateway, clock: ManualClock | None = None) -> None:
     @gw.on("ctl_position")
     def position(conn: Any, msg: dict[str, Any]) -> dict[str, Any]:
         return {"type": "position", "offset": gw.broker.position(msg["channel"]).offset}
+
+    @gw.on("ctl_emit")
+    def emit(conn: Any, msg: dict[str, Any]) -> dict[str, Any]:
+        snapshots.emit(msg["channel"], msg["n"])
+        return {"type": "emitted"}
 
     if clock is not None:
         @gw.on("ctl_advance")

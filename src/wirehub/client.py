@@ -138,8 +138,12 @@ class Subscription:
         self.max_rate = max_rate
         self.on_gap: Callable[[Gap], None] | None = None
         # The last offset received and its epoch (``position``), kept as
-        # plain values: they change with every message.
+        # plain values: they change with every message. A fresh subscription
+        # starts one below its ``subscribed`` position, since a source's
+        # snapshot comes at that offset (``initial_state`` on ``runners``,
+        # docs/docker.md); ``_floor`` keeps a resume from asking for less.
         self._offset = -1
+        self._floor = -1
         self._epoch: str | None = None
         self._client = client
         self._buffer: collections.deque[Message] = collections.deque()
@@ -152,11 +156,17 @@ class Subscription:
     @property
     def position(self) -> StreamPosition | None:
         """The last offset received, and its epoch (None before the first ``subscribed``)."""
-        return StreamPosition(self._offset, self._epoch) if self._epoch is not None else None
+        return StreamPosition(max(self._offset, self._floor), self._epoch) if self._epoch is not None else None
 
     @position.setter
     def position(self, position: StreamPosition) -> None:
-        self._offset, self._epoch = position.offset, position.epoch
+        self._offset = self._floor = position.offset
+        self._epoch = position.epoch
+
+    def _start_at(self, offset: int, epoch: str) -> None:
+        """A fresh ``subscribed``: the publications after ``offset`` follow, and
+        perhaps a source's snapshot at ``offset`` itself."""
+        self._offset, self._floor, self._epoch = offset - 1, offset, epoch
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self
@@ -692,7 +702,7 @@ class Client:
             return
         previous = sub.position
         if previous is None or "recovered" not in msg:
-            sub.position = StreamPosition(position["offset"], position["epoch"])
+            sub._start_at(position["offset"], position["epoch"])
         elif msg["recovered"]:
             return
         else:

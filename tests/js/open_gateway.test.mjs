@@ -103,3 +103,22 @@ test("backoff is full jitter within the configured bounds and stops after max at
   const ceilings = [1000, 1500, 2000, 2000]; // 1000 * 1.5^(attempt-1), capped at 2000
   assert.deepEqual(delays, draws.map((draw, i) => draw * ceilings[i]));
 });
+
+test("a source's snapshot at the subscribed offset is delivered, and again after a resume", { timeout: 30000 }, async () => {
+  const client = await connect(URL_, FAST);
+  await client.request({ type: "ctl_emit", channel: "state:a", n: 1 });
+  await client.request({ type: "ctl_emit", channel: "state:a", n: 2 });
+  const sub = await client.subscribe("state:a");
+  assert.equal(sub.position.offset, 2);
+  await client.request({ type: "ctl_emit", channel: "state:a", n: 3 });
+  assert.deepEqual((await take(sub, 2)).map((m) => [m.offset, m.data]), [[2, { snapshot: 2 }], [3, { n: 3 }]]);
+  const states = [];
+  client.on("state", (state) => states.push(state));
+  client.request({ type: "ctl_close_me" }).catch(() => {});
+  // A source that keeps no history answers a resume afresh: its snapshot again, then what follows.
+  assert.deepEqual((await take(sub, 1)).map((m) => [m.offset, m.data]), [[3, { snapshot: 3 }]]);
+  assert.ok(states.includes("disconnected"));
+  await client.request({ type: "ctl_emit", channel: "state:a", n: 4 });
+  assert.deepEqual((await take(sub, 1)).map((m) => [m.offset, m.data]), [[4, { n: 4 }]]);
+  await client.close();
+});

@@ -337,6 +337,7 @@ class LogView {
       this.queue({ marker: `${which} could not be recovered (${gap.reason})` });
     };
     const position = sub.position;
+    let shown = 0; // the tail covers the offsets up to this one
     setStatus($("log-status"), "");
     if (position !== null && position.offset > 0) {
       try {
@@ -347,6 +348,7 @@ class LogView {
         if (!current()) return;
         const tail = (page.publications ?? []).filter((p) => p.offset <= position.offset).reverse();
         for (const publication of tail) this.add(publication);
+        shown = position.offset;
       } catch (error) {
         if (!current()) return;
         this.queue({ marker: `earlier lines are not shown: ${explain(error)}` });
@@ -354,7 +356,9 @@ class LogView {
     }
     const live = held;
     held = null;
-    for (const msg of live) this.add(msg);
+    // An ended log's `stream_end` arrives live at the subscribed offset too (a
+    // snapshot, docs/docker.md): the tail has shown it already.
+    for (const msg of live) if (msg.offset > shown) this.add(msg);
   }
 
   /** Stop following (the view stays). */
@@ -517,7 +521,6 @@ class Session {
     this.metrics = new MetricsView();
     this.log = new LogView(this);
     this.runnersSub = null;
-    this.runnersAt = null; // see runnersResubscribed
     this.listed = false; // an initial_state arrived
     $("runners").replaceChildren();
     setStatus($("runners-status"), "waiting for the runner list…");
@@ -589,8 +592,6 @@ class Session {
       } else {
         this.refused(`The gateway refused the token: ${msg.error ?? msg.code}`);
       }
-    } else if (msg.type === "subscribed" && msg.channel === RUNNERS) {
-      this.runnersResubscribed(msg);
     }
   }
 
@@ -630,26 +631,10 @@ class Session {
     }
     if (this.closed) return;
     this.runnersSub = sub;
-    if (this.runnersAt !== null) sub.position = this.runnersAt;
     sub.onMessage = (msg) => { if (!this.closed) this.onRunners(msg.data); };
     if (this.runners.size === 0) {
       setStatus($("runners-status"), "no runner list yet (the gateway serves one with --docker)");
     }
-  }
-
-  /**
-   * The `runners` channel answers every subscribe (a resume too: it keeps no
-   * history) with `initial_state` at the channel's current offset, the offset
-   * `subscribed` reports. wirehub.js drops a message at or below that position
-   * as one it already has, so the subscription is moved one offset back when
-   * the `subscribed` arrives (this event runs before the next message is read).
-   * A resume the channel did recover (`recovered` set) is left alone.
-   */
-  runnersResubscribed(msg) {
-    if (msg.recovered !== undefined || msg.position === undefined) return;
-    const before = { offset: msg.position.offset - 1, epoch: msg.position.epoch };
-    if (this.runnersSub !== null) this.runnersSub.position = before;
-    else this.runnersAt = before; // the first subscribe: set once it resolves, still before the next message
   }
 
   onRunners(data) {

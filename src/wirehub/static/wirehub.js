@@ -214,7 +214,11 @@ export class Subscription {
     this.maxRate = maxRate;
     this.onGap = null;
     this.onMessage = null;
-    this.position = null; // {offset, epoch} of the last publication received
+    this.position = null; // {offset, epoch} of the last publication received: where a resume starts
+    // Offsets up to this one are repeats. A fresh subscription starts one below
+    // its `subscribed` position, since a source's snapshot comes at that offset
+    // (`initial_state` on `runners`, docs/docker.md).
+    this._last = -1;
     this._client = client;
     this._buffer = new Queue();
     this._maxBuffered = maxBuffered;
@@ -242,21 +246,27 @@ export class Subscription {
   unsubscribe() { return this._client._unsubscribe(this); }
 
   _offer(offset, data) {
-    const position = this.position;
-    if (position !== null && offset <= position.offset) return; // sent again by a resume
+    if (offset <= this._last) return; // sent again by a resume
     const message = { channel: this.channel, offset, data };
-    if (this.onMessage !== null) {
-      this.position = { offset, epoch: position?.epoch ?? "" };
-      this._client._call(this.onMessage, message);
-      return;
-    }
-    if (this._behind || this._buffer.length >= this._maxBuffered) {
+    if (this.onMessage === null && (this._behind || this._buffer.length >= this._maxBuffered)) {
       this._behind = true;
       return;
     }
-    this.position = { offset, epoch: position?.epoch ?? "" };
+    this._last = offset;
+    const position = this.position;
+    this.position = { offset: Math.max(offset, position?.offset ?? 0), epoch: position?.epoch ?? "" };
+    if (this.onMessage !== null) {
+      this._client._call(this.onMessage, message);
+      return;
+    }
     this._buffer.push(message);
     this._signal();
+  }
+
+  /** Resume (or start) after `position`: what comes at or before it is a repeat. */
+  _setPosition(position, fresh = false) {
+    this.position = position;
+    this._last = fresh ? position.offset - 1 : position.offset;
   }
 
   _gap(gap) {
@@ -667,14 +677,14 @@ export class Client {
     if (sub === undefined || position === undefined) return;
     const previous = sub.position;
     if (previous === null || msg.recovered === undefined) {
-      sub.position = { offset: position.offset, epoch: position.epoch };
+      sub._setPosition({ offset: position.offset, epoch: position.epoch }, true);
     } else if (!msg.recovered) {
       const missed = msg.missed ?? null;
       sub._gap(new Gap(sub.channel, msg.reason ?? "not_recovered", missed?.from ?? null, missed?.to ?? null));
       if (position.epoch !== previous.epoch) {
-        sub.position = { offset: 0, epoch: position.epoch }; // a new stream: what it kept comes from its start
+        sub._setPosition({ offset: 0, epoch: position.epoch }); // a new stream: what it kept comes from its start
       } else if (missed !== null) {
-        sub.position = { offset: missed.to, epoch: position.epoch };
+        sub._setPosition({ offset: missed.to, epoch: position.epoch });
       }
     }
   }
