@@ -23,7 +23,7 @@ examples:
   wirehub serve --config wirehub.toml            # keys are the option names, e.g. port = 9000
   WIREHUB_MAX_PAYLOAD_BYTES=65536 wirehub serve  # every option has a WIREHUB_* variable
   wirehub serve --echo --log-level info          # enable the /echo diagnostics endpoint
-  wirehub serve --channel 'logs:**:history_size=10000' \
+  wirehub serve --channel 'logs:**:history_size=10000' \\
                 --channel 'prices.*:history_size=100,slow_consumer=conflate,max_rate=10'
 
   wirehub serve --jwt-secret "$SECRET"             # clients need a token (docs/security.md)
@@ -33,6 +33,9 @@ examples:
   curl -H "X-API-Key: $API_KEY" -d '{"channel":"prices.btc","data":{"bid":101.5}}' \\
        http://127.0.0.1:8081/api/publish                 # -> {"channel":...,"offset":1,...,"delivered":3}
   wirehub serve --api-port 8081 --jwt-secret "$SECRET" --api-jwt   # tokens' publish claims decide
+
+  wirehub serve --file-dir /var/lib/wirehub/files --api-port 8081  # uploads on; downloads at
+                                                 # http://127.0.0.1:8081/files/<file_id>
 
 precedence: defaults < --config file < WIREHUB_* environment < flags
 """
@@ -222,6 +225,11 @@ async def _serve(cfg: Config) -> None:
               file=sys.stderr, flush=True)
     if gateway.http_api is not None:
         print(f"wirehub: {gateway.http_api.describe()}", file=sys.stderr, flush=True)
+    if gateway.files is not None:
+        where = (f"downloads at http{'s' if cfg.tls_cert else ''}://{cfg.api_host}:{gateway.http_api.port}"
+                 f"/files/<id>" if gateway.http_api is not None else "no downloads (set --api-port)")
+        print(f"wirehub: file uploads into {cfg.file_dir} (tokens need files:upload); {where}",
+              file=sys.stderr, flush=True)
     if gateway.admission.capped_by_open_files:
         print(f"wirehub: at most {gateway.admission.max_connections:,} connections: the open-file limit is "
               f"{open_files:,} (ulimit -n); past it clients are answered 503", file=sys.stderr, flush=True)

@@ -27,6 +27,8 @@ What it does for the application (docs/clients.md has the state table):
   published twice (docs/delivery.md, "Retried publishes").
 * **Refreshes tokens** through ``get_token`` on ``token_expiring`` and
   before reconnecting; concurrent needs share one call.
+* **Uploads files** (``upload``) chunk by chunk, resumed after a reconnect
+  by sending only what the gateway does not hold (``client_files``).
 * **Keeps to the wire's rules** through ``client_wire.ClientWire``
   (fragments, UTF-8, limits, closing; permessage-deflate offered and used
   both ways), which Autobahn's fuzzingserver checks (docs/conformance.md);
@@ -53,6 +55,7 @@ import msgspec
 from picows import WSHandshakeError, WSMsgType, WSTransport
 
 from . import _speedups, client_wire
+from .client_files import DEFAULT_CHUNK_BYTES, Progress, Source, Upload, UploadResult
 from .client_wire import DEFAULT_MAX_MESSAGE_BYTES, ClientWire, ExtensionRejected
 from .clock import Clock
 from .protocol.codec import TlvCodec
@@ -346,6 +349,7 @@ class Client:
         self._rng = rng or random.Random()
         self._listeners: dict[str, list[Callable[..., Any]]] = collections.defaultdict(list)
         self._subscriptions: dict[str, Subscription] = {}
+        self._uploads: dict[str, Upload] = {}   # by file id (hex)
         self._outbox: collections.deque[_Outgoing] = collections.deque()  # not sent yet
         self._outbox_bytes = 0
         self._in_flight: dict[int, _Outgoing] = {}                          # sent, unanswered
@@ -456,6 +460,38 @@ class Client:
             msg["key"] = key
         reply = await self._send(msg, PUBLISH, binary)
         return StreamPosition(reply["offset"], reply.get("epoch") or "")
+
+    async def upload(self, source: Source, *, name: str | None = None, channel: str | None = None,
+                     file_id: bytes | None = None, chunk_size: int = DEFAULT_CHUNK_BYTES,
+                     on_progress: Progress | None = None) -> UploadResult:
+        """Upload ``source`` (bytes, or a file's path) to the gateway's
+        ``file_dir``; return once the gateway has it complete and verified.
+
+        It survives reconnects: each new connection resumes the upload,
+        sending only the chunks the gateway does not hold. ``file_id`` (16
+        bytes; random by default) names the upload: the same id resumes it
+        from another client or process. ``on_progress(acknowledged_bytes,
+        size)`` is called as chunks are acknowledged. With ``channel``, the
+        gateway publishes a ``file`` message there once the file is complete.
+
+        Raises:
+            ServerError: the gateway refused it (``forbidden``, ``invalid_name``,
+                ``file_too_large``, ``quota_exceeded``, ``checksum_mismatch``, ...;
+                docs/protocol.md, "File transfer").
+            ClientClosed: the client closed first.
+            ValueError: the same ``file_id`` is being uploaded already.
+        """
+        self._check_open()
+        upload = Upload(self, source, name=name, channel=channel, file_id=file_id, chunk_size=chunk_size,
+                        on_progress=on_progress)
+        key = upload.file_id.hex()
+        if key in self._uploads:
+            raise ValueError(f"file {key} is being uploaded already")
+        self._uploads[key] = upload
+        try:
+            return await upload.run()
+        finally:
+            del self._uploads[key]
 
     async def request(self, message: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
         """Send an application message (``Gateway.on``) and return the
@@ -579,7 +615,10 @@ class Client:
 
     def _on_disconnected(self) -> None:
         """Publishes in flight go back to the front of the queue, in order;
-        requests in flight fail; subscribes are redone by the next connection."""
+        requests in flight fail; subscribes are redone by the next connection;
+        uploads begin again on it."""
+        for upload in self._uploads.values():
+            upload.interrupted()
         again = []
         for out in self._in_flight.values():
             if out.answer is None or out.answer.done():
@@ -621,6 +660,22 @@ class Client:
         payload = self._register(out)
         self._write(payload, WSMsgType.BINARY if out.binary else WSMsgType.TEXT)
 
+    async def _wait_connected(self) -> None:
+        """Return once connected.
+
+        Raises:
+            ClientClosed: the client is (or gets) closed first.
+        """
+        while self.state != CONNECTED:
+            self._check_open()
+            waiting = asyncio.ensure_future(self._connected.wait())
+            await asyncio.wait([waiting, *([self._runner] if self._runner is not None else [])],
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+
+    def _send_chunk(self, file_id: bytes, index: int, count: int, data: bytes | memoryview) -> None:
+        self._write(self._tlv.encode_chunk(file_id, index, count, data), WSMsgType.BINARY)
+
     def _write(self, payload: bytes, opcode: WSMsgType = WSMsgType.TEXT) -> None:
         assert self._wire is not None
         self._wire.send(opcode, payload)
@@ -652,6 +707,13 @@ class Client:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         msg_type = msg.get("type")
+        if msg_type == "file_ack":
+            upload = self._uploads.get(msg.get("file_id"))
+            if upload is not None:
+                upload.acked(msg["index"])
+            return
+        if msg_type == "error" and msg.get("id") is None:
+            self._upload_error(msg)
         if msg_type == "message":
             sub = self._subscriptions.get(msg["channel"])
             if sub is not None:
@@ -680,6 +742,20 @@ class Client:
                 self._recent.remove(msg)
                 break
         self._emit("message", msg)
+
+    def _upload_error(self, msg: dict[str, Any]) -> None:
+        """A chunk's error fails its upload (but ``duplicate_chunk``: the
+        gateway has it); a message refused for the connection's rate may have
+        been a chunk, so every upload begins again (and learns what is held)."""
+        upload = self._uploads.get(msg.get("file_id"))
+        if upload is not None:
+            if msg.get("code") == "duplicate_chunk" and msg.get("index") is not None:
+                upload.acked(msg["index"])
+            else:
+                upload.failed(ServerError(msg.get("code", "?"), msg.get("error", "")))
+        elif msg.get("code") == "rate_limited":
+            for upload in self._uploads.values():
+                upload.interrupted(refused=True)
 
     def _answered(self, out: _Outgoing, msg: dict[str, Any]) -> None:
         if msg.get("type") == "error":
@@ -770,6 +846,8 @@ class Client:
         self._in_flight.clear()
         for sub in self._subscriptions.values():
             sub._end()
+        for upload in self._uploads.values():
+            upload.failed(error)
         self._set_state(CLOSED, code, reason)
 
 

@@ -328,7 +328,19 @@ async def _consume(waiting: Awaitable[None]) -> None:
         await waiting
 
 
-_PICOWS_LOGGER = logging.getLogger("picows.client")  # ws_connect's
+class _PicowsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows's logger (``picows.client``, ws_connect's), with its write
+    flow control at DEBUG: picows warns each time the write buffer crosses
+    its high-water mark and again when it drains, which for a client that
+    streams (an upload's chunks) is its normal pace, twice per chunk."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith("Protocol writing "):
+            level = logging.DEBUG
+        super().log(level, msg, *args, **kwargs)
+
+
+_PICOWS_LOGGER = _PicowsLog(logging.getLogger("picows.client"), {})
 
 
 async def connect(url: str, wire: type[Wire] = ClientWire, *, compression: bool = True,

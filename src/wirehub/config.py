@@ -126,6 +126,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_rate_limit_burst: Annotated[float, NonNegative] = 20_000.0
     api_request_timeout_s: Annotated[float, Positive] = 10.0
     api_idle_timeout_s: Annotated[float, Positive] = 60.0
+    # File transfer (files.py): off without a directory.
+    file_dir: Optional[str] = None
+    file_window: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    file_max_bytes: Annotated[int, Positive] = 4 * 1024 * MiB
+    file_quota_bytes: Annotated[int, NonNegative] = 16 * 1024 * MiB
+    file_partial_ttl_s: Annotated[float, Positive] = 86_400.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -250,6 +256,13 @@ HELP: dict[str, str] = {
     "api_request_timeout_s": ("seconds an HTTP API request has from its first byte to its last; "
                               "slower is answered 408 and closed"),
     "api_idle_timeout_s": "seconds an HTTP API keep-alive connection may wait between two requests",
+    "file_dir": ("directory for uploaded files (file_begin/file_chunk/file_end, docs/protocol.md); "
+                 "unset: file transfer is off. Downloads: GET /files/<id> on the HTTP API's port"),
+    "file_window": ("chunks a client may have unacknowledged; a connection with more waiting for the "
+                    "disk stops being read"),
+    "file_max_bytes": "largest file one upload may carry",
+    "file_quota_bytes": "bytes one uploader's files (partial and complete) may hold in file_dir (0 = no quota)",
+    "file_partial_ttl_s": "seconds an unfinished upload is kept without a new chunk before it is deleted",
 }
 
 ENV_PREFIX = "WIREHUB_"

@@ -20,15 +20,18 @@ from .auth import Principal
 from .clock import Timer
 from .hub import OP_BINARY, OP_TEXT
 from .protocol.codec import JsonCodec, TlvCodec
-from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, Forbidden, NotAuthenticated,
-                              RateLimited, WirehubError)
-from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, HistoryRequest, Ping,
-                                Pong, Publish, Published, Reply, Subscribe, Subscribed, TokenExpiring,
-                                Unsubscribe, Unsubscribed, Welcome)
+from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, FileCode, FileError, Forbidden,
+                              NotAuthenticated, RateLimited, WirehubError)
+from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, FileAck, FileBegin,
+                                FileChunk, FileDone, FileEnd, FileReady, HistoryRequest, Ping, Pong, Publish,
+                                Published, Reply, Subscribe, Subscribed, TokenExpiring, Unsubscribe,
+                                Unsubscribed, Welcome)
 from .protocol.patterns import is_pattern
 
 if TYPE_CHECKING:
     from picows import WSUpgradeRequest
+
+    from .files import FileStore
 
     from .protocol.permessage_deflate import DeflateParams
 
@@ -37,6 +40,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wirehub.connection")
 
 _NO_SUBSCRIPTIONS: frozenset[str] = frozenset()
+# The permission claim a token needs to upload files.
+FILES_UPLOAD = "files:upload"
+
+
+def _error(exc: WirehubError, msg_id: Any) -> Error:
+    """The ``error`` reply for ``exc``; a file transfer's names its file and chunk."""
+    if isinstance(exc, FileError):
+        return Error(exc.code, exc.message, msg_id, exc.file_id, exc.index)
+    return Error(exc.code, exc.message, msg_id)
 
 
 def _answering(result: Any, msg: Any) -> Any:
@@ -92,7 +104,7 @@ class Connection:
     __slots__ = ("client_id", "subscriptions", "request", "principal", "listener",
                  "batch", "compressor", "fanout_group", "_target", "_threshold", "_gateway", "_hub",
                  "_json", "_tlv", "_middleware", "_metrics", "_timer", "_handlers", "_remote_address",
-                 "__weakref__")
+                 "_chunks_writing", "_reading_paused", "__weakref__")
 
     def __init__(self, gateway: Gateway, request: WSUpgradeRequest,
                  deflate: DeflateParams | None = None, principal: Principal | None = None) -> None:
@@ -118,6 +130,8 @@ class Connection:
         self.listener = gateway.impl.listener.FrameListener(
             gateway.flusher, gateway.config, self, inflater_factory)
         self.batch: Any = None
+        self._chunks_writing = 0     # file chunks taken and not yet on disk
+        self._reading_paused = False
 
     def push(self, opcode: int, payload: bytes) -> bool:
         """Queue one message, compressed when permessage-deflate was agreed and
@@ -258,12 +272,16 @@ class Connection:
                 self._reply(Unsubscribed(msg.channel, msg.id), codec, opcode)
             elif kind is HistoryRequest:
                 self._history(msg, principal, codec, opcode)
+            elif kind is FileChunk:
+                self._file_chunk(msg, principal, codec, opcode)
+            elif kind is FileBegin or kind is FileEnd:
+                self._file_request(msg, principal, codec, opcode)
             else:
                 self._custom(msg, codec, opcode)
         except WirehubError as exc:
             msg_id = exc.id if exc.id is not None else getattr(msg, "id", None)
             self._metrics.errors_total[exc.code] += 1
-            self._reply(Error(exc.code, exc.message, msg_id), codec, opcode)
+            self._reply(_error(exc, msg_id), codec, opcode)
 
     def _subscribe(self, msg: Subscribe, principal: Principal, codec: JsonCodec | TlvCodec,
                    opcode: int) -> None:
@@ -312,6 +330,83 @@ class Connection:
 
     def _reply(self, reply: Reply, codec: JsonCodec | TlvCodec, opcode: int) -> None:
         self.push(opcode, codec.encode(reply))
+
+    # -- file transfer (files.py, docs/protocol.md "File transfer") ---------------
+
+    def _file_store(self, principal: Principal, file_id: str, index: int | None = None) -> FileStore:
+        store = self._gateway.files
+        if store is None:
+            raise FileError(FileCode.FILES_DISABLED, "file transfer is off on this gateway (no file_dir)",
+                            file_id=file_id, index=index)
+        if not (principal.unrestricted or principal.has_permission(FILES_UPLOAD)):
+            raise FileError(ErrorCode.FORBIDDEN, f"uploads need the {FILES_UPLOAD!r} permission",
+                            file_id=file_id, index=index)
+        return store
+
+    def _file_request(self, msg: FileBegin | FileEnd, principal: Principal, codec: JsonCodec | TlvCodec,
+                      opcode: int) -> None:
+        """``file_begin`` or ``file_end``: answered by a task (they wait for
+        the disk), counted with the async handlers."""
+        store = self._file_store(principal, msg.file_id)
+        owner = principal.sub or ""
+        self._check_running()
+        if type(msg) is FileEnd:
+            async def end() -> bytes:
+                done = await store.end(owner, msg.file_id)
+                return codec.encode(FileDone(done.file_id, done.name, done.size, done.sha256, msg.id,
+                                             done.channel))
+
+            self._run(end(), msg, codec, opcode)
+            return
+        if msg.channel is not None:
+            self._hub.check_channel(msg.channel)
+            if not principal.can_publish(msg.channel):
+                raise FileError(ErrorCode.FORBIDDEN, f"not allowed to publish to {msg.channel[:64]!r}",
+                                file_id=msg.file_id)
+        cfg = self._gateway.config
+
+        async def begin() -> bytes:
+            upload, meta = await store.begin(owner, msg.file_id, msg.name, msg.size, msg.sha256, msg.chunk_size,
+                                             msg.channel)
+            count = meta.chunk_count
+            have = upload.have() if upload is not None else [(0, count - 1)] if count else []
+            return codec.encode(FileReady(msg.file_id, have, count, cfg.file_window,
+                                          int(cfg.rate_limit_bytes_per_s), int(cfg.rate_limit_burst_bytes),
+                                          msg.id))
+
+        self._run(begin(), msg, codec, opcode)
+
+    def _file_chunk(self, msg: FileChunk, principal: Principal, codec: JsonCodec | TlvCodec,
+                    opcode: int) -> None:
+        """Hand a chunk to the store; acknowledge it once it is on disk. Past
+        ``file_window`` chunks waiting for the disk, stop reading the
+        connection: its next chunks wait in the kernel, not here."""
+        store = self._file_store(principal, msg.file_id, msg.index)
+        written = store.chunk(principal.sub or "", msg.file_id, msg.index, msg.count, msg.data)
+        self._chunks_writing += 1
+        if self._chunks_writing > self._gateway.config.file_window and not self._reading_paused:
+            self._reading_paused = True
+            store.metrics["read_pauses"] += 1
+            self.listener.transport.underlying_transport.pause_reading()
+        written.add_done_callback(lambda done: self._chunk_written(done, msg, codec, opcode))
+
+    def _chunk_written(self, done: Any, msg: FileChunk, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        self._chunks_writing -= 1
+        if done.cancelled():
+            return   # the gateway is stopping
+        exc = done.exception()
+        if self.batch.closed:
+            return
+        if self._reading_paused and self._chunks_writing <= self._gateway.config.file_window // 2:
+            self._reading_paused = False
+            self.listener.transport.underlying_transport.resume_reading()
+        if exc is None:
+            self._reply(FileAck(msg.file_id, msg.index), codec, opcode)
+        elif isinstance(exc, WirehubError):
+            self._metrics.errors_total[exc.code] += 1
+            self._reply(_error(exc, None), codec, opcode)
+        else:
+            logger.error("writing a file chunk failed", exc_info=exc, extra={"client_id": self.client_id})
 
     # -- authentication -------------------------------------------------------
 
@@ -421,7 +516,7 @@ class Connection:
         exc = task.exception()
         if isinstance(exc, WirehubError):
             self._metrics.errors_total[exc.code] += 1
-            self._reply(Error(exc.code, exc.message, msg.id), codec, opcode)
+            self._reply(_error(exc, msg.id), codec, opcode)
         elif exc is not None:
             self._internal_error(msg, codec, opcode, exc)
         elif isinstance(task.result(), bytes):

@@ -42,6 +42,7 @@ from .clock import Clock
 from .config import Config
 from .connection import Connection, EchoConnection
 from .delivery import ChannelPolicies
+from .files import CHUNK_OVERHEAD_BYTES, FileStore, StoredFile
 from .garbage import PauseWatch
 from .http_api import HttpApi
 from .hub import TAKEOVER, Hub
@@ -59,7 +60,8 @@ Middleware = Callable[[Connection, "Command | CustomMessage"], None]
 Handler = Callable[[Connection, dict[str, Any]], Any]
 Hook = Callable[[Connection], Any]
 
-RESERVED_TYPES = frozenset({"subscribe", "unsubscribe", "publish", "ping", "auth", "history"})
+RESERVED_TYPES = frozenset({"subscribe", "unsubscribe", "publish", "ping", "auth", "history",
+                            "file_begin", "file_chunk", "file_end"})
 # Connections a sweep over all of them (heartbeat, shutdown) handles before
 # it lets the loop run: ~1 ms of work, so 100,000 connections never hold the
 # loop for 100 ms in one go.
@@ -129,6 +131,8 @@ class Gateway:
             ``$sys:metrics`` (``sources/metrics.py``) is always there.
         clock: where every timeout, token expiry and the heartbeat read time
             (``wirehub.clock``); tests pass a ``ManualClock``.
+        files: where uploads go; defaults to a ``FileStore`` in
+            ``config.file_dir`` when it is set (file transfer is off otherwise).
 
     Raises:
         ValueError, OSError: an unusable key or key file (``jwt_*``, ``jwks``).
@@ -136,7 +140,7 @@ class Gateway:
 
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None,
                  implementation: str | None = None, sources: Iterable[Source] = (),
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, files: FileStore | None = None) -> None:
         self.config = config or Config()
         self.clock = clock or Clock()
         self.impl = _speedups.load(implementation) if implementation else _speedups.implementation()
@@ -173,6 +177,14 @@ class Gateway:
                        compress_threshold_bytes=cfg.deflate_threshold_bytes,
                        policies=self.policies, recovery_held_bytes=cfg.high_water_bytes)
         self.verifier = _verifier(cfg, self.clock)
+        if files is None and cfg.file_dir is not None:
+            files = FileStore(cfg.file_dir, max_bytes=cfg.file_max_bytes, quota_bytes=cfg.file_quota_bytes,
+                              partial_ttl_s=cfg.file_partial_ttl_s,
+                              max_chunk_bytes=cfg.max_payload_bytes - CHUNK_OVERHEAD_BYTES, clock=self.clock)
+        self.files = files   # file transfer (files.py), None when off
+        if files is not None:
+            files.publish = self.publish
+            self.metrics.collectors.append(files.metric_lines)
         # Shared, immutable principals: no per-connection cost when auth is off.
         self._open_principal = Principal.open_gateway()
         self._anonymous = self.verifier.anonymous() if self.verifier is not None else None
@@ -240,6 +252,21 @@ class Gateway:
             return fn
 
         return register(handler) if handler is not None else register
+
+    def on_file(self, callback: Callable[[StoredFile], Any]) -> Callable[[StoredFile], Any]:
+        """Call ``callback(stored)`` (sync or async) for each upload that
+        completes, with its ``path`` under ``file_dir`` and its metadata
+        (``files.StoredFile``): the application decides what to do with it
+        (move it, read it, leave it to be downloaded). A file moved away is
+        no longer downloadable and no longer counts against its uploader's quota.
+
+        Raises:
+            ValueError: file transfer is off (no ``file_dir``).
+        """
+        if self.files is None:
+            raise ValueError("file transfer is off: set file_dir (--file-dir)")
+        self.files.callbacks.append(callback)
+        return callback
 
     def on_connect(self, hook: Hook) -> Hook:
         """Call ``hook(conn)`` after each client's ``welcome``."""
@@ -353,6 +380,8 @@ class Gateway:
         self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls,
                                                 backlog=cfg.listen_backlog)
         self._heartbeat_task = loop.create_task(self._heartbeat())
+        if self.files is not None:
+            self.files.start()
         if cfg.api_port is not None:
             self.http_api = HttpApi(self)
             await self.http_api.start(tls)
@@ -403,6 +432,8 @@ class Gateway:
                 listener.transport.disconnect(False)
         for source in self.sources:
             await source.close()
+        if self.files is not None:
+            self.files.stop()
         await self.broker.close()
         self._server = None
 

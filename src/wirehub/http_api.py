@@ -11,6 +11,7 @@ request bodies. ::
     POST /api/batch      {"publishes": [{...}, ...]}                           -> {"results": [...]}
     GET  /api/channels?pattern=P                     -> {"channels": [{"channel", "subscribers"}]}
     GET  /api/history?channel=C&since=N&epoch=E&limit=L  -> {"channel", "position", "publications", "more"}
+    GET  /files/<file_id>        an uploaded file (with file_dir), ``Range`` answered 206 (``_download``)
 
 A publish takes the path a WebSocket ``publish`` takes (``Connection._handle``
 and ``_publish``): ``Hub.check_channel``, the principal's ``can_publish``,
@@ -39,12 +40,15 @@ import asyncio
 import hmac
 import logging
 import math
+import os
+import re
 import time
+from dataclasses import dataclass
 from collections import Counter
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import h11
 import msgspec
@@ -165,6 +169,7 @@ class HttpCode:
     PAYLOAD_TOO_LARGE = "payload_too_large"  # 413: body over max_payload_bytes
     HEADER_TOO_LARGE = "header_too_large"    # 431: head over max_header_bytes
     NOT_IMPLEMENTED = "not_implemented"      # 501: a transfer coding other than chunked
+    RANGE_NOT_SATISFIABLE = "range_not_satisfiable"  # 416: a download's Range starts past the file
 
 
 class OverRate(RateLimited):
@@ -191,6 +196,24 @@ class ApiMode:
 
 
 Answer = tuple[int, bytes, tuple[tuple[str, str], ...]]
+
+FILES_PREFIX = "/files/"
+_FILE_ID = re.compile(r"[0-9a-f]{32}")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+FILE_BLOCK_BYTES = 256 * 1024   # read from disk and written to the socket at a time
+
+
+@dataclass(frozen=True, slots=True)
+class FileBody:
+    """A download's answer: ``length`` bytes of ``path`` from ``start``,
+    streamed (``_ApiProtocol._send_file``), never read whole into memory."""
+
+    status: int
+    path: str
+    start: int
+    length: int
+    headers: tuple[tuple[str, str], ...]
+    head_only: bool
 
 
 class HttpApi:
@@ -312,13 +335,17 @@ class HttpApi:
 
     def endpoint(self, path: str) -> str:
         """The ``endpoint`` label of a path (bounded: unknown paths are ``other``)."""
-        return path if path in self._routes else "other"
+        if path in self._routes:
+            return path
+        return "/files" if path.startswith(FILES_PREFIX) else "other"
 
     def answer(self, method: bytes, path: str, query: str, headers: dict[bytes, bytes], body: bytes,
                peer: str) -> Answer | Any:
         """The answer to one complete request: ``(status, JSON body, headers)``,
         or a coroutine that returns it."""
         try:
+            if path.startswith(FILES_PREFIX):
+                return self._download(method, path[len(FILES_PREFIX):], headers, peer)
             route = self._routes.get(path)
             if route is None or self.mode == ApiMode.OFF:
                 raise HttpError(404, HttpCode.NOT_FOUND, self._not_found(path))
@@ -508,6 +535,66 @@ class HttpApi:
         since = StreamPosition(since_offset, epoch) if since_offset is not None else None
         return self._read_history(channel, since, 100 if limit is None else limit)
 
+    def _download(self, method: bytes, file_id: str, headers: dict[bytes, bytes], peer: str) -> FileBody:
+        """``GET /files/<file_id>``: for the uploader, for whoever may
+        subscribe to the file's channel, with an API key, or anyone on an open
+        gateway; one ``Range`` answered 206 (several: the whole file, as RFC
+        9110 allows), an unsatisfiable one 416.
+
+        Raises:
+            HttpError, WirehubError, AuthError: answered with their status.
+        """
+        store = self.gateway.files
+        if store is None:
+            raise HttpError(404, HttpCode.NOT_FOUND, "file transfer is off on this gateway (no file_dir)")
+        if method not in (b"GET", b"HEAD"):
+            raise HttpError(405, HttpCode.METHOD_NOT_ALLOWED, "files take GET or HEAD", (("Allow", "GET, HEAD"),))
+        principal, bucket_key = self._download_principal(headers, peer)
+        stored = store.stored(file_id) if _FILE_ID.fullmatch(file_id) else None
+        if stored is None:
+            raise HttpError(404, HttpCode.NOT_FOUND, f"no complete file {file_id[:64]!r}")
+        if not (principal.unrestricted or (principal.sub is not None and principal.sub == stored.owner)
+                or (stored.channel is not None and principal.can_subscribe(stored.channel))):
+            raise Forbidden(f"file {file_id} is readable by its uploader and by subscribers of its channel")
+        self._take(bucket_key, 1)
+        size = stored.size
+        common = (("Content-Type", "application/octet-stream"), ("Accept-Ranges", "bytes"),
+                  ("ETag", f'"{stored.sha256}"'),
+                  ("Content-Disposition", f"attachment; filename*=UTF-8''{quote(stored.name, safe='')}"))
+        wanted = _byte_range(headers.get(b"range"), size)
+        if wanted is None:
+            return FileBody(200, str(stored.path), 0, size, common, method == b"HEAD")
+        start, end = wanted
+        if start >= size:
+            raise HttpError(416, HttpCode.RANGE_NOT_SATISFIABLE, f"the file has {size} bytes",
+                            (("Content-Range", f"bytes */{size}"),))
+        return FileBody(206, str(stored.path), start, end - start + 1,
+                        (*common, ("Content-Range", f"bytes {start}-{end}/{size}")), method == b"HEAD")
+
+    def _download_principal(self, headers: dict[bytes, bytes], peer: str) -> tuple[Principal, str]:
+        """Who asks for a file: an API key, or a token the gateway accepts
+        (``api_jwt`` or not: downloads follow the WebSocket's rules), or on
+        an open gateway anyone."""
+        api_key = headers.get(b"x-api-key")
+        authorization = headers.get(b"authorization")
+        if api_key is None and authorization is not None:
+            scheme, _, credentials = authorization.partition(b" ")
+            if scheme.lower() != b"bearer" or not credentials.strip():
+                raise AuthError("Authorization header must be 'Bearer <API key or token>'")
+            api_key = credentials.strip()
+        verifier = self.gateway.verifier
+        if api_key is None:
+            if verifier is None:
+                return self._unrestricted, f"ip:{peer}"
+            raise NotAuthenticated("send a token (Authorization: Bearer) or an API key (X-API-Key)")
+        index = self._key_index(api_key)
+        if index is not None:
+            return self._unrestricted, f"key:{index}"
+        if verifier is None or len(api_key) > MAX_CREDENTIAL_BYTES:
+            raise AuthError("unknown API key")
+        principal = verifier.verify(api_key.decode("latin-1"))
+        return principal, f"sub:{principal.sub}"
+
     async def _read_history(self, channel: str, since: StreamPosition | None, limit: int) -> bytes:
         page = await self.gateway.history(channel, since, limit)
         entries = [HistoryEntry(pub.offset, data_b64=_b64(pub.data), key=pub.key) if pub.binary
@@ -515,6 +602,27 @@ class HttpApi:
                                      else msgspec.Raw(pub.data), key=pub.key)
                    for pub in page.publications]
         return msgspec.json.encode(HistoryAnswer(channel, page.position, entries, page.more))
+
+
+def _byte_range(header: bytes | None, size: int) -> tuple[int, int] | None:
+    """The one byte range a ``Range`` header asks for, both ends included
+    (``end`` capped at the last byte; ``start`` past it: unsatisfiable),
+    or None for the whole file: no header, one that does not parse, or
+    several ranges (RFC 9110 §14.2 lets a server ignore those)."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.decode("latin-1").strip())
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first:
+        if not last:
+            return None
+        return max(0, size - int(last)), size - 1   # the last N bytes
+    start = int(first)
+    if last and int(last) < start:
+        return None   # not a valid range: ignored
+    return start, min(int(last) if last else size - 1, size - 1)
 
 
 def _b64(data: Any) -> str:
@@ -580,6 +688,7 @@ class _ApiProtocol(asyncio.Protocol):
         self._out: list[bytes] = []
         self._busy: asyncio.Future[Any] | None = None   # an answer being computed
         self._writing_paused = False
+        self._drained: asyncio.Future[None] | None = None   # a download waits for the peer to read
         self._closed = False
         self._lingering = False
         self._in_request = False   # a request's first bytes are in, its last not yet
@@ -629,6 +738,8 @@ class _ApiProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         if self._busy is None and not self._closed:
             self._transport.resume_reading()
 
@@ -719,6 +830,8 @@ class _ApiProtocol(asyncio.Protocol):
         endpoint = self._api.endpoint(path)
         if isinstance(answer, tuple):
             return self._respond(endpoint, answer)
+        if isinstance(answer, FileBody):
+            return self._send_file(endpoint, answer)
         self._busy = asyncio.ensure_future(answer)
         self._busy.add_done_callback(lambda done: self._answered(endpoint, done))
         self._transport.pause_reading()
@@ -759,6 +872,56 @@ class _ApiProtocol(asyncio.Protocol):
         conn.start_next_cycle()
         self._wait(api.config.api_idle_timeout_s)
         return True
+
+    def _send_file(self, endpoint: str, body: FileBody) -> bool:
+        """Answer a download: the head now, the bytes streamed by a task at
+        the pace the peer reads them; requests behind it wait (reading paused)."""
+        self._api.requests_total[endpoint, body.status] += 1
+        headers = [(b"Content-Length", b"%d" % body.length), (b"Date", self._api.http_date()),
+                   *((name.encode(), value.encode()) for name, value in body.headers)]
+        self._out.append(self._h11.send(h11.Response(status_code=body.status, headers=headers,
+                                                     reason=_REASONS[body.status])))
+        self._flush()
+        self._busy = asyncio.ensure_future(self._stream(body))
+        self._busy.add_done_callback(self._streamed)
+        self._transport.pause_reading()
+        return False
+
+    async def _stream(self, body: FileBody) -> None:
+        if not body.head_only:
+            loop = asyncio.get_running_loop()
+            with open(body.path, "rb") as file:
+                offset, left = body.start, body.length
+                while left:
+                    block = await loop.run_in_executor(None, os.pread, file.fileno(),
+                                                       min(left, FILE_BLOCK_BYTES), offset)
+                    if not block:
+                        raise OSError(f"{body.path} is shorter than its metadata says")
+                    self._transport.write(self._h11.send(h11.Data(data=block)))
+                    offset, left = offset + len(block), left - len(block)
+                    if self._writing_paused:
+                        self._drained = loop.create_future()
+                        await self._drained
+                        self._drained = None
+        self._transport.write(self._h11.send(h11.EndOfMessage()))
+
+    def _streamed(self, done: asyncio.Future[None]) -> None:
+        self._busy = None
+        if self._closed or done.cancelled():
+            return
+        conn = self._h11
+        if done.exception() is not None:
+            # The head is out: closing is the only way left to say the body is not whole.
+            logger.error("download failed", exc_info=done.exception())
+            self.close()
+        elif conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+            self.close()
+        else:
+            conn.start_next_cycle()
+            self._wait(self._api.config.api_idle_timeout_s)
+            if not self._writing_paused:
+                self._transport.resume_reading()
+            self._process()
 
     def _fail(self, status: int, code: str, message: str) -> None:
         """Answer an unusable request and close: what follows it on the connection cannot be trusted."""

@@ -27,12 +27,21 @@ already wait for theirs), and answers 431 when the request head outgrows
 ``admission.max_header_bytes`` -- all before picows parses a byte. Until the
 upgrade, the socket is under admission's handshake timeout.
 
+It also caps each read at ``MAX_READ_BYTES``: picows doubles its read
+buffer whenever a read fills it, so a peer sending faster than the gateway
+parses (an uploader ignoring its window) would grow that buffer without
+bound -- 32 MiB was seen -- and every frame of such a read is handled
+before a ``pause_reading`` can take effect.
+
 Reference twin: ``wirehub._pure.readahead``.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy
+
+# The most one read hands picows (see the module docstring).
+MAX_READ_BYTES = 256 * 1024
 
 
 cdef class ReadAheadGuard:
@@ -114,8 +123,11 @@ cdef class ReadAheadGuard:
         self._inner.transport.disconnect()
 
     def get_buffer(self, Py_ssize_t size_hint):
-        self._view = self._inner.get_buffer(size_hint)
-        return self._view
+        view = self._inner.get_buffer(size_hint)
+        if len(view) > MAX_READ_BYTES:
+            view = view[:MAX_READ_BYTES]
+        self._view = view
+        return view
 
     def buffer_updated(self, Py_ssize_t nbytes):
         if not self._upgraded and self._client:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+MAX_READ_BYTES = 256 * 1024  # the most one read hands picows (see the compiled twin)
+
 
 class ReadAheadGuard(asyncio.BufferedProtocol):
     """The loop's protocol; forwards to ``inner`` and splits reads before risky frames."""
@@ -73,7 +75,7 @@ class ReadAheadGuard(asyncio.BufferedProtocol):
         self._inner.transport.disconnect()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._view = self._inner.get_buffer(sizehint)
+        self._view = self._inner.get_buffer(sizehint)[:MAX_READ_BYTES]
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:

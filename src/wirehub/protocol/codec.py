@@ -23,6 +23,9 @@ from .messages import (
     ClientMessage,
     Command,
     CustomMessage,
+    FileBegin,
+    FileChunk,
+    FileEnd,
     History,
     HistoryEntry,
     HistoryRequest,
@@ -104,6 +107,9 @@ class JsonCodec:
         if not isinstance(msg_type, str):
             raise UnknownType("`type` must be a string", id=msg_id)
         if _TYPE_PATH.search(reason):
+            if msg_type == "file_chunk":
+                raise InvalidMessage("file chunks travel as TLV on binary frames (docs/protocol.md, "
+                                     "\"File transfer\")", id=msg_id)
             if msg_type in self._custom_types:
                 return CustomMessage(msg_type, obj, msg_id)
             raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
@@ -167,6 +173,19 @@ class Tag:
     BINARY = 0x3D
     IDEMPOTENCY_KEY = 0x3E
     DUPLICATE = 0x3F
+    # 0x40-0x4F: file transfer
+    FILE_ID = 0x40
+    NAME = 0x41
+    SIZE = 0x42
+    SHA256 = 0x43
+    CHUNK_SIZE = 0x44
+    INDEX = 0x45
+    CHUNK = 0x46
+    HAVE = 0x47
+    CHUNK_COUNT = 0x48
+    WINDOW = 0x49
+    MAX_BYTES_PER_S = 0x4A
+    BURST_BYTES = 0x4B
 
 
 _FIELD_BY_TAG = {
@@ -179,8 +198,19 @@ _FIELD_BY_TAG = {
     Tag.TO: "last", Tag.DROPPED: "dropped", Tag.LIMIT: "limit", Tag.REVERSE: "reverse",
     Tag.MAX_RATE: "max_rate", Tag.KEY: "key", Tag.PUBLICATION: "publications", Tag.MORE: "more",
     Tag.BINARY: "binary", Tag.IDEMPOTENCY_KEY: "idempotency_key", Tag.DUPLICATE: "duplicate",
+    Tag.FILE_ID: "file_id", Tag.NAME: "name", Tag.SIZE: "size", Tag.SHA256: "sha256",
+    Tag.CHUNK_SIZE: "chunk_size", Tag.INDEX: "index", Tag.CHUNK: "chunk", Tag.HAVE: "have",
+    Tag.CHUNK_COUNT: "chunk_count", Tag.WINDOW: "window", Tag.MAX_BYTES_PER_S: "max_bytes_per_s",
+    Tag.BURST_BYTES: "burst_bytes",
 }
-_U64_FIELDS = frozenset({"offset", "exp", "tail", "since_offset", "first", "last", "dropped", "limit"})
+_U64_FIELDS = frozenset({"offset", "exp", "tail", "since_offset", "first", "last", "dropped", "limit",
+                         "size", "chunk_size", "index", "chunk_count", "window", "max_bytes_per_s",
+                         "burst_bytes"})
+# Binary values that JSON writes as lowercase hex, with their sizes.
+_HEX_FIELDS = {"file_id": 16, "sha256": 32}
+_CHUNK_HEAD = struct.Struct(">16sII")  # a ``chunk`` record's file id, index and count (the seed's layout)
+_RANGE = struct.Struct(">II")          # one ``have`` range
+_CHUNK_TYPE_RECORD = struct.pack(">BI", Tag.TYPE, len(b"file_chunk")) + b"file_chunk"
 _FLAG_FIELDS = frozenset({"exclude_self", "recovered", "reverse", "more", "binary", "duplicate"})
 _TAG_BY_FIELD = {name: tag for tag, name in _FIELD_BY_TAG.items()}
 _U64 = struct.Struct(">Q")
@@ -235,6 +265,15 @@ class TlvCodec:
         if msg_type == "history":
             self._require(fields, "channel")
             return self._convert(fields, HistoryRequest, ("channel", "id", "limit", "reverse"))
+        if msg_type == "file_chunk":
+            return self._chunk(self._require(fields, "chunk"))
+        if msg_type == "file_begin":
+            for name in ("file_id", "name", "size", "sha256", "chunk_size"):
+                self._require(fields, name)
+            return self._convert(fields, FileBegin, ("file_id", "name", "size", "sha256", "chunk_size",
+                                                     "channel", "id"))
+        if msg_type == "file_end":
+            return FileEnd(self._require(fields, "file_id"), msg_id)
         if msg_type in self._custom_types:
             return CustomMessage(msg_type, {"type": msg_type, **fields}, msg_id)
         raise UnknownType(f"unknown message type {msg_type!r}", id=msg_id)
@@ -253,6 +292,15 @@ class TlvCodec:
             raise InvalidField(str(exc), id=fields.get("id")) from None
 
     @staticmethod
+    def _chunk(record: bytes) -> FileChunk:
+        """A ``chunk`` record: file id, index and count, then the bytes (kept as a view)."""
+        if len(record) < _CHUNK_HEAD.size:
+            raise InvalidField(f"TLV `chunk` must hold at least {_CHUNK_HEAD.size} bytes "
+                               f"(file_id, index, count), got {len(record)}")
+        file_id, index, count = _CHUNK_HEAD.unpack_from(record)
+        return FileChunk(file_id.hex(), index, count, memoryview(record)[_CHUNK_HEAD.size:])
+
+    @staticmethod
     def _require(fields: dict[str, Any], name: str) -> Any:
         try:
             return fields[name]
@@ -262,8 +310,17 @@ class TlvCodec:
 
     @staticmethod
     def _field_value(name: str, value: bytes) -> Any:
-        if name == "data":
+        if name == "data" or name == "chunk":
             return value
+        size = _HEX_FIELDS.get(name)
+        if size is not None:
+            if len(value) != size:
+                raise InvalidField(f"TLV `{name}` must be {size} bytes")
+            return value.hex()
+        if name == "have":
+            if len(value) % _RANGE.size:
+                raise InvalidField(f"TLV `have` must be a whole number of {_RANGE.size}-byte ranges")
+            return [list(pair) for pair in _RANGE.iter_unpack(value)]
         if name in _U64_FIELDS:
             if len(value) != 8:
                 raise InvalidField(f"TLV `{name}` must be 8 bytes")
@@ -295,7 +352,11 @@ class TlvCodec:
             if isinstance(value, (StreamPosition, Range)):
                 self._add_fields(records, value)
                 continue
-            if isinstance(value, msgspec.Raw):
+            if name in _HEX_FIELDS:
+                value = bytes.fromhex(value)
+            elif name == "have":
+                value = b"".join(_RANGE.pack(first, last) for first, last in value)
+            elif isinstance(value, msgspec.Raw):
                 value = bytes(value)
             elif isinstance(value, bool):
                 value = b"\x01" if value else b"\x00"
@@ -377,6 +438,13 @@ class TlvCodec:
             fields["publications"] = publications
         return fields
 
+    @staticmethod
+    def encode_chunk(file_id: bytes, index: int, count: int, data: bytes | memoryview) -> bytes:
+        """A ``file_chunk`` message, in one copy of ``data``: the ``type``
+        record, then the ``chunk`` record in the seed's layout."""
+        return b"".join((_CHUNK_TYPE_RECORD, _DATA_HEADER.pack(Tag.CHUNK, _CHUNK_HEAD.size + len(data)),
+                         _CHUNK_HEAD.pack(file_id, index, count), data))
+
     def encode_fields(self, fields: dict[str, Any]) -> bytes:
         """A client message given as its JSON-style dict (``type``,
         ``channel``, ``data`` as bytes, ``id``, ``key``, ``idempotency_key``,
@@ -392,7 +460,9 @@ class TlvCodec:
             tag = _TAG_BY_FIELD.get(_TLV_NAMES.get(name, name))
             if tag is None:
                 raise ValueError(f"no TLV tag for the field {name!r}")
-            if isinstance(value, (bytes, bytearray, memoryview)):
+            if isinstance(value, str) and name in _HEX_FIELDS:
+                encoded = bytes.fromhex(value)
+            elif isinstance(value, (bytes, bytearray, memoryview)):
                 encoded = bytes(value)
             elif isinstance(value, bool):
                 encoded = b"\x01" if value else b"\x00"

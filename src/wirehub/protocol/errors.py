@@ -16,7 +16,8 @@
     ├── RateLimited              ``rate_limited``: not processed, try again later
     ├── Forbidden                ``forbidden``: the token's claims do not allow it
     ├── NotAuthenticated         ``not_authenticated``: only ``auth`` is accepted yet
-    └── Rejected                 ``rejected``: an application middleware said no
+    ├── Rejected                 ``rejected``: an application middleware said no
+    └── FileError                a file transfer failed (``FileCode``), with its ``file_id`` and chunk ``index``
 
     AuthError                    a token was refused: 401 before the upgrade,
                                  ``auth_error`` then close 1008 after it
@@ -49,6 +50,23 @@ class ErrorCode:
     FORBIDDEN = "forbidden"
     NOT_AUTHENTICATED = "not_authenticated"
     INTERNAL_ERROR = "internal_error"
+
+
+class FileCode:
+    """The ``code`` values of a file transfer's ``error`` messages (docs/protocol.md, "File transfer")."""
+
+    FILES_DISABLED = "files_disabled"
+    INVALID_NAME = "invalid_name"
+    FILE_TOO_LARGE = "file_too_large"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    FILE_CONFLICT = "file_conflict"
+    UNKNOWN_FILE = "unknown_file"
+    INVALID_CHUNK = "invalid_chunk"
+    CHUNK_OUT_OF_RANGE = "chunk_out_of_range"
+    DUPLICATE_CHUNK = "duplicate_chunk"
+    INCOMPLETE_FILE = "incomplete_file"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    STORAGE_ERROR = "storage_error"
 
 
 class CloseCode(IntEnum):
@@ -152,6 +170,18 @@ class Rejected(WirehubError):
                  id: str | int | None = None) -> None:
         super().__init__(message, id=id)
         self.code = code
+
+
+class FileError(WirehubError):
+    """A file transfer failed: ``code`` is a ``FileCode`` (or ``forbidden``);
+    the ``error`` message names the file, and the chunk for a chunk's error."""
+
+    def __init__(self, code: str, message: str, *, file_id: str | None = None,
+                 index: int | None = None, id: str | int | None = None) -> None:
+        super().__init__(message, id=id)
+        self.code = code
+        self.file_id = file_id
+        self.index = index
 
 
 class AuthCode:

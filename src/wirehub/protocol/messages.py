@@ -88,7 +88,39 @@ class HistoryRequest(Command, tag="history"):
     reverse: bool = False
 
 
-ClientMessage = Union[Subscribe, Unsubscribe, Publish, Ping, Auth, HistoryRequest]
+FileId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]    # 16 bytes, lowercase hex
+Sha256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]    # 32 bytes, lowercase hex
+
+
+class FileBegin(Command, tag="file_begin"):
+    """Start an upload, or resume one (docs/protocol.md, "File transfer").
+    ``name`` is checked by the file store, which answers ``invalid_name``."""
+
+    file_id: FileId
+    name: str
+    size: Annotated[int, NonNegative]
+    sha256: Sha256
+    chunk_size: Annotated[int, msgspec.Meta(ge=1)]
+    id: Id = None
+    channel: Union[str, None] = None
+
+
+class FileEnd(Command, tag="file_end"):
+    file_id: FileId
+    id: Id = None
+
+
+class FileChunk(msgspec.Struct, gc=False):
+    """One chunk of an upload, from a TLV ``chunk`` record (binary frames only):
+    ``data`` is a view into the received message."""
+
+    file_id: str
+    index: int
+    count: int
+    data: memoryview
+
+
+ClientMessage = Union[Subscribe, Unsubscribe, Publish, Ping, Auth, HistoryRequest, FileBegin, FileEnd]
 
 
 class CustomMessage(msgspec.Struct, gc=False):
@@ -182,6 +214,35 @@ class Error(Reply, tag="error"):
     code: str
     error: str
     id: Id = None
+    # A file transfer's error: which file, and which chunk.
+    file_id: Union[str, None] = None
+    index: Union[int, None] = None
+
+
+class FileReady(Reply, tag="file_ready"):
+    """The answer to ``file_begin``: send every chunk not in ``have``."""
+
+    file_id: str
+    have: list[tuple[int, int]]
+    chunk_count: int
+    window: int
+    max_bytes_per_s: int
+    burst_bytes: int
+    id: Id = None
+
+
+class FileAck(Reply, tag="file_ack"):
+    file_id: str
+    index: int
+
+
+class FileDone(Reply, tag="file_done"):
+    file_id: str
+    name: str
+    size: int
+    sha256: str
+    id: Id = None
+    channel: Union[str, None] = None
 
 
 class Lagged(Reply, tag="lagged"):
