@@ -351,6 +351,8 @@ async def test_downloads_with_range_for_the_uploader_and_the_channels_readers_on
         assert (await http_get(port, path))[0] == 401
         assert (await http_get(port, "/files/" + "0" * 32, bearer(uploader)))[0] == 404
         assert (await http_get(port, "/files/../../etc/passwd", bearer(uploader)))[0] == 404
+        status, _, body = await http_get(gw.port, path, bearer(uploader))   # the WebSocket port
+        assert status == 404 and f"127.0.0.1:{port} (--api-port)" in json.loads(body)["error"]
 
 
 async def test_a_download_resumes_with_range_on_a_keep_alive_connection(tmp_path: Path) -> None:

@@ -472,7 +472,7 @@ class Gateway:
         if path == "/metrics":
             body = self.metrics.render(self.hub.subscription_count, len(self.hub.channels))
             return self._http(HTTPStatus.OK, body.encode(), "text/plain; version=0.0.4")
-        if path == "/api" or path.startswith("/api/"):
+        if path == "/api" or path.startswith(("/api/", "/files/")):
             return self._api_elsewhere()
         static = self.static_files.get(path)
         if static is not None:
@@ -536,11 +536,13 @@ class Gateway:
         return WSUpgradeResponseWithListener(response, None)
 
     def _api_elsewhere(self) -> Any:
-        """``/api/...`` on the WebSocket port: 404, saying where the HTTP API is."""
+        """``/api/...`` and ``/files/...`` (downloads) on the WebSocket port:
+        404, saying where the HTTP listener is."""
         api = self.http_api
         where = (f"it listens on {self.config.api_host}:{api.port} (--api-port)" if api is not None
                  else "it is off: start the gateway with --api-port")
-        body = msgspec.json.encode({"code": "not_found", "error": f"the HTTP API has a port of its own: {where}"})
+        body = msgspec.json.encode({"code": "not_found",
+                                   "error": f"the HTTP API and downloads have a port of their own: {where}"})
         self.metrics.http_requests_total[HTTPStatus.NOT_FOUND] += 1
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
             HTTPStatus.NOT_FOUND, body, {"Content-Type": "application/json"}), None)
