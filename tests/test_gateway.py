@@ -194,8 +194,10 @@ class TestErrors:
                 await c.send(type="ping", id=i)
             replies = [await c.recv() for _ in range(8)]
             assert [r["type"] for r in replies[:5]] == ["pong"] * 5
-            assert replies[5:] == [{"type": "error", "code": "rate_limited",
-                                    "error": "rate limit exceeded; message not processed"}] * 3
+            # Refused unprocessed, but answered with their ids: a client
+            # waiting for those answers learns at once.
+            assert replies[5:] == [{"type": "error", "code": "rate_limited", "id": i,
+                                    "error": "rate limit exceeded; message not processed"} for i in (5, 6, 7)]
             await c.send(type="ping")
             with pytest.raises(websockets.ConnectionClosed) as exc:
                 await c.recv()

@@ -744,16 +744,20 @@ class Client:
         self._emit("message", msg)
 
     def _upload_error(self, msg: dict[str, Any]) -> None:
-        """A chunk's error fails its upload (but ``duplicate_chunk``: the
-        gateway has it); a message refused for the connection's rate may have
-        been a chunk, so every upload begins again (and learns what is held)."""
+        """A chunk's error fails its upload, but ``duplicate_chunk`` (the
+        gateway has it) and ``rate_limited`` (the upload begins again after a
+        pause, learning what is held). An older gateway's ``rate_limited``
+        names nothing: it may have been any upload's chunk."""
         upload = self._uploads.get(msg.get("file_id"))
+        code = msg.get("code")
         if upload is not None:
-            if msg.get("code") == "duplicate_chunk" and msg.get("index") is not None:
+            if code == "duplicate_chunk" and msg.get("index") is not None:
                 upload.acked(msg["index"])
+            elif code == "rate_limited":
+                upload.interrupted(refused=True)
             else:
-                upload.failed(ServerError(msg.get("code", "?"), msg.get("error", "")))
-        elif msg.get("code") == "rate_limited":
+                upload.failed(ServerError(code or "?", msg.get("error", "")))
+        elif code == "rate_limited" and msg.get("index") is None:
             for upload in self._uploads.values():
                 upload.interrupted(refused=True)
 

@@ -166,6 +166,9 @@ class Upload:
             except ServerError as exc:
                 if exc.code == "incomplete_file":
                     continue
+                if exc.code == "rate_limited":   # file_begin or file_end refused for the rate
+                    self._refused = True
+                    continue
                 raise
             return UploadResult(done["file_id"], done["name"], done["size"], done["sha256"], done.get("channel"),
                                 self.chunks_sent, self.attempts)

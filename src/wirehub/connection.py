@@ -228,11 +228,24 @@ class Connection:
         metrics.received_bytes_total += len(payload)
         self._handle(payload, self._tlv, OP_BINARY)
 
-    def on_refused(self, binary: bool) -> None:
+    def on_refused(self, binary: bool, payload: bytes) -> None:
+        """A message over the connection's rate: answered ``rate_limited``
+        with its ``id`` (a chunk's ``file_id`` and ``index``), so that the
+        client knows which request failed rather than waiting for an answer.
+        Decoding it costs what a processed message would; refusals are few
+        (``rate_limit_violations_per_s``, then the connection is closed)."""
         self._metrics.errors_total[ErrorCode.RATE_LIMITED] += 1
         codec, opcode = (self._tlv, OP_BINARY) if binary else (self._json, OP_TEXT)
-        self.push(opcode, codec.encode(
-            Error(ErrorCode.RATE_LIMITED, "rate limit exceeded; message not processed")))
+        try:
+            msg: Any = codec.decode(payload)
+        except WirehubError as exc:
+            msg = exc   # its id, when it got that far
+        text = "rate limit exceeded; message not processed"
+        if type(msg) is FileChunk:
+            error = Error(ErrorCode.RATE_LIMITED, text, None, msg.file_id, msg.index)
+        else:
+            error = Error(ErrorCode.RATE_LIMITED, text, getattr(msg, "id", None), getattr(msg, "file_id", None))
+        self.push(opcode, codec.encode(error))
 
     def on_slow_consumer(self) -> None:
         logger.warning("closing slow consumer", extra={"client_id": self.client_id,
@@ -571,7 +584,7 @@ class EchoConnection:
     def on_binary(self, payload: bytes) -> None:
         self.push(OP_BINARY, payload)
 
-    def on_refused(self, binary: bool) -> None:
+    def on_refused(self, binary: bool, payload: bytes) -> None:
         self._metrics.errors_total[ErrorCode.RATE_LIMITED] += 1
 
     def on_slow_consumer(self) -> None:

@@ -62,7 +62,7 @@ cdef class FrameListener(WSListener):
             ``rate_limit_burst_violations`` and ``close_timeout_s``
             (``wirehub.config.Config`` is one).
         sink: the object told what happens, through ``on_open()``,
-            ``on_text(payload)``, ``on_binary(payload)``, ``on_refused(binary)``
+            ``on_text(payload)``, ``on_binary(payload)``, ``on_refused(binary, payload)``
             (a message the rate limit dropped), ``on_slow_consumer()``,
             ``on_closing(code)`` (we are sending CLOSE) and ``on_close()``.
             Payloads are ``bytes`` the sink may keep.
@@ -227,7 +227,7 @@ cdef class FrameListener(WSListener):
             if not self._violations.consume(1.0, now):
                 self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
                 return
-            self._sink.on_refused(opcode == WSMsgType.BINARY)
+            self._sink.on_refused(opcode == WSMsgType.BINARY, payload)
             return
         if opcode == WSMsgType.TEXT:
             self._sink.on_text(payload)

@@ -152,7 +152,7 @@ class FrameListener(WSListener):  # type: ignore[misc]
             if not self._violations.consume(1.0, now):
                 self.close(WSCloseCode.POLICY_VIOLATION, "rate limit exceeded")
             else:
-                self._sink.on_refused(opcode == WSMsgType.BINARY)
+                self._sink.on_refused(opcode == WSMsgType.BINARY, payload)
             return
         if opcode == WSMsgType.TEXT:
             self._sink.on_text(payload)
