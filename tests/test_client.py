@@ -268,3 +268,12 @@ async def test_a_sources_snapshot_at_the_subscribed_offset_is_delivered():
         source.emit("state:a", 4)
         assert await take(sub, 1) == [Message("state:a", 4, {"n": 4})]
 
+
+
+async def test_a_publish_refused_by_the_rate_limiter_fails_at_once_instead_of_waiting() -> None:
+    async with running_gateway(rate_limit_messages_per_s=0.001, rate_limit_burst_messages=2) as gw:
+        async with wirehub.connect(f"ws://127.0.0.1:{gw.port}/ws") as client:
+            results = await asyncio.wait_for(asyncio.gather(
+                *(client.publish("limited", i) for i in range(4)), return_exceptions=True), 10)
+    assert [r.offset for r in results[:2]] == [1, 2]
+    assert all(isinstance(r, ServerError) and r.code == "rate_limited" for r in results[2:]), results
