@@ -167,12 +167,15 @@ class ClientWire:
 
     # -- sending -----------------------------------------------------------------------
 
-    def send(self, opcode: int, payload: bytes | bytearray | memoryview) -> None:
-        """Send one message, compressed when agreed and long enough; nothing once closing."""
+    def send(self, opcode: int, payload: bytes | bytearray | memoryview, compress: bool = True) -> None:
+        """Send one message, compressed when agreed and long enough (never
+        with ``compress=False``: data deflate cannot shrink, such as file
+        chunks, which RFC 7692 lets go uncompressed between compressed
+        messages); nothing once closing."""
         transport = self.transport
         if transport is None or self._closing:
             return
-        if self._compress_out and len(payload) >= self._compress_threshold:
+        if compress and self._compress_out and len(payload) >= self._compress_threshold:
             if self._deflater is None:
                 self._deflater = self._impl.deflate.Deflater(
                     level=self._compress_level, window_bits=self.deflate.client_max_window_bits,  # type: ignore[union-attr]
