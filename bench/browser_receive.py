@@ -2,8 +2,11 @@
 in headless Chromium against a plain ``WebSocket`` doing the same, in the
 same run.
 
-The gateway of ``bench/client_receive.py`` (a subprocess on its own core)
-publishes ``--messages`` publications of ``--size`` bytes as fast as it can.
+The sender of ``bench/client_receive.py`` (a subprocess on its own core,
+speaking just enough of the gateway's protocol) writes ``--messages``
+publications of ``--size`` bytes as fast as it can. A ``wirehub serve``
+beside it gives the page its origin and ``/wirehub.js`` (served with CORS,
+so the page imports it, and opens its WebSocket to the sender).
 The page takes each one (wirehub.js: ``sub.onMessage``; the baseline:
 ``JSON.parse`` of every frame), and a ``requestAnimationFrame`` loop renders
 the count and the last 20 messages into the DOM every frame, as a live
@@ -50,7 +53,7 @@ window.render = (state) => {
 """
 
 WIREHUB_JS = """async ([url, channel, count, size]) => {
-  const { connect } = await import(url.replace("ws://", "http://").replace("/ws", "/wirehub.js"));
+  const { connect } = await import(`${location.origin}/wirehub.js`);
   const client = await connect(url, { maxBuffered: count });
   const sub = await client.subscribe(channel);
   const state = { seen: 0, recent: [], frames: 0, done: false };
@@ -107,14 +110,14 @@ def chromium() -> str:
     return result.stdout.strip()
 
 
-async def measure(opts: argparse.Namespace, port: int) -> dict[str, list[tuple[float, float]]]:
+async def measure(opts: argparse.Namespace, port: int, origin: str) -> dict[str, list[tuple[float, float]]]:
     url = f"ws://127.0.0.1:{port}/ws"
     runs: dict[str, list[tuple[float, float]]] = {"wirehub.js": [], "WebSocket": []}
     scripts = {"wirehub.js": WIREHUB_JS, "WebSocket": PLAIN_JS}
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = await browser.new_page()
-        await page.goto(f"http://127.0.0.1:{port}/healthz")  # the gateway's origin
+        await page.goto(f"{origin}/healthz")  # a gateway's origin: /wirehub.js is there
         await page.set_content(PAGE)
         await page.wait_for_function("typeof window.render === 'function'")
         for r in range(opts.repeat):
@@ -137,15 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="rounds (default 5)")
     opts = parser.parse_args(argv)
     cores = sorted(os.sched_getaffinity(0))
-    port = 20000 + os.getpid() % 20000
+    port, http_port = 20000 + os.getpid() % 20000, 40000 + os.getpid() % 20000
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], stdout=subprocess.PIPE, text=True,
                               preexec_fn=(lambda: os.sched_setaffinity(0, {cores[-1]})) if len(cores) > 1 else None)
+    origin = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", str(http_port)],
+                              stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        runs = asyncio.run(measure(opts, port))
+        assert origin.stderr is not None and "listening on" in origin.stderr.readline()
+        runs = asyncio.run(measure(opts, port, f"http://127.0.0.1:{http_port}"))
     finally:
-        server.kill()
-        server.wait()
+        for process in (server, origin):
+            process.kill()
+            process.wait()
     print(f"{opts.messages:,} x {opts.size} B into one page, rendering every animation frame; "
           f"medians of {opts.repeat} rounds:")
     for name, rounds in runs.items():

@@ -2,9 +2,11 @@
 (``async for msg in sub``) against a ``websockets`` client doing the same
 (``json.loads`` of every frame), on one core each, in the same run.
 
-A gateway in a subprocess (pinned to its own core) has a ``burst`` message
-type that publishes ``--messages`` publications of ``--size`` bytes on the
-channel as fast as it can; each client subscribes, asks for a burst, and
+A sender in a subprocess (pinned to its own core) speaks just enough of
+the gateway's protocol (welcome, subscribed) and answers a ``burst``
+request with ``--messages`` pre-encoded ``message`` frames of ``--size``
+bytes, written in large chunks: it cannot be the bottleneck, so what is
+measured is the client. Each client subscribes, asks for a burst, and
 counts until it has them all. Reported: messages per second at the client
 and client CPU microseconds per message (medians of ``--repeat`` rounds,
 the two clients alternating), and wirehub's ratio to ``websockets``.

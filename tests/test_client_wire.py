@@ -422,3 +422,33 @@ async def test_an_unacceptable_extension_answer_is_terminal(impl_name):
         with pytest.raises(ClientClosed, match="permessage-deflate answer is not acceptable"):
             await client.start()
         assert client.state == CLOSED
+
+
+async def test_publications_reach_their_subscription_in_order_by_either_path(impl_name):
+    # Whole plain publications go from the frame path to the subscription;
+    # a compressed or fragmented one, or one for a channel not subscribed,
+    # through on_message: the order is the frames' either way.
+    welcome = frame(TEXT, b'{"type":"welcome","client_id":"c1","server":"raw"}')
+    async with RawServer([welcome], extensions="permessage-deflate; server_no_context_takeover") as server:
+        client = Client(server.url, implementation=impl_name)
+        await client.start()
+        subscribing = asyncio.ensure_future(client.subscribe("c"))
+        _, _, request = await asyncio.wait_for(server.received.get(), 5)
+        assert b'"subscribe"' in request
+        server.send(frame(TEXT, b'{"type":"subscribed","channel":"c","position":{"offset":0,"epoch":"e"},"id":1}'))
+        sub = await subscribing
+
+        def publication(channel: bytes, offset: int, data: bytes) -> bytes:
+            return b'{"type":"message","channel":"%s","offset":%d,"data":%s}' % (channel, offset, data)
+
+        big = b'"' + b"x" * 2000 + b'"'
+        server.send(frame(TEXT, publication(b"c", 1, b"1"))
+                    + frame(TEXT, publication(b"other", 1, b"0"))
+                    + frame(TEXT, deflate(publication(b"c", 2, big)), rsv=4)
+                    + frame(TEXT, publication(b"c", 3, b"[3]")[:10], fin=False)
+                    + frame(CONT, publication(b"c", 3, b"[3]")[10:])
+                    + frame(TEXT, publication(b"c", 4, b'{"four":4}')))
+        assert await take(sub, 4) == [Message("c", 1, 1), Message("c", 2, "x" * 2000), Message("c", 3, [3]),
+                                      Message("c", 4, {"four": 4})]
+        assert sub.position == wirehub.StreamPosition(4, "e")
+        await client.close()

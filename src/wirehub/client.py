@@ -200,7 +200,11 @@ class Subscription:
             return
         self._offset = msg.offset
         self._buffer.append(msg)
-        self._wake()
+        waiter = self._waiter   # _wake, inline: this runs for every message
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _gap(self, gap: Gap) -> None:
         if self.on_gap is not None:
@@ -268,6 +272,12 @@ class _Listener(ClientWire):
             logger.warning("a message from the server that is not an object")
         elif not self.welcome.done():
             self.welcome.set_result(msg)
+            # From now on the frame path hands publications to their
+            # subscriptions itself (client_frames.FramePath); what it does not
+            # take (compressed or fragmented ones, say) still comes here.
+            self.publications = self._client._subscriptions
+            self.decode_publication = _decode_message
+            self.publication_prefix = _MESSAGE_PREFIX
         else:
             self._client._dispatch(msg)
 

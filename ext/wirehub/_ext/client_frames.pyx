@@ -6,11 +6,21 @@ while nothing else is going on (no fragmented message open, no closing
 handshake): ``FramePath.on_ws_frame`` hands those straight to
 ``on_message`` in C, with the text checked as UTF-8 in place, and every
 other frame to ``on_other_frame``, which ``wirehub.client_wire.ClientWire``
-implements (fragments, compression, control frames, closing). Reference
-twin: ``wirehub._pure.client_frames``.
+implements (fragments, compression, control frames, closing).
+
+Publications go one step further once the client has set
+``publications`` (channel -> subscription) and ``decode_publication``: a
+text message that starts with ``publication_prefix`` is decoded from the
+frame's memory and handed to its subscription's ``_take``, with no Python
+frame of the client's in between (the rest of what a subscriber's core
+spends per message: ``bench/client_receive.py``). A message that does not
+decode, or whose channel has no subscription, takes ``on_message``.
+
+Reference twin: ``wirehub._pure.client_frames``.
 """
 
 import picows
+from libc.string cimport memcmp
 from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 from wirehub._ext.frame cimport Utf8Validator
@@ -27,6 +37,10 @@ cdef class FramePath(WSListener):
 
     cdef public bint plain                    # no fragmented message open, not closing
     cdef public Py_ssize_t max_message_bytes
+    # The publication path (module docstring): all None until the client sets them.
+    cdef public dict publications
+    cdef public object decode_publication
+    cdef public bytes publication_prefix
     cdef Utf8Validator _utf8
 
     def __cinit__(self):
@@ -45,6 +59,25 @@ cdef class FramePath(WSListener):
                         and self._utf8.finish()):
                     self.fail(1007, "text message is not valid UTF-8")
                     return
+                if self.publications is not None and self._take_publication(frame):
+                    return
             self.on_message(_TEXT if opcode == WSMsgType.TEXT else _BINARY, frame.get_payload_as_bytes())
         else:
             self.on_other_frame(transport, frame)
+
+    cdef bint _take_publication(self, WSFrame frame) except -1:
+        """Hand a publication to its subscription; False: not one (or not
+        decodable, or no subscription): ``on_message`` takes it."""
+        cdef bytes prefix = self.publication_prefix
+        cdef Py_ssize_t size = len(prefix)
+        if frame.payload_size < size or memcmp(frame.payload_ptr, <const char*>prefix, size) != 0:
+            return False
+        try:
+            msg = self.decode_publication(frame.get_payload_as_memoryview())
+        except ValueError:   # msgspec.DecodeError and ValidationError
+            return False
+        sub = self.publications.get(msg.channel)
+        if sub is None:
+            return False
+        sub._take(msg)
+        return True

@@ -5,8 +5,10 @@ while nothing else is going on (no fragmented message open, no closing
 handshake): ``FramePath.on_ws_frame`` hands those straight to
 ``on_message``, with the text checked as UTF-8, and every other frame to
 ``on_other_frame``, which ``wirehub.client_wire.ClientWire`` implements
-(fragments, compression, control frames, closing). The reference twin of
-``wirehub._ext.client_frames``.
+(fragments, compression, control frames, closing); publications, once the
+client has set ``publications`` and ``decode_publication``, straight to
+their subscription's ``_take`` (see the compiled twin). The reference twin
+of ``wirehub._ext.client_frames``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ class FramePath(WSListener):  # type: ignore[misc]
 
     plain: bool = True              # no fragmented message open, not closing
     max_message_bytes: int = 0
+    # The publication path: all None until the client sets them.
+    publications: dict[str, Any] | None = None
+    decode_publication: Any = None
+    publication_prefix: bytes | None = None
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         opcode = frame.msg_type
@@ -33,12 +39,28 @@ class FramePath(WSListener):  # type: ignore[misc]
                 and not (frame.rsv1 or frame.rsv2 or frame.rsv3)
                 and frame.payload_size <= self.max_message_bytes):
             payload = frame.get_payload_as_bytes()
-            if opcode is _TEXT and not is_utf8(payload):
-                self.fail(1007, "text message is not valid UTF-8")
-                return
+            if opcode is _TEXT:
+                if not is_utf8(payload):
+                    self.fail(1007, "text message is not valid UTF-8")
+                    return
+                if self.publications is not None and self._take_publication(payload):
+                    return
             self.on_message(opcode, payload)
         else:
             self.on_other_frame(transport, frame)
+
+    def _take_publication(self, payload: bytes) -> bool:
+        if not payload.startswith(self.publication_prefix):
+            return False
+        try:
+            msg = self.decode_publication(payload)
+        except ValueError:   # msgspec.DecodeError and ValidationError
+            return False
+        sub = self.publications.get(msg.channel)
+        if sub is None:
+            return False
+        sub._take(msg)
+        return True
 
     # Implemented by ClientWire.
     def fail(self, code: int, reason: str) -> None:
