@@ -759,16 +759,18 @@ class Client:
 
     def _upload_error(self, msg: dict[str, Any]) -> None:
         """A chunk's error fails its upload, but ``duplicate_chunk`` (the
-        gateway has it) and ``rate_limited`` (the upload begins again after a
-        pause, learning what is held). An older gateway's ``rate_limited``
-        names nothing: it may have been any upload's chunk."""
+        gateway has it), ``rate_limited`` (the upload begins again after a
+        pause, learning what is held) and ``unknown_file`` (the partial
+        upload expired: beginning again starts it afresh). An older
+        gateway's ``rate_limited`` names nothing: it may have been any
+        upload's chunk."""
         upload = self._uploads.get(msg.get("file_id"))
         code = msg.get("code")
         if upload is not None:
             if code == "duplicate_chunk" and msg.get("index") is not None:
                 upload.acked(msg["index"])
-            elif code == "rate_limited":
-                upload.interrupted(refused=True)
+            elif code in ("rate_limited", "unknown_file"):
+                upload.interrupted(refused=code == "rate_limited")
             else:
                 upload.failed(ServerError(code or "?", msg.get("error", "")))
         elif code == "rate_limited" and msg.get("index") is None:

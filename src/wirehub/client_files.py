@@ -37,6 +37,10 @@ RATE_SHARE = 0.9
 # After a message was refused for the connection's rate, the pause before
 # the next attempt (the gateway's bucket refills meanwhile).
 REFUSED_PAUSE_S = 0.5
+# ``file_end`` answered ``incomplete_file`` or ``unknown_file`` this many
+# times in a row by attempts that sent nothing: a gateway contradicting its
+# own ``have``, which beginning again cannot mend.
+MAX_FRUITLESS_ATTEMPTS = 3
 
 Source = bytes | bytearray | memoryview | str | os.PathLike[str]
 Progress = Callable[[int, int], Any]
@@ -148,6 +152,7 @@ class Upload:
                  "sha256": sha256, "chunk_size": self.chunk_size}
         if self.channel is not None:
             begin["channel"] = self.channel
+        fruitless = 0
         while True:
             if self._refused:
                 self._refused = False
@@ -155,6 +160,7 @@ class Upload:
             await client._wait_connected()
             self.attempts += 1
             self._interrupted = False
+            sent_before = self.chunks_sent
             try:
                 ready = await self._request(dict(begin))
                 self._unacked.clear()
@@ -164,8 +170,10 @@ class Upload:
             except (_Attempt, ConnectionLost):
                 continue
             except ServerError as exc:
-                if exc.code == "incomplete_file":
-                    continue
+                if exc.code in ("incomplete_file", "unknown_file"):   # begin again: have says what is missing
+                    fruitless = 0 if self.chunks_sent > sent_before else fruitless + 1
+                    if fruitless < MAX_FRUITLESS_ATTEMPTS:
+                        continue
                 if exc.code == "rate_limited":   # file_begin or file_end refused for the rate
                     self._refused = True
                     continue
@@ -174,8 +182,9 @@ class Upload:
                                 self.chunks_sent, self.attempts)
 
     async def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """``msg``'s answer, unless this attempt ends first: a request refused
-        for the rate is never answered (its error carries no ``id``)."""
+        """``msg``'s answer, unless this attempt ends first (a gateway older
+        than this client refuses a request for the rate without its ``id``,
+        and never answers it)."""
         answer = asyncio.ensure_future(self._client._send(msg, "request"))
         try:
             while not answer.done():
