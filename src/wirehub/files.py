@@ -391,13 +391,14 @@ class FileStore:
         try:
             await self._run(self._write, file_id, start, data, index)
         except OSError as exc:
-            upload.wrote(index)
             raise self._storage_error(file_id, f"could not write chunk {index}", exc) from None
-        if self.uploads.get(file_id) is upload:
-            upload.mark(index)
-        upload.wrote(index)
-        self.metrics["chunks"] += 1
-        self.metrics["bytes"] += len(data)
+        else:
+            if self.uploads.get(file_id) is upload:
+                upload.mark(index)   # before ``wrote``: a waiting file_begin must see it held
+            self.metrics["chunks"] += 1
+            self.metrics["bytes"] += len(data)
+        finally:
+            upload.wrote(index)   # also when cancelled (the gateway stopping)
 
     async def end(self, owner: str, file_id: str) -> StoredFile:
         """Verify and complete an upload (or answer again for a complete file).
