@@ -242,17 +242,10 @@ class _Listener(ClientWire):
         self.welcome: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def on_message(self, opcode: int, payload: bytes) -> None:
-        if opcode is _TEXT and payload.startswith(_MESSAGE_PREFIX) and self.welcome.done():
-            # A publication, most of what arrives: straight into its Message.
-            try:
-                msg = _decode_message(payload)
-            except msgspec.DecodeError:
-                pass  # not the shape expected: the general path below says what is wrong
-            else:
-                sub = self._client._subscriptions.get(msg.channel)
-                if sub is not None:
-                    sub._take(msg)
-                return
+        # What the frame path did not take: a compressed or fragmented
+        # publication goes to its subscription the same way, once whole.
+        if opcode is _TEXT and self.publications is not None and self.take_publication(payload):
+            return
         if opcode is _TEXT:
             try:
                 msg = _decode_json(payload)

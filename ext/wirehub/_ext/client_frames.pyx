@@ -14,7 +14,9 @@ text message that starts with ``publication_prefix`` is decoded from the
 frame's memory and handed to its subscription's ``_take``, with no Python
 frame of the client's in between (the rest of what a subscriber's core
 spends per message: ``bench/client_receive.py``). A message that does not
-decode, or whose channel has no subscription, takes ``on_message``.
+decode, or whose channel has no subscription, takes ``on_message``; so do
+compressed and fragmented ones, which ``on_message`` hands back through
+``take_publication`` once whole.
 
 Reference twin: ``wirehub._pure.client_frames``.
 """
@@ -59,21 +61,30 @@ cdef class FramePath(WSListener):
                         and self._utf8.finish()):
                     self.fail(1007, "text message is not valid UTF-8")
                     return
-                if self.publications is not None and self._take_publication(frame):
+                if self.publications is not None and self._take_frame(frame):
                     return
             self.on_message(_TEXT if opcode == WSMsgType.TEXT else _BINARY, frame.get_payload_as_bytes())
         else:
             self.on_other_frame(transport, frame)
 
-    cdef bint _take_publication(self, WSFrame frame) except -1:
-        """Hand a publication to its subscription; False: not one (or not
-        decodable, or no subscription): ``on_message`` takes it."""
+    def take_publication(self, payload):
+        """Hand a whole text message (a buffer) to its subscription if it is
+        a publication; False: not one (or not decodable, or no subscription)."""
+        prefix = self.publication_prefix
+        return payload[:len(prefix)] == prefix and self._take_publication(payload)
+
+    cdef bint _take_frame(self, WSFrame frame) except -1:
+        """``take_publication`` for a frame: the prefix compared in its memory."""
         cdef bytes prefix = self.publication_prefix
         cdef Py_ssize_t size = len(prefix)
         if frame.payload_size < size or memcmp(frame.payload_ptr, <const char*>prefix, size) != 0:
             return False
+        return self._take_publication(frame.get_payload_as_memoryview())
+
+    cdef bint _take_publication(self, object payload) except -1:
+        """Decode a message known to start like a publication; hand it over."""
         try:
-            msg = self.decode_publication(frame.get_payload_as_memoryview())
+            msg = self.decode_publication(payload)
         except ValueError:   # msgspec.DecodeError and ValidationError
             return False
         sub = self.publications.get(msg.channel)

@@ -43,14 +43,17 @@ class FramePath(WSListener):  # type: ignore[misc]
                 if not is_utf8(payload):
                     self.fail(1007, "text message is not valid UTF-8")
                     return
-                if self.publications is not None and self._take_publication(payload):
+                if self.publications is not None and self.take_publication(payload):
                     return
             self.on_message(opcode, payload)
         else:
             self.on_other_frame(transport, frame)
 
-    def _take_publication(self, payload: bytes) -> bool:
-        if not payload.startswith(self.publication_prefix):
+    def take_publication(self, payload: bytes) -> bool:
+        """Hand a whole text message to its subscription if it is a
+        publication; False: not one (or not decodable, or no subscription)."""
+        prefix = self.publication_prefix
+        if payload[:len(prefix)] != prefix:
             return False
         try:
             msg = self.decode_publication(payload)
