@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import resource
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,3 +54,15 @@ def impl(request: pytest.FixtureRequest) -> Any:
 @pytest.fixture(params=IMPLEMENTATIONS)
 def impl_name(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A private ``redis-server`` for the test (``redis_server.py``), killed after it."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ from . import config as config_module
 from . import garbage, log, openfiles
 from .__version__ import __version__
 from .config import Config, ConfigError
+from .protocol.errors import Unavailable
 
 SERVE_EXAMPLES = """\
 examples:
@@ -36,6 +37,10 @@ examples:
 
   wirehub serve --file-dir /var/lib/wirehub/files --api-port 8081  # uploads on; downloads at
                                                  # http://127.0.0.1:8081/files/<file_id>
+
+  wirehub serve --broker redis://127.0.0.1:6379/0 --port 8080   # gateways on one Redis share
+  wirehub serve --broker redis://127.0.0.1:6379/0 --port 8090   # channels, offsets and history
+  WIREHUB_BROKER=redis://:$PASSWORD@redis:6379/0 wirehub serve   # (docs/scaling.md)
 
 precedence: defaults < --config file < WIREHUB_* environment < flags
 """
@@ -105,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wirehub {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="run the gateway", description="Run the gateway with the embedded in-memory broker.",
+        "serve", help="run the gateway", description="Run the gateway: with the embedded in-memory "
+        "broker (the default), or with other gateways as one on Redis (--broker redis://...).",
         epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--config", metavar="FILE", help="TOML file with option values")
     _add_config_options(serve)
@@ -282,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as exc:  # an unusable key
         print(f"wirehub: {exc}", file=sys.stderr)
+        return 2
+    except Unavailable as exc:  # --broker names a Redis that does not answer
+        print(f"wirehub: {exc.message}", file=sys.stderr)
         return 2
     return 0
 

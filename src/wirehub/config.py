@@ -132,6 +132,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     file_max_bytes: Annotated[int, Positive] = 4 * 1024 * MiB
     file_quota_bytes: Annotated[int, NonNegative] = 16 * 1024 * MiB
     file_partial_ttl_s: Annotated[float, Positive] = 86_400.0
+    # Where publications travel: the embedded memory broker, or Redis (docs/scaling.md).
+    broker: Optional[str] = None
 
     @property
     def auth_enabled(self) -> bool:
@@ -161,6 +163,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 compile_pattern(pattern)
             except PatternError as exc:
                 raise ValueError(str(exc)) from None
+        if self.broker is not None and self.broker != "memory":
+            from .broker.redis import check_url
+            check_url(self.broker)
 
 
 HELP: dict[str, str] = {
@@ -235,6 +240,9 @@ HELP: dict[str, str] = {
                  "'PATTERN:key=value,...' with history_size, history_ttl_s, history_max_bytes, "
                  "slow_consumer (disconnect, drop_oldest, conflate), max_queue_bytes, max_rate; "
                  "the first pattern that covers a channel wins (docs/delivery.md)"),
+    "broker": ("where publications travel: unset or 'memory' for the embedded broker (one process), or "
+               "redis://[:PASSWORD@]HOST:PORT/DB (also rediss://, unix://) to share channels, offsets and "
+               "history with every gateway on that Redis (docs/scaling.md)"),
     "history_max_bytes": ("memory for all channels' history; past it the least recently published "
                           "channels lose theirs"),
     "idempotency_window_s": ("seconds a publish's idempotency_key is remembered: a retry with the same "

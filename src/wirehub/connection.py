@@ -24,8 +24,8 @@ from .protocol.errors import (AuthCode, AuthError, CloseCode, ErrorCode, FileCod
                               NotAuthenticated, RateLimited, WirehubError)
 from .protocol.messages import (Auth, Authenticated, AuthFailed, CustomMessage, Error, FileAck, FileBegin,
                                 FileChunk, FileDone, FileEnd, FileReady, HistoryRequest, Ping, Pong, Publish,
-                                Published, Reply, Subscribe, Subscribed, TokenExpiring, Unsubscribe,
-                                Unsubscribed, Welcome)
+                                Published, Reply, StreamPosition, Subscribe, Subscribed, TokenExpiring,
+                                Unsubscribe, Unsubscribed, Welcome)
 from .protocol.patterns import is_pattern
 
 if TYPE_CHECKING:
@@ -314,14 +314,40 @@ class Connection:
         # msg.data stays the decoder's view into the received message: the
         # data is copied next into the frame every subscriber shares (hub).
         origin = self.client_id if msg.exclude_self else None
-        duplicate = False
         if msg.idempotency_key is None:
-            position = self._hub.publish_checked(msg.channel, msg.data, binary=opcode == OP_BINARY,
-                                                 origin=origin, key=msg.key)
+            result = self._hub.publish_checked(msg.channel, msg.data, binary=opcode == OP_BINARY,
+                                               origin=origin, key=msg.key)
         else:
-            position, duplicate = self._hub.publish_once(msg.channel, msg.data, msg.idempotency_key,
-                                                         binary=opcode == OP_BINARY, origin=origin, key=msg.key)
-        if msg.id is not None:
+            result = self._hub.publish_once(msg.channel, msg.data, msg.idempotency_key,
+                                            binary=opcode == OP_BINARY, origin=origin, key=msg.key)
+        kind = type(result)
+        if kind is StreamPosition:
+            if msg.id is not None:
+                self._reply(Published(msg.channel, result.offset, msg.id, result.epoch), codec, opcode)
+        elif kind is tuple:
+            if msg.id is not None:
+                position, duplicate = result
+                self._reply(Published(msg.channel, position.offset, msg.id, position.epoch, duplicate or None),
+                            codec, opcode)
+        else:  # a shared broker answers once Redis has it
+            result.add_done_callback(lambda done: self._published(done, msg, codec, opcode))
+
+    def _published(self, done: Any, msg: Publish, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        """A shared broker's answer to a publish: ``published``, or the
+        error (without an ``id`` too: a publish that failed is never silent)."""
+        if done.cancelled() or self.batch.closed:
+            return
+        exc = done.exception()
+        if isinstance(exc, WirehubError):
+            self._metrics.errors_total[exc.code] += 1
+            self._reply(_error(exc, msg.id), codec, opcode)
+        elif exc is not None:
+            logger.error("publish failed", exc_info=exc, extra={"client_id": self.client_id})
+            self._metrics.errors_total[ErrorCode.INTERNAL_ERROR] += 1
+            self._reply(Error(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", msg.id), codec, opcode)
+        elif msg.id is not None:
+            result = done.result()
+            position, duplicate = result if type(result) is tuple else (result, False)
             self._reply(Published(msg.channel, position.offset, msg.id, position.epoch, duplicate or None),
                         codec, opcode)
 

@@ -23,6 +23,7 @@ connection's business (``Connection._file_chunk``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any
 import msgspec
 
 from .clock import Clock, Timer
-from .protocol.errors import ErrorCode, FileCode, FileError
+from .protocol.errors import ErrorCode, FileCode, FileError, WirehubError
 
 logger = logging.getLogger("wirehub.files")
 
@@ -456,8 +457,15 @@ class FileStore:
     def _announce(self, stored: StoredFile) -> None:
         """Tell the application (``on_file``) and the file's channel."""
         if stored.channel is not None and self.publish is not None:
-            self.publish(stored.channel, {"type": "file", "file_id": stored.file_id, "name": stored.name,
-                                          "size": stored.size, "sha256": stored.sha256})
+            try:
+                published = self.publish(stored.channel, {"type": "file", "file_id": stored.file_id,
+                                                          "name": stored.name, "size": stored.size,
+                                                          "sha256": stored.sha256})
+            except WirehubError as exc:  # a shared broker that is down: the file is stored all the same
+                logger.warning("announcing file %s failed: %s", stored.file_id, exc.message)
+            else:
+                if isinstance(published, asyncio.Future):
+                    published.add_done_callback(functools.partial(_announced, stored.file_id))
         for callback in self.callbacks:
             try:
                 result = callback(stored)
@@ -553,3 +561,8 @@ class FileStore:
         temporary = self._path(meta.file_id, ".json.tmp")
         temporary.write_bytes(msgspec.json.encode(meta))
         os.replace(temporary, self._path(meta.file_id, ".json"))
+
+
+def _announced(file_id: str, done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        logger.warning("announcing file %s failed: %s", file_id, done.exception())

@@ -36,7 +36,7 @@ from . import _speedups, openfiles, static_files
 from .__version__ import __version__
 from .admission import Admission, RefusalReason
 from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
-from .broker.base import Broker, HistoryPage
+from .broker.base import Broker, HistoryPage, Published
 from .broker.memory import MemoryBroker
 from .clock import Clock
 from .config import Config
@@ -166,16 +166,25 @@ class Gateway:
         # Compressors without context takeover are stateless between messages:
         # one per window size serves every connection (and every fan-out).
         self._shared_compressors: dict[int, Any] = {}
+        if broker is None and cfg.broker not in (None, "memory"):
+            from .broker.redis import RedisBroker
+            broker = RedisBroker(cfg.broker, idempotency_window_s=cfg.idempotency_window_s)
+        # With a shared broker, sources' channels ($sys:metrics, logs:*) stay in a local one.
+        local_broker = None if broker is None or isinstance(broker, MemoryBroker) else MemoryBroker(
+            max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,
+            idempotency_window_s=cfg.idempotency_window_s, idempotency_max_keys=cfg.idempotency_max_keys)
         self.broker = broker or MemoryBroker(
             max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,
             idempotency_window_s=cfg.idempotency_window_s, idempotency_max_keys=cfg.idempotency_max_keys)
+        self.local_broker = local_broker or self.broker
         self.policies = ChannelPolicies(cfg.channels)
         self.hub = Hub(self.broker, self.impl, self.json_codec, self.tlv_codec, self.metrics,
                        max_channel_length=cfg.max_channel_length,
                        max_subscriptions=cfg.max_subscriptions_per_connection,
                        shared_compressors=self._shared_compressors,
                        compress_threshold_bytes=cfg.deflate_threshold_bytes,
-                       policies=self.policies, recovery_held_bytes=cfg.high_water_bytes)
+                       policies=self.policies, recovery_held_bytes=cfg.high_water_bytes,
+                       local_broker=self.local_broker)
         self.verifier = _verifier(cfg, self.clock)
         if files is None and cfg.file_dir is not None:
             files = FileStore(cfg.file_dir, max_bytes=cfg.file_max_bytes, quota_bytes=cfg.file_quota_bytes,
@@ -193,6 +202,9 @@ class Gateway:
         self.metrics.collectors.append(self._fanout_metrics)
         self.metrics.collectors.append(self.hub.metric_lines)
         self.metrics.collectors.append(self._history_metrics)
+        broker_lines = getattr(self.broker, "metric_lines", None)
+        if broker_lines is not None:
+            self.metrics.collectors.append(broker_lines)
         build = f'wirehub_build_info{{hot_path="{self.impl.name}",version="{__version__}"}} 1'
         self.metrics.collectors.append(lambda: ["# TYPE wirehub_build_info gauge", build])
         self.gc_watch = PauseWatch()
@@ -290,14 +302,17 @@ class Gateway:
                 logger.exception("%s hook failed", event)
         return running
 
-    def publish(self, channel: str, data: Any, key: str | None = None) -> StreamPosition:
+    def publish(self, channel: str, data: Any, key: str | None = None) -> Published:
         """Publish from Python: ``bytes`` go out as a binary message, anything
         else is JSON-encoded. ``key``: conflation and ``max_rate`` keep the
-        latest publication per key. Returns the publication's position.
+        latest publication per key. Returns the publication's position; with
+        a shared broker (``--broker redis://``), a future of it that
+        resolves once Redis has the publication (await it).
 
         Raises:
             InvalidChannel: the name is not a valid channel name.
             Forbidden: a source's channel.
+            Unavailable: the shared broker cannot take it now.
         """
         if isinstance(data, (bytes, bytearray, memoryview)):
             return self.hub.publish(channel, bytes(data), binary=True, key=key)
@@ -354,6 +369,9 @@ class Gateway:
         """Bind and start accepting connections."""
         loop = asyncio.get_running_loop()
         cfg = self.config
+        connect = getattr(self.broker, "start", None)  # a shared broker connects first
+        if connect is not None:
+            await connect()
         self.flusher = self.impl.fanout.Flusher(loop, max_pace_s=cfg.fanout_pace_max_s)
         picows_logger = _PicowsLog(logging.getLogger("wirehub.picows"), self.metrics)
         guard = self.impl.readahead.ReadAheadGuard
@@ -435,6 +453,8 @@ class Gateway:
         if self.files is not None:
             self.files.stop()
         await self.broker.close()
+        if self.local_broker is not self.broker:
+            await self.local_broker.close()
         self._server = None
 
     async def _heartbeat(self) -> None:
@@ -468,6 +488,9 @@ class Gateway:
         if path == self.config.ws_path or (path == "/echo" and self.config.echo):
             return self._upgrade(request, path)
         if path == "/healthz":
+            trouble = self.broker.health()
+            if trouble is not None:
+                return self._http(HTTPStatus.SERVICE_UNAVAILABLE, f"unavailable: {trouble}\n".encode())
             return self._http(HTTPStatus.OK, b"ok\n")
         if path == "/metrics":
             body = self.metrics.render(self.hub.subscription_count, len(self.hub.channels))

@@ -45,6 +45,7 @@ import re
 import time
 from dataclasses import dataclass
 from collections import Counter
+from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
@@ -155,7 +156,7 @@ class HistoryAnswer(msgspec.Struct, gc=False):
 STATUS = {
     ErrorCode.INVALID_MESSAGE: 400, ErrorCode.INVALID_FIELD: 400, ErrorCode.INVALID_CHANNEL: 400,
     ErrorCode.UNKNOWN_TYPE: 400, ErrorCode.NOT_AUTHENTICATED: 401, AuthCode.INVALID_TOKEN: 401,
-    AuthCode.TOKEN_EXPIRED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.RATE_LIMITED: 429,
+    AuthCode.TOKEN_EXPIRED: 401, ErrorCode.FORBIDDEN: 403, ErrorCode.RATE_LIMITED: 429, ErrorCode.UNAVAILABLE: 503,
 }
 
 
@@ -457,8 +458,10 @@ class HttpApi:
     # -- endpoints -----------------------------------------------------------------
 
     def _publish_one(self, principal: Principal, channel: str, data: Any, key: str | None,
-                     idempotency_key: str | None) -> Published:
-        """One publish, as ``Connection._handle`` and ``_publish`` do it for a WebSocket client."""
+                     idempotency_key: str | None) -> Published | Coroutine[Any, Any, Published]:
+        """One publish, as ``Connection._handle`` and ``_publish`` do it for a
+        WebSocket client; with a shared broker, a coroutine that answers once
+        Redis has it."""
         hub = self.hub
         hub.check_channel(channel)
         if not principal.can_publish(channel):
@@ -466,42 +469,65 @@ class HttpApi:
         metrics = self.metrics
         before = metrics.deliveries_total
         if idempotency_key is None:
-            position = hub.publish_checked(channel, data, key=key)
-            duplicate = False
+            result = hub.publish_checked(channel, data, key=key)
         else:
-            position, duplicate = hub.publish_once(channel, data, idempotency_key, key=key)
+            result = hub.publish_once(channel, data, idempotency_key, key=key)
+        if isinstance(result, asyncio.Future):
+            return _acknowledged(channel, result)
+        position, duplicate = result if type(result) is tuple else (result, False)
         return Published(channel, position.offset, position.epoch, metrics.deliveries_total - before, duplicate)
 
-    def _publish(self, principal: Principal, bucket_key: str, body: bytes, query: str) -> bytes:
+    def _publish(self, principal: Principal, bucket_key: str, body: bytes, query: str) -> bytes | Any:
         request = _decode(body, PublishRequest)
         self._take(bucket_key, 1)
         # ``data`` keeps a view of the body: the body is little more than the data.
-        return msgspec.json.encode(self._publish_one(principal, request.channel, request.data, request.key,
-                                                     request.idempotency_key))
+        published = self._publish_one(principal, request.channel, request.data, request.key,
+                                      request.idempotency_key)
+        if isinstance(published, Published):
+            return msgspec.json.encode(published)
+        return _encoded(published)
 
     def _broadcast(self, principal: Principal, bucket_key: str, body: bytes, query: str) -> bytes:
         request = _decode(body, BroadcastRequest)
         self._take(bucket_key, len(request.channels))
         data = bytes(request.data)  # one copy, shared by every channel's publication
-        return msgspec.json.encode(Results([
-            self._item(principal, channel, data, request.key, request.idempotency_key)
-            for channel in request.channels]))
+        return self._results([self._item(principal, channel, data, request.key, request.idempotency_key)
+                              for channel in request.channels])
 
     def _batch(self, principal: Principal, bucket_key: str, body: bytes, query: str) -> bytes:
         request = _decode(body, BatchRequest)
         self._take(bucket_key, len(request.publishes))
         # Each data copied out of the body, so that history keeps no whole batch per publication.
-        return msgspec.json.encode(Results([
-            self._item(principal, p.channel, bytes(p.data), p.key, p.idempotency_key)
-            for p in request.publishes]))
+        return self._results([self._item(principal, p.channel, bytes(p.data), p.key, p.idempotency_key)
+                              for p in request.publishes])
 
     def _item(self, principal: Principal, channel: str, data: bytes, key: str | None,
-              idempotency_key: str | None) -> Published | FailedItem:
+              idempotency_key: str | None) -> Published | FailedItem | Coroutine[Any, Any, Published | FailedItem]:
         try:
-            return self._publish_one(principal, channel, data, key, idempotency_key)
+            published = self._publish_one(principal, channel, data, key, idempotency_key)
         except WirehubError as exc:
-            self.errors_total[exc.code] += 1
-            return FailedItem(channel, Failure(exc.code, exc.message))
+            return self._failed(channel, exc)
+        return published if isinstance(published, Published) else self._item_later(channel, published)
+
+    async def _item_later(self, channel: str, published: Coroutine[Any, Any, Published]) -> Published | FailedItem:
+        try:
+            return await published
+        except WirehubError as exc:
+            return self._failed(channel, exc)
+
+    def _failed(self, channel: str, exc: WirehubError) -> FailedItem:
+        self.errors_total[exc.code] += 1
+        return FailedItem(channel, Failure(exc.code, exc.message))
+
+    def _results(self, items: list[Any]) -> bytes | Any:
+        """A broadcast's or a batch's answer; once every item is acknowledged, with a shared broker."""
+        if all(isinstance(item, (Published, FailedItem)) for item in items):
+            return msgspec.json.encode(Results(items))
+
+        async def gathered() -> bytes:
+            done = [item if isinstance(item, (Published, FailedItem)) else await item for item in items]
+            return msgspec.json.encode(Results(done))
+        return gathered()
 
     def _channels(self, principal: Principal, bucket_key: str, body: bytes, query: str) -> bytes:
         params = parse_qs(query)
@@ -1005,3 +1031,15 @@ class _ApiProtocol(asyncio.Protocol):
         else:
             self._api.timeouts_total["idle"] += 1
             self.close()
+
+
+async def _acknowledged(channel: str, result: asyncio.Future[Any]) -> Published:
+    """A shared broker's answer: each node delivers as it receives the
+    publication from Redis, so none is counted here (``delivered`` 0)."""
+    got = await result
+    position, duplicate = got if type(got) is tuple else (got, False)
+    return Published(channel, position.offset, position.epoch, 0, duplicate)
+
+
+async def _encoded(published: Coroutine[Any, Any, Published]) -> bytes:
+    return msgspec.json.encode(await published)

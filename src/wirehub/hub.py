@@ -22,16 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .broker.base import Broker, HistoryPage
+from .broker.base import Broker, HistoryPage, Published, PublishedOnce
 from .delivery import DISCONNECT, ChannelPolicies, ChannelPolicy
 from .metrics import Metrics
 from .protocol.codec import JsonCodec, TlvCodec
-from .protocol.errors import Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions
+from .protocol.errors import (Forbidden, InvalidChannel, InvalidField, NotSubscribed, TooManySubscriptions,
+                              WirehubError)
 from .protocol.messages import (Error, Lagged, Publication, PublicationData, Reply, StreamPosition, Subscribe,
                                 Subscribed)
 from .protocol.patterns import (RESERVED_CHANNELS, PatternError, check_pattern, is_channel_name, is_pattern,
                                 is_reserved)
-from .recovery import Recovery, plan
+from .recovery import EPOCH_CHANGED, Recovery, plan
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -207,7 +208,7 @@ class Hub:
                  tlv_codec: TlvCodec, metrics: Metrics, *, max_channel_length: int,
                  max_subscriptions: int, shared_compressors: dict[int, Any],
                  compress_threshold_bytes: int, policies: ChannelPolicies | None = None,
-                 recovery_held_bytes: int = 4 << 20) -> None:
+                 recovery_held_bytes: int = 4 << 20, local_broker: Broker | None = None) -> None:
         self.channels: dict[str, Channel] = {}
         self.patterns: dict[str, PatternChannel] = {}
         # Patterns by segment, and the pattern subscribers of each channel
@@ -219,6 +220,9 @@ class Hub:
         self._index_version = 0
         self.clients: dict[str, Connection] = {}
         self._broker = broker
+        # Sources' channels ($sys:metrics, logs:*) are this process's own:
+        # with a shared broker they stay in a local one (``_broker_for``).
+        self._local = local_broker or broker
         self._json = json_codec
         self._tlv = tlv_codec
         self._metrics = metrics
@@ -240,6 +244,13 @@ class Hub:
         # channel is refused instead of replacing the first.
         self._awaiting: dict[str, set[str]] = {}
         broker.bind(self)
+        if self._local is not broker:
+            self._local.bind(self)
+
+    def _broker_for(self, name: str) -> Broker:
+        if self._local is self._broker or self.source_for(name) is None:
+            return self._broker
+        return self._local
 
     def add_source(self, source: Source) -> None:
         """Hand the channels ``source`` owns to it (``sources/base.py``)."""
@@ -319,7 +330,7 @@ class Hub:
             source = self.source_for(name)
             if source is not None:
                 return self._ask_source(source, conn, name, request, answer)
-        if request.since is not None or request.tail:
+        if request.since is not None or request.tail or (answer is not None and not self._broker.live(name)):
             if answer is None:
                 raise TypeError("a subscribe with `since` or `tail` is answered later: pass `answer`")
             self.recover(conn, name, request, answer)
@@ -338,7 +349,7 @@ class Hub:
 
     def position(self, name: str) -> StreamPosition | None:
         """A channel's position now (what ``subscribed`` carries); None for a pattern."""
-        return None if is_pattern(name) else self._broker.position(name)
+        return None if is_pattern(name) else self._broker_for(name).position(name)
 
     def _ask_source(self, source: Source, conn: Connection, name: str, request: Subscribe,
                     answer: Callable[[Reply], None]) -> bool:
@@ -387,7 +398,7 @@ class Hub:
         channel = self.channels.get(name)
         if channel is None:
             channel = self.channels[name] = Channel(name)
-            self._broker.subscribe(name)
+            self._broker_for(name).subscribe(name)
         return channel
 
     def _count(self, conn: Connection, name: str) -> None:
@@ -430,12 +441,12 @@ class Hub:
             return
         channel = self.channels[name]
         recovery = channel.remove(conn)
-        if recovery is not None:
+        if recovery is not None and recovery.task is not asyncio.current_task():
             recovery.task.cancel()
         conn.batch.unhold(name)
         if not channel.members:
             del self.channels[name]
-            self._broker.unsubscribe(name)
+            self._broker_for(name).unsubscribe(name)
             if self.sources:
                 source = self.source_for(name)
                 if source is not None:
@@ -467,6 +478,8 @@ class Hub:
             self._index.add(pattern, subscribers)
             self._index_version += 1
             self._broker.subscribe_pattern(pattern)
+            if self._local is not self._broker:
+                self._local.subscribe_pattern(pattern)
         subscribers.add(conn)
         for name in subscribers.dependents:
             self._routes[name].hold(conn, self.channels.get(name))
@@ -482,6 +495,8 @@ class Hub:
         self._index.discard(pattern)
         self._index_version += 1
         self._broker.unsubscribe_pattern(pattern)
+        if self._local is not self._broker:
+            self._local.unsubscribe_pattern(pattern)
         if not self.patterns:
             self._routes.clear()
 
@@ -549,38 +564,51 @@ class Hub:
         self.clients.pop(conn.client_id, None)
 
     def publish(self, channel: str, data: PublicationData, *, binary: bool = False,
-                origin: str | None = None, key: str | None = None) -> StreamPosition:
-        """Publish through the broker; ``origin`` (a client id) is excluded from delivery.
+                origin: str | None = None, key: str | None = None) -> Published:
+        """Publish through the broker; ``origin`` (a client id) is excluded from
+        delivery. The position comes at once, or as a future with a shared
+        broker (``Broker.publish``).
 
         Raises:
-            InvalidChannel, Forbidden
+            InvalidChannel, Forbidden, Unavailable
         """
         self.check_channel(channel)
         return self.publish_checked(channel, data, binary=binary, origin=origin, key=key)
 
     def publish_checked(self, channel: str, data: PublicationData, *, binary: bool = False,
-                        origin: str | None = None, key: str | None = None) -> StreamPosition:
+                        origin: str | None = None, key: str | None = None) -> Published:
         """``publish`` for a name the caller already passed through ``check_channel``
         (a client's publish is checked before its permission is)."""
         self._check_writable(channel)
+        result = self._broker.publish(channel, data, binary=binary, origin=origin, key=key,
+                                      history=self.policies.for_channel(channel).history)
         self._metrics.publications_total += 1
-        return self._broker.publish(channel, data, binary=binary, origin=origin, key=key,
-                                    history=self.policies.for_channel(channel).history)
+        return result
 
     def publish_once(self, channel: str, data: PublicationData, idempotency_key: str, *, binary: bool = False,
-                     origin: str | None = None, key: str | None = None) -> tuple[StreamPosition, bool]:
+                     origin: str | None = None, key: str | None = None) -> PublishedOnce:
         """``publish_checked`` with an idempotency key: a retry of a publish
         the broker accepted lately is not published again; returns the
-        position and whether it was such a retry (``Broker.publish_once``)."""
+        position and whether it was such a retry (``Broker.publish_once``),
+        at once or as a future."""
         self._check_writable(channel)
-        position, duplicate = self._broker.publish_once(
-            channel, data, idempotency_key, binary=binary, origin=origin, key=key,
-            history=self.policies.for_channel(channel).history)
-        if duplicate:
+        result = self._broker.publish_once(channel, data, idempotency_key, binary=binary, origin=origin, key=key,
+                                           history=self.policies.for_channel(channel).history)
+        if type(result) is tuple:
+            self._count_once(result)
+        else:
+            result.add_done_callback(self._counted_once)
+        return result
+
+    def _count_once(self, result: tuple[StreamPosition, bool]) -> None:
+        if result[1]:
             self._metrics.duplicate_publishes_total += 1
         else:
             self._metrics.publications_total += 1
-        return position, duplicate
+
+    def _counted_once(self, done: asyncio.Future[tuple[StreamPosition, bool]]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self._count_once(done.result())
 
     def _check_writable(self, channel: str) -> None:
         # On every publish, and there is always a source ($sys:metrics): the
@@ -593,17 +621,19 @@ class Hub:
                       reverse: bool = False) -> HistoryPage:
         """``channel``'s kept publications after ``since`` (before it with
         ``reverse``); a ``since`` of another epoch reads from the oldest (or newest)."""
-        offset = None
-        if since is not None and since.epoch == self._broker.position(channel).epoch:
-            offset = since.offset
-        return await self._broker.history(channel, since=offset, limit=limit, reverse=reverse)
+        broker = self._broker_for(channel)
+        page = await broker.history(channel, since=since.offset if since is not None else None, limit=limit,
+                                    reverse=reverse)
+        if since is not None and since.epoch != page.position.epoch:
+            page = await broker.history(channel, limit=limit, reverse=reverse)
+        return page
 
     # -- SourceHost -------------------------------------------------------------
 
     def emit(self, channel: str, data: bytes) -> int:
         """Publish a source's JSON ``data`` on ``channel``; return its offset."""
         self._metrics.publications_total += 1
-        return self._broker.publish(channel, data, history=self.policies.for_channel(channel).history).offset
+        return self._local.publish(channel, data, history=self.policies.for_channel(channel).history).offset
 
     def send_history(self, conn: Connection, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
         """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s."""
@@ -624,6 +654,25 @@ class Hub:
     def allowed(self, conn: Connection, channel: str) -> bool:
         principal = conn.principal
         return principal is not None and principal.can_subscribe(channel)
+
+    def handle_gap(self, channel: str, first: int, last: int) -> None:
+        """The broker lost ``first``-``last``: each live subscriber is told
+        (``lagged``); one still recovering finds the hole itself."""
+        found = self.channels.get(channel)
+        if found is not None:
+            for client_id, conn in found.members.items():
+                if not found.recovering or client_id not in found.recovering:
+                    self._send_lagged(conn, channel, first, last, OP_TEXT)
+
+    def handle_new_epoch(self, channel: str, position: StreamPosition) -> None:
+        """The channel's stream started again: each subscriber gets a
+        ``subscribed`` that says so, as a resume across epochs does, and
+        offsets from 1 follow."""
+        found = self.channels.get(channel)
+        if found is not None:
+            notice = self._json.encode(Subscribed(channel, None, position, False, EPOCH_CHANGED))
+            for conn in found.members.values():
+                conn.push(OP_TEXT, notice)
 
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         channel = self.channels.get(pub.channel)
@@ -709,11 +758,12 @@ class Hub:
                 ``tail`` on a channel that keeps fewer publications.
         """
         policy = self.policies.for_channel(name)
-        position = self._broker.position(name)
+        # Not live yet on a shared broker: the task waits for the position, then checks ``since``.
+        broker = self._broker_for(name)
+        position = broker.position(name) if broker.live(name) else None
         since = request.since
-        if since is not None and since.epoch == position.epoch and since.offset > position.offset:
-            raise InvalidField(f"since.offset {since.offset} is past the last offset of {name[:64]!r}, "
-                               f"{position.offset}", id=request.id)
+        if position is not None:
+            self._check_since(name, request, position)
         if since is None and request.tail:
             if policy.history is None:
                 raise InvalidField(f"`tail` needs a channel that keeps history: {name[:64]!r} keeps none "
@@ -727,22 +777,41 @@ class Hub:
         self._recheck_routes(conn, name, channel)
         self._count(conn, name)
         recovery.task = asyncio.ensure_future(
-            self._recover(channel, conn, recovery, request, answer, position, policy))
+            self._recover(channel, conn, recovery, request, answer, position, policy, broker))
+
+    @staticmethod
+    def _check_since(name: str, request: Subscribe, position: StreamPosition) -> None:
+        since = request.since
+        if since is not None and since.epoch == position.epoch and since.offset > position.offset:
+            raise InvalidField(f"since.offset {since.offset} is past the last offset of {name[:64]!r}, "
+                               f"{position.offset}", id=request.id)
 
     async def _recover(self, channel: Channel, conn: Connection, recovery: Recovery, request: Subscribe,
-                       answer: Callable[[Reply], None], position: StreamPosition,
-                       policy: ChannelPolicy) -> None:
+                       answer: Callable[[Reply], None], position: StreamPosition | None,
+                       policy: ChannelPolicy, broker: Broker) -> None:
         name = channel.name
         since = request.since
         try:
+            if position is None:
+                await broker.sync(name)
+                position = broker.position(name)
+                self._check_since(name, request, position)
+            if since is None and not request.tail:
+                # A plain subscribe that waited for the channel to be live here.
+                answer(Subscribed(name, request.id, position))
+                self._send_recovered(conn, name, list(recovery.held), position.offset + 1)
+                channel.go_live(conn)
+                if request.max_rate is not None:
+                    self._rate_hold(channel, conn, request.max_rate)
+                return
             if since is None:
                 after = max(0, position.offset - request.tail)
-                page = await self._broker.history(name, since=after, limit=RECOVERY_PAGE)
+                page = await broker.history(name, since=after, limit=RECOVERY_PAGE)
                 answer(Subscribed(name, request.id, position))
             else:
                 same_epoch = since.epoch == position.epoch
-                page = await self._broker.history(name, since=since.offset if same_epoch else None,
-                                                  limit=RECOVERY_PAGE)
+                page = await broker.history(name, since=since.offset if same_epoch else None,
+                                            limit=RECOVERY_PAGE)
                 decision = plan(since, position, page.first_offset, policy.history is not None)
                 self._metrics.recoveries_total[decision.reason or "recovered"] += 1
                 answer(Subscribed(name, request.id, position, decision.recovered, decision.reason,
@@ -760,7 +829,7 @@ class Hub:
                 await conn.batch.drained()
                 if conn.batch.closed:
                     return
-                page = await self._broker.history(name, since=next_offset - 1, limit=RECOVERY_PAGE)
+                page = await broker.history(name, since=next_offset - 1, limit=RECOVERY_PAGE)
             # Live publications held meanwhile, after the last one history gave; then live.
             self._send_recovered(conn, name, list(recovery.held), next_offset)
             channel.go_live(conn)
@@ -768,6 +837,11 @@ class Hub:
                 self._rate_hold(channel, conn, request.max_rate)
         except asyncio.CancelledError:
             raise  # unsubscribed or gone: Hub.unsubscribe has cleaned up
+        except WirehubError as exc:  # the broker is unavailable, or ``since`` is past its end
+            self._metrics.errors_total[exc.code] += 1
+            answer(Error(exc.code, exc.message, request.id))
+            if name in conn.subscriptions:
+                self.unsubscribe(conn, name)
         except Exception:
             logger.exception("recovery of %r failed", name, extra={"client_id": conn.client_id})
             conn.close(1011, "internal error")

@@ -7,14 +7,24 @@ that handler; the broker never imports the hub (callbacks point upward).
 What a channel keeps is the caller's to say, per publication
 (``HistoryOptions``): the broker stores, trims and answers, it does not
 decide policy.
+
+``MemoryBroker`` (one process, the default) answers everything at once.
+``RedisBroker`` (many gateways as one, docs/scaling.md) answers a publish
+with a future that resolves once Redis has it, and a channel is ``live`` in
+a process only once every later publication is sure to reach it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Union
 
 from ..protocol.messages import Publication, PublicationData, StreamPosition
+
+# What ``publish`` and ``publish_once`` answer: now, or once a shared broker has it.
+Published = Union[StreamPosition, "asyncio.Future[StreamPosition]"]
+PublishedOnce = Union[tuple[StreamPosition, bool], "asyncio.Future[tuple[StreamPosition, bool]]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,14 @@ class BrokerEventHandler(Protocol):
     def handle_publication(self, pub: Publication, origin: str | None) -> None:
         """Deliver ``pub`` to local subscribers; ``origin`` is the publishing client's id."""
 
+    def handle_gap(self, channel: str, first: int, last: int) -> None:
+        """Offsets ``first`` to ``last`` of ``channel`` are lost to this process
+        (a shared broker no longer keeps them): tell its subscribers."""
+
+    def handle_new_epoch(self, channel: str, position: StreamPosition) -> None:
+        """``channel``'s stream was lost and started again (``position``: its
+        new epoch, offset 0); its publications follow from offset 1."""
+
 
 class Broker(Protocol):
     def bind(self, handler: BrokerEventHandler) -> None:
@@ -72,21 +90,42 @@ class Broker(Protocol):
         """The last local subscriber of ``pattern`` left."""
 
     def publish(self, channel: str, data: PublicationData, *, binary: bool = False, origin: str | None = None,
-                key: str | None = None, history: HistoryOptions | None = None) -> StreamPosition:
+                key: str | None = None, history: HistoryOptions | None = None) -> Published:
         """Append a publication to ``channel``, keep it as ``history`` says, deliver it;
-        return its position."""
+        return its position: at once (``StreamPosition``) in one process, or
+        as a future that resolves once a shared broker has it.
+
+        Raises:
+            Unavailable: a shared broker cannot take it now (nothing was published).
+        """
 
     def publish_once(self, channel: str, data: PublicationData, idempotency_key: str, *, binary: bool = False,
                      origin: str | None = None, key: str | None = None,
-                     history: HistoryOptions | None = None) -> tuple[StreamPosition, bool]:
+                     history: HistoryOptions | None = None) -> PublishedOnce:
         """``publish``, unless a publish with ``idempotency_key`` was accepted on
         ``channel`` within the broker's idempotency window: then nothing is
         published, and the answer is that publish's position and True. The
         check and the publish are one step (one process here; one script in
         a shared broker), so two retries racing each other publish once."""
 
+    def live(self, channel: str) -> bool:
+        """Whether ``position(channel)`` is known here and every later
+        publication of the subscribed ``channel`` will reach this process
+        (always, in one process); if not, ``sync`` waits for it."""
+
+    async def sync(self, channel: str) -> None:
+        """Wait until the subscribed ``channel`` is ``live``.
+
+        Raises:
+            Unavailable: a shared broker cannot be reached.
+        """
+
     def position(self, channel: str) -> StreamPosition:
-        """``channel``'s last offset and its epoch, as this process knows them now."""
+        """``channel``'s last offset and its epoch, as this process knows them
+        now (a channel that is ``live`` here)."""
+
+    def health(self) -> str | None:
+        """None, or why the broker cannot serve now (``/healthz`` answers 503 with it)."""
 
     async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:

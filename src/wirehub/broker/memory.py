@@ -176,9 +176,18 @@ class MemoryBroker:
         self.idempotency.remember(channel, idempotency_key, position, now)
         return position, False
 
+    def live(self, channel: str) -> bool:
+        return True
+
+    async def sync(self, channel: str) -> None:
+        return None
+
     def position(self, channel: str) -> StreamPosition:
         stream = self._stream(channel)
         return StreamPosition(stream.offset, stream.epoch)
+
+    def health(self) -> str | None:
+        return None
 
     async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:

@@ -7,6 +7,7 @@
     ├── UnknownType              ``unknown_type``: missing or unregistered ``type``
     ├── InvalidField             ``invalid_field``: wrong field type/value, names the field
     ├── InvalidChannel           ``invalid_channel``
+    ├── Unavailable              ``unavailable``: the shared broker cannot be reached or refused (temporary)
     ├── EngineUnavailable        ``engine_unavailable``: a source's engine cannot be reached (temporary)
     ├── EngineForbidden          ``engine_forbidden``: the engine (or its socket) refused the gateway
     ├── EngineError              ``engine_error``: the engine answered with another error
@@ -39,6 +40,7 @@ class ErrorCode:
     UNKNOWN_TYPE = "unknown_type"
     INVALID_FIELD = "invalid_field"
     INVALID_CHANNEL = "invalid_channel"
+    UNAVAILABLE = "unavailable"
     ENGINE_UNAVAILABLE = "engine_unavailable"
     ENGINE_FORBIDDEN = "engine_forbidden"
     ENGINE_ERROR = "engine_error"
@@ -117,6 +119,13 @@ class InvalidField(WirehubError):
 
 class InvalidChannel(WirehubError):
     code = ErrorCode.INVALID_CHANNEL
+
+
+class Unavailable(WirehubError):
+    """The shared broker (Redis) is unreachable, refused the command or has
+    too much waiting: nothing was published; try again later."""
+
+    code = ErrorCode.UNAVAILABLE
 
 
 class EngineUnavailable(WirehubError):

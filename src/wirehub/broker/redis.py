@@ -1,0 +1,710 @@
+"""The shared broker: many gateways as one, on Redis (docs/scaling.md).
+
+Each channel ``c`` has three Redis keys, all with the hash tag ``{c}`` so
+that a Redis Cluster keeps them on one shard: ``wh:{c}:m`` (a hash: the
+last ``offset``, the ``epoch``, the history ``ttl``), ``wh:{c}:s`` (a
+stream: the kept publications, entry id ``<offset>-1``) and the pub/sub
+channel ``wh:{c}``.
+
+**Publish** is one Lua script (``PUBLISH_SCRIPT``): assign the next offset,
+append to the stream under the channel's limits, ``PUBLISH`` the
+publication with its offset and epoch, atomically. A gateway's publishes
+are queued and sent in one pipeline per flush, so a burst costs one round
+trip; ``publish`` answers a future that resolves once Redis has run the
+script (``published`` is sent then, never before).
+
+**Delivery.** A node subscribes to a channel's pub/sub channel when it gains
+the channel's first local subscriber, so a publication crosses Redis once
+per node; the hub fans it out. The node tracks each channel's last offset:
+an offset that jumps is a gap (a pub/sub message lost, a reconnect) and is
+filled from the stream, in order, before anything newer is delivered; what
+the stream no longer has is reported to subscribers (``handle_gap``, a
+``lagged`` notice), never skipped silently. An epoch that changes (Redis
+lost the stream) is reported too (``handle_new_epoch``).
+
+**A channel is live** on a node once its subscription is confirmed and its
+position read after that (``ENSURE_SCRIPT``): from then on every offset
+after that position reaches the node. Until then the hub answers its
+subscribes later (``live`` and ``sync``).
+
+**Redis down**: publishes fail at once with ``Unavailable``, subscribers
+stay connected, ``health`` names the reason; a supervisor reconnects with
+backoff, subscribes again and fills every channel's gap from its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from ..protocol.errors import Unavailable
+from ..protocol.messages import Publication, PublicationData, StreamPosition
+from .base import BrokerEventHandler, HistoryOptions, HistoryPage
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import NoScriptError, RedisError
+except ImportError:  # pragma: no cover - the extra is missing; ``check_url`` says so
+    aioredis = None
+
+logger = logging.getLogger("wirehub.broker.redis")
+
+# KEYS: meta hash, stream[, idempotency key]
+# ARGV: data, header, history size, ttl ms, fresh epoch, pub/sub channel, now ms,
+#       idle-channel ttl ms, idempotency window ms
+PUBLISH_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if #KEYS == 3 and epoch then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local sep = string.find(seen, ':', 1, true)
+    if string.sub(seen, sep + 1) == epoch then
+      return {tonumber(string.sub(seen, 1, sep - 1)), epoch, 1}
+    end
+  end
+end
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local size = tonumber(ARGV[3])
+if size > 0 then
+  local ttl = tonumber(ARGV[4])
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[1], 'h', ARGV[2], 't', ARGV[7])
+  redis.call('HSET', KEYS[1], 'ttl', ttl)
+  if ttl > 0 then
+    local horizon = tonumber(ARGV[7]) - ttl
+    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
+    local keep = nil
+    for _, entry in ipairs(first) do
+      if tonumber(entry[2][6]) >= horizon then keep = entry[1]; break end
+    end
+    if keep then redis.call('XTRIM', KEYS[2], 'MINID', keep) end
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PUBLISH', ARGV[6], offset .. ':' .. epoch .. ':' .. #ARGV[2] .. ':' .. ARGV[2] .. ARGV[1])
+if #KEYS == 3 then
+  redis.call('SET', KEYS[3], offset .. ':' .. epoch, 'PX', ARGV[9])
+end
+return {offset, epoch, 0}
+"""
+
+# The channel's position, creating its epoch if it has none. KEYS: meta; ARGV: fresh epoch, idle ttl ms.
+ENSURE_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return {tonumber(redis.call('HGET', KEYS[1], 'offset') or '0'), epoch}
+"""
+
+# A node forgets nothing, but Redis forgets a channel nobody published on
+# for this long (its offsets then restart at 1 under a new epoch, as the
+# memory broker's idle channels do).
+IDLE_CHANNEL_TTL_S = 7 * 24 * 3600
+# A command Redis has not answered by then fails (``unavailable``) rather than hangs.
+COMMAND_TIMEOUT_S = 5.0
+# Entries a gap fill or a history page reads at a time.
+FILL_PAGE = 1000
+
+
+class _Header(msgspec.Struct, array_like=True, gc=False):
+    """What travels with a publication's data: in the stream entry and the pub/sub message."""
+
+    binary: bool
+    key: str | None
+    node: str
+    origin: str | None
+    time: float
+
+
+_encode_header = msgspec.msgpack.Encoder().encode
+_decode_header = msgspec.msgpack.Decoder(_Header).decode
+
+
+def check_url(url: str) -> str:
+    """``url`` if it names a Redis server (``redis://``, ``rediss://``,
+    ``unix://``); a message for people otherwise.
+
+    Raises:
+        ValueError
+    """
+    if aioredis is None:
+        raise ValueError("a Redis broker needs redis-py: pip install 'wirehub[redis]'")
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"broker URL {url!r}: expected redis://HOST:PORT/DB, rediss://... or unix://PATH")
+    try:
+        aioredis.connection.parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r}: {exc}") from None
+    return url
+
+
+def _keys(channel: str) -> tuple[str, str, str]:
+    return f"wh:{{{channel}}}:m", f"wh:{{{channel}}}:s", f"wh:{{{channel}}}"
+
+
+def _glob(pattern: str) -> str:
+    """The pub/sub glob that covers a wirehub pattern: every wildcard becomes
+    ``*``, which covers at least what the pattern does (the hub matches exactly)."""
+    return "wh:{" + pattern.replace("**", "*") + "}"
+
+
+class _Sub:
+    """One channel this node subscribes to, and how far its delivery has got."""
+
+    __slots__ = ("channel", "confirmed", "position", "ready", "buffer", "buffered_bytes", "catching_up",
+                 "resync")
+
+    def __init__(self, channel: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.channel = channel
+        self.confirmed = False
+        # The last offset delivered here and its epoch; None until first synced.
+        self.position: StreamPosition | None = None
+        self.ready: asyncio.Future[None] = loop.create_future()
+        # Publications that arrived while a sync or a gap fill ran, in arrival order.
+        self.buffer: collections.deque[Publication] = collections.deque()
+        self.buffered_bytes = 0
+        self.catching_up = False
+        # The buffer overflowed (or Redis came back): read the position again after the fill.
+        self.resync = False
+
+
+class RedisBroker:
+    """Offsets, history and delivery shared by every gateway on one Redis.
+
+    Args:
+        url: ``redis://[:password@]host:port/db``, ``rediss://`` or ``unix://``.
+        clock: wall-clock seconds, for ``history_ttl_s`` (shared by nodes, so not monotonic).
+        idempotency_window_s: how long a publish's ``idempotency_key`` is remembered (in Redis).
+        max_pending_publishes: publishes waiting for Redis at once; past it a
+            publish fails with ``Unavailable`` instead of queueing without bound.
+        max_buffered_bytes: data held per channel while a gap is filled; past
+            it the held publications are dropped and read from the stream instead.
+        reconnect_max_s: the longest pause between two reconnection attempts.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time, idempotency_window_s: float = 120.0,
+                 max_pending_publishes: int = 10_000, max_buffered_bytes: int = 4 << 20,
+                 reconnect_max_s: float = 2.0) -> None:
+        self.url = check_url(url)
+        self.node_id = secrets.token_hex(6)
+        self._clock = clock
+        self._idempotency_window_ms = max(1, int(idempotency_window_s * 1000))
+        self._max_pending = max_pending_publishes
+        self._max_buffered = max_buffered_bytes
+        self._reconnect_max_s = reconnect_max_s
+        self._handler: BrokerEventHandler | None = None
+        self._subs: dict[str, _Sub] = {}
+        self._patterns: dict[str, str] = {}  # wirehub pattern -> glob
+        self._globs: collections.Counter[str] = collections.Counter()
+        self._queue: list[tuple[tuple[Any, ...], tuple[Any, ...], asyncio.Future[Any], bool]] = []
+        self._commands: list[tuple[str, str]] = []  # (verb, topic) for the pub/sub connection
+        self._sending: asyncio.Future[None] | None = None
+        self._wake_publisher = asyncio.Event()
+        self._redis: Any = None
+        self._pubsub: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._down: str | None = "not started"
+        self._down_since = 0.0
+        self._closing = False
+        self._scripts: dict[str, Any] = {}
+        # Counters for /metrics (``metric_lines``).
+        self.outages_total = 0
+        self.resubscribes_total = 0
+        self.publish_errors_total = 0
+        self.gaps_filled_total = 0
+        self.offsets_lost_total = 0
+        self.epoch_changes_total = 0
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, or raise ``Unavailable`` saying why (the CLI exits 2 on it)."""
+        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=COMMAND_TIMEOUT_S,
+                                              health_check_interval=0)
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            await self._redis.aclose()
+            raise Unavailable(f"cannot reach the broker at {self._redacted()}: {exc}") from None
+        self._scripts = {"publish": self._redis.register_script(PUBLISH_SCRIPT),
+                         "ensure": self._redis.register_script(ENSURE_SCRIPT)}
+        self._down = None
+        self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._supervise())]
+
+    async def close(self) -> None:
+        self._closing = True
+        # The reader first: redis-py may swallow a cancellation of a read in
+        # progress, so the connection is closed under it and the loop sees ``_closing``.
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for _, _, future, _ in self._queue:
+            if not future.done():
+                future.set_exception(Unavailable("the gateway is stopping"))
+        self._queue.clear()
+        if self._redis is not None:
+            await self._redis.aclose()
+        self._handler = None
+
+    def _redacted(self) -> str:
+        parts = urlsplit(self.url)
+        host = parts.hostname or parts.path
+        return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path if parts.hostname else ''}"
+
+    def health(self) -> str | None:
+        """None when Redis answers; otherwise why not (``/healthz`` answers 503 with it)."""
+        if self._down is None:
+            return None
+        return f"broker {self._redacted()} unreachable for {self._clock() - self._down_since:.1f} s: {self._down}"
+
+    def metric_lines(self) -> list[str]:
+        return ["# TYPE wirehub_broker_up gauge", f"wirehub_broker_up {int(self._down is None)}",
+                "# TYPE wirehub_broker_outages_total counter", f"wirehub_broker_outages_total {self.outages_total}",
+                "# TYPE wirehub_broker_resubscribes_total counter",
+                f"wirehub_broker_resubscribes_total {self.resubscribes_total}",
+                "# TYPE wirehub_broker_publish_errors_total counter",
+                f"wirehub_broker_publish_errors_total {self.publish_errors_total}",
+                "# TYPE wirehub_broker_pending_publishes gauge",
+                f"wirehub_broker_pending_publishes {len(self._queue)}",
+                "# TYPE wirehub_broker_gaps_filled_total counter",
+                f"wirehub_broker_gaps_filled_total {self.gaps_filled_total}",
+                "# TYPE wirehub_broker_offsets_lost_total counter",
+                f"wirehub_broker_offsets_lost_total {self.offsets_lost_total}",
+                "# TYPE wirehub_broker_epoch_changes_total counter",
+                f"wirehub_broker_epoch_changes_total {self.epoch_changes_total}",
+                "# TYPE wirehub_broker_channels gauge", f"wirehub_broker_channels {len(self._subs)}"]
+
+    # -- subscriptions --------------------------------------------------------------
+
+    def bind(self, handler: BrokerEventHandler) -> None:
+        self._handler = handler
+
+    def subscribe(self, channel: str) -> None:
+        if channel in self._subs:
+            return
+        self._subs[channel] = _Sub(channel, asyncio.get_running_loop())
+        self._command("subscribe", _keys(channel)[2])
+
+    def unsubscribe(self, channel: str) -> None:
+        sub = self._subs.pop(channel, None)
+        if sub is not None:
+            if not sub.ready.done():
+                sub.ready.cancel()
+            self._command("unsubscribe", _keys(channel)[2])
+
+    def subscribe_pattern(self, pattern: str) -> None:
+        glob = self._patterns.setdefault(pattern, _glob(pattern))
+        self._globs[glob] += 1
+        if self._globs[glob] == 1:
+            self._command("psubscribe", glob)
+
+    def unsubscribe_pattern(self, pattern: str) -> None:
+        glob = self._patterns.pop(pattern, None)
+        if glob is not None:
+            self._globs[glob] -= 1
+            if not self._globs[glob]:
+                del self._globs[glob]
+                self._command("punsubscribe", glob)
+
+    def _command(self, verb: str, topic: str) -> None:
+        self._commands.append((verb, topic))
+        if self._pubsub is not None and self._sending is None:
+            self._sending = asyncio.ensure_future(self._send_commands())
+
+    def live(self, channel: str) -> bool:
+        """Whether every publication of ``channel`` after ``position(channel)`` reaches this node."""
+        sub = self._subs.get(channel)
+        return sub is not None and sub.position is not None and self._down is None
+
+    async def sync(self, channel: str) -> None:
+        """Wait until ``channel`` is live here (``subscribe`` first).
+
+        Raises:
+            Unavailable: Redis is down.
+        """
+        sub = self._subs.get(channel)
+        if sub is None:
+            raise RuntimeError(f"{channel!r} is not subscribed")
+        if self._down is not None:
+            raise Unavailable(f"the broker is unavailable: {self._down}")
+        await asyncio.shield(sub.ready)
+
+    def position(self, channel: str) -> StreamPosition:
+        """The last offset delivered here and its epoch (a live channel's)."""
+        sub = self._subs.get(channel)
+        if sub is None or sub.position is None:
+            raise RuntimeError(f"{channel!r} is not live on this node")
+        return sub.position
+
+    # -- publishing ---------------------------------------------------------------
+
+    def publish(self, channel: str, data: PublicationData, *, binary: bool = False, origin: str | None = None,
+                key: str | None = None, history: HistoryOptions | None = None) -> asyncio.Future[StreamPosition]:
+        return self._enqueue(channel, data, binary, origin, key, history, None)
+
+    def publish_once(self, channel: str, data: PublicationData, idempotency_key: str, *, binary: bool = False,
+                     origin: str | None = None, key: str | None = None,
+                     history: HistoryOptions | None = None) -> asyncio.Future[tuple[StreamPosition, bool]]:
+        return self._enqueue(channel, data, binary, origin, key, history, idempotency_key)
+
+    def _enqueue(self, channel: str, data: PublicationData, binary: bool, origin: str | None, key: str | None,
+                 history: HistoryOptions | None, idempotency_key: str | None) -> asyncio.Future[Any]:
+        if self._down is not None:
+            self.publish_errors_total += 1
+            raise Unavailable(f"the broker is unavailable: {self._down}; nothing was published")
+        if len(self._queue) >= self._max_pending:
+            self.publish_errors_total += 1
+            raise Unavailable(f"{len(self._queue)} publishes are waiting for the broker; nothing was published")
+        meta, stream, topic = _keys(channel)
+        now = self._clock()
+        header = _encode_header(_Header(binary, key, self.node_id, origin, now))
+        size = history.size if history is not None else 0
+        ttl_ms = int(history.ttl_s * 1000) if history is not None else 0
+        keys: tuple[str, ...] = (meta, stream) if idempotency_key is None else (
+            meta, stream, f"wh:{{{channel}}}:i:{idempotency_key}")
+        args = (bytes(data), header, size, ttl_ms, secrets.token_hex(4), topic, int(now * 1000),
+                IDLE_CHANNEL_TTL_S * 1000, self._idempotency_window_ms)
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future, idempotency_key is not None))
+        self._wake_publisher.set()
+        return future
+
+    async def _publisher(self) -> None:
+        """Send the queued publishes, one pipeline per round trip, in order."""
+        script = self._scripts["publish"]
+        while True:
+            await self._wake_publisher.wait()
+            self._wake_publisher.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            try:
+                results = await self._run_scripts(script, batch)
+            except (RedisError, OSError) as exc:
+                self._fail(batch, exc)
+                self._lost(exc)
+                continue
+            for (_, _, future, once), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    self.publish_errors_total += 1
+                    future.set_exception(Unavailable(f"the broker refused the publish: {result}"))
+                    continue
+                position = StreamPosition(int(result[0]), _text(result[1]))
+                future.set_result((position, bool(result[2])) if once else position)
+
+    async def _run_scripts(self, script: Any, batch: list[Any]) -> list[Any]:
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for keys, args, _, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+            # A script is missing only after Redis restarted: then every call
+            # failed without running, and the batch is sent again once loaded.
+            if attempt == 0 and results and isinstance(results[0], NoScriptError):
+                await self._redis.script_load(script.script)
+                continue
+            return results
+        return results
+
+    def _fail(self, batch: list[Any], exc: BaseException) -> None:
+        for _, _, future, _ in batch:
+            if not future.done():
+                self.publish_errors_total += 1
+                future.set_exception(Unavailable(f"the broker connection failed: {exc}; the publish may "
+                                                  f"or may not have been taken (retry with an idempotency_key)"))
+
+    # -- receiving ----------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Keep a pub/sub connection, and after each outage make every channel whole again."""
+        delay = 0.05
+        while not self._closing:
+            try:
+                await self._connect_pubsub()
+            except (RedisError, OSError) as exc:
+                self._lost(exc)  # Redis itself does not answer
+            else:
+                delay = 0.05
+                try:
+                    await self._receive()
+                except (RedisError, OSError) as exc:
+                    # The pub/sub connection alone failed (CLIENT KILL, a proxy):
+                    # publishes go on; subscribe again and refill at once.
+                    self.resubscribes_total += 1
+                    logger.info("broker subscription connection lost (%s): subscribing again", exc)
+                except Exception:  # a bug must not leave the node deaf: log, count, start again
+                    logger.exception("broker subscriber failed")
+                    self.resubscribes_total += 1
+                self._unconfirm()
+            if self._pubsub is not None:
+                try:
+                    await self._pubsub.aclose()
+                except Exception:  # the connection is gone already
+                    pass
+                self._pubsub = None
+            await asyncio.sleep(delay)
+            delay = min(self._reconnect_max_s, delay * 2)
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._down is None and not self._closing:
+            self._down = str(exc) or type(exc).__name__
+            self._down_since = self._clock()
+            self.outages_total += 1
+            logger.warning("broker unreachable: %s; publishes fail with 'unavailable' until it is back",
+                           self._down, extra={"broker": self._redacted()})
+        self._unconfirm()
+
+    def _unconfirm(self) -> None:
+        """Every subscription must be confirmed again before its channel is refilled."""
+        for sub in self._subs.values():
+            sub.confirmed = False
+
+    async def _connect_pubsub(self) -> None:
+        await self._redis.ping()
+        self._pubsub = self._redis.pubsub()
+        self._commands = [("subscribe", _keys(c)[2]) for c in self._subs]
+        self._commands += [("psubscribe", glob) for glob in self._globs]
+        # redis-py reads nothing before a first subscribe: the node holds one of its own.
+        self._commands.append(("subscribe", f"wh:node:{self.node_id}"))
+        self._sending = asyncio.ensure_future(self._send_commands())
+        await self._sending
+        if self._down is not None:
+            logger.warning("broker reachable again after %.1f s", self._clock() - self._down_since,
+                           extra={"broker": self._redacted()})
+            self._down = None
+
+    async def _send_commands(self) -> None:
+        """Send the queued (un)subscribes, consecutive ones of a kind as one command.
+
+        Runs beside the reader (redis-py writes and reads the connection
+        separately); one at a time, so that they keep their order."""
+        try:
+            while self._commands and self._pubsub is not None:
+                commands, self._commands = self._commands, []
+                for verb, topics in _grouped(commands):
+                    await getattr(self._pubsub, verb)(*topics)
+        except (RedisError, OSError):
+            pass  # the reader sees the connection fail too, and the supervisor starts again
+        finally:
+            self._sending = None
+
+    async def _receive(self) -> None:
+        pubsub = self._pubsub
+        # Until a command elsewhere finds Redis gone (``_lost``): then the
+        # supervisor reconnects, which proves Redis is back, and refills.
+        while not self._closing and self._down is None:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message" or kind == "pmessage":
+                self._on_message(message["channel"], message["data"], kind == "pmessage")
+            elif kind == "subscribe":
+                self._on_confirmed(_text(message["channel"]))
+
+    def _on_confirmed(self, topic: str) -> None:
+        channel = topic[4:-1]
+        sub = self._subs.get(channel)
+        if sub is None or sub.confirmed or not topic.startswith("wh:{"):
+            return
+        sub.confirmed = True
+        sub.resync = True  # only now is every later offset sure to arrive: read where the stream is
+        if not sub.catching_up:
+            sub.catching_up = True
+            asyncio.ensure_future(self._catch_up(sub))
+
+    def _on_message(self, topic: bytes, message: bytes, by_pattern: bool) -> None:
+        channel = topic[4:-1].decode()
+        sub = self._subs.get(channel)
+        if by_pattern and sub is not None:
+            return  # its own subscription delivers it, in order
+        pub, origin = self._decode(channel, message)
+        if sub is None:
+            if by_pattern and self._handler is not None:
+                self._handler.handle_publication(pub, origin)
+            return
+        if sub.catching_up or sub.position is None:
+            self._hold(sub, pub)
+        else:
+            self._accept(sub, pub, origin)
+
+    def _decode(self, channel: str, message: bytes) -> tuple[Publication, str | None]:
+        first = message.index(b":")
+        second = message.index(b":", first + 1)
+        third = message.index(b":", second + 1)
+        end = third + 1 + int(message[second + 1:third])
+        header = _decode_header(message[third + 1:end])
+        pub = Publication(channel, message[end:], int(message[:first]), message[first + 1:second].decode(),
+                          header.binary, header.key, header.time)
+        return pub, header.origin if header.node == self.node_id else None
+
+    def _hold(self, sub: _Sub, pub: Publication) -> None:
+        sub.buffer.append(pub)
+        sub.buffered_bytes += len(pub.data)
+        if sub.buffered_bytes > self._max_buffered:
+            sub.buffer.clear()
+            sub.buffered_bytes = 0
+            sub.resync = True  # read them from the stream instead
+
+    def _accept(self, sub: _Sub, pub: Publication, origin: str | None) -> None:
+        """A publication for a channel that is up to date here: deliver it, or start filling a gap."""
+        position = sub.position
+        if pub.epoch == position.epoch:
+            if pub.offset <= position.offset:
+                return  # delivered already (by a gap fill)
+            if pub.offset == position.offset + 1:
+                sub.position = StreamPosition(pub.offset, pub.epoch)
+                if self._handler is not None:
+                    self._handler.handle_publication(pub, origin)
+                return
+        sub.catching_up = True
+        self._hold(sub, pub)
+        asyncio.ensure_future(self._catch_up(sub))
+
+    async def _catch_up(self, sub: _Sub) -> None:
+        """Bring ``sub`` up to date: read its position if asked, fill every
+        gap from the stream, then deliver what was held, in order."""
+        try:
+            while self._subs.get(sub.channel) is sub:
+                if sub.resync:
+                    sub.resync = False
+                    offset, epoch = await self._ensure(sub.channel)
+                    if sub.position is None:
+                        sub.position = StreamPosition(offset, epoch)
+                        sub.ready.set_result(None)
+                    else:
+                        await self._fill(sub, offset, epoch)
+                    continue
+                if not sub.buffer:
+                    break
+                pub = sub.buffer.popleft()
+                sub.buffered_bytes -= len(pub.data)
+                position = sub.position
+                if pub.epoch == position.epoch and pub.offset <= position.offset:
+                    continue
+                if pub.epoch != position.epoch or pub.offset > position.offset + 1:
+                    await self._fill(sub, pub.offset - 1, pub.epoch)
+                    if self._subs.get(sub.channel) is not sub:
+                        return
+                sub.position = StreamPosition(pub.offset, pub.epoch)
+                if self._handler is not None:
+                    self._handler.handle_publication(pub, None)
+        except (RedisError, OSError) as exc:
+            self._lost(exc)  # the supervisor reconnects, and the confirmation starts a new catch-up
+            sub.confirmed = False
+        finally:
+            sub.catching_up = False
+
+    async def _ensure(self, channel: str) -> tuple[int, str]:
+        meta = _keys(channel)[0]
+        result = await self._scripts["ensure"](keys=[meta], args=[secrets.token_hex(4), IDLE_CHANNEL_TTL_S * 1000])
+        return int(result[0]), _text(result[1])
+
+    async def _fill(self, sub: _Sub, last: int, epoch: str) -> None:
+        """Deliver ``sub``'s offsets up to ``last`` of ``epoch`` from the stream;
+        report what it does not keep."""
+        handler = self._handler
+        if epoch != sub.position.epoch:
+            self.epoch_changes_total += 1
+            sub.position = StreamPosition(0, epoch)
+            if handler is not None:
+                handler.handle_new_epoch(sub.channel, sub.position)
+        _, stream, _ = _keys(sub.channel)
+        next_offset = sub.position.offset + 1
+        while next_offset <= last:
+            entries = await self._redis.xrange(stream, f"{next_offset}-1", f"{last}-1", count=FILL_PAGE)
+            if self._subs.get(sub.channel) is not sub:
+                return
+            for entry_id, fields in entries:
+                pub = _entry(sub.channel, epoch, entry_id, fields)
+                if pub.offset > next_offset:
+                    self._report_lost(sub, next_offset, pub.offset - 1)
+                sub.position = StreamPosition(pub.offset, epoch)
+                self.gaps_filled_total += 1
+                if handler is not None:
+                    handler.handle_publication(pub, None)
+                next_offset = pub.offset + 1
+            if len(entries) < FILL_PAGE:
+                break
+        if next_offset <= last:
+            self._report_lost(sub, next_offset, last)
+            sub.position = StreamPosition(last, epoch)
+
+    def _report_lost(self, sub: _Sub, first: int, last: int) -> None:
+        self.offsets_lost_total += last - first + 1
+        logger.warning("offsets %d-%d of %r are gone from the stream: subscribers are told (lagged)",
+                       first, last, sub.channel)
+        if self._handler is not None:
+            self._handler.handle_gap(sub.channel, first, last)
+
+    # -- history ----------------------------------------------------------------------
+
+    async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryPage:
+        meta, stream, _ = _keys(channel)
+        try:
+            offset, epoch = await self._ensure(channel)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hget(meta, "ttl")
+            pipe.xrange(stream, "-", "+", count=FILL_PAGE)
+            if reverse:
+                pipe.xrevrange(stream, f"({since}-1" if since is not None else "+", "-", count=limit + 1)
+            else:
+                pipe.xrange(stream, f"({since}-1" if since is not None else "-", "+", count=limit + 1)
+            ttl_ms, oldest, page = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"the broker is unavailable: {exc}") from None
+        position = StreamPosition(offset, epoch)
+        horizon = self._clock() - int(ttl_ms or 0) / 1000 if ttl_ms and int(ttl_ms) else None
+        kept = [_entry(channel, epoch, entry_id, fields) for entry_id, fields in page]
+        first_offset = offset + 1
+        for entry_id, fields in oldest:
+            if horizon is None or float(fields[b"t"]) / 1000 >= horizon:
+                first_offset = int(entry_id.split(b"-")[0])
+                break
+        kept = [pub for pub in kept if pub.offset >= first_offset]
+        more = len(kept) > limit
+        return HistoryPage(kept[:limit], position, first_offset, more)
+
+
+def _entry(channel: str, epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Publication:
+    header = _decode_header(fields[b"h"])
+    return Publication(channel, fields[b"d"], int(entry_id.split(b"-")[0]), epoch, header.binary, header.key,
+                       header.time)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _grouped(commands: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """Consecutive commands of one verb as one command with many topics."""
+    grouped: list[tuple[str, list[str]]] = []
+    for verb, topic in commands:
+        if grouped and grouped[-1][0] == verb:
+            grouped[-1][1].append(topic)
+        else:
+            grouped.append((verb, [topic]))
+    return grouped
+
