@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -376,3 +378,92 @@ async def _post(port: int, path: str, body: dict[str, Any]) -> tuple[int, str]:
 
 async def _metrics(gw: Gateway) -> str:
     return (await _get(gw.port, "/metrics"))[1]
+
+
+# -- --workers ---------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    """The pids of ``pid``'s child processes (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+async def test_workers_share_a_port_and_a_killed_one_is_replaced_without_losing_a_message(redis_server):
+    """``--workers 2``: each worker is killed with SIGKILL in turn, so every
+    client's connection is cut at least once; the supervisor restarts each,
+    and the client library reconnects, publishes on (each publish once) and
+    resumes every subscription: every offset arrives, once, in order."""
+    port, count = free_port(), 300
+    proc = subprocess.Popen([sys.executable, "-m", "wirehub", "serve", "--port", str(port), "--workers", "2",
+                             "--broker", redis_server.url, "--channel", f"feed:history_size={count}"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        banner = await asyncio.to_thread(proc.stderr.readline)
+        assert "listening on" in banner and "2 workers" in banner, banner
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        url = f"ws://127.0.0.1:{port}/ws"
+        options = {"reconnect_interval_s": 0.05, "max_reconnect_interval_s": 0.2}
+        readers = [Client(url, **options) for _ in range(4)]
+        publisher = Client(url, **options)
+        for client in (*readers, publisher):
+            await client.start()
+        gaps: list[Gap] = []
+        subs = []
+        for reader in readers:
+            reader.on("gap", gaps.append)
+            subs.append(await reader.subscribe("feed"))
+
+        async def kill_and_wait_for_restart(pid: int) -> None:
+            proc_line = asyncio.to_thread(proc.stderr.readline)
+            os.kill(pid, signal.SIGKILL)
+            said = await proc_line
+            assert f"(pid {pid}) exited with signal SIGKILL" in said and "restarting" in said, said
+            await until(lambda: len(_children(proc.pid) - {pid}) == 2, what="the worker restarted")
+
+        async def publish() -> None:
+            for i in range(count):
+                assert (await publisher.publish("feed", i)).offset == i + 1
+                if i == count // 3:
+                    await kill_and_wait_for_restart(min(workers))
+                elif i == 2 * count // 3:
+                    await kill_and_wait_for_restart(max(workers))
+
+        async def read(sub: Any) -> list[tuple[int, Any]]:
+            got = []
+            async for message in sub:
+                got.append((message.offset, message.data))
+                if message.offset == count:
+                    return got
+            return got
+
+        results = await asyncio.gather(publish(), *(read(sub) for sub in subs))
+        for got in results[1:]:
+            assert got == [(i + 1, i) for i in range(count)]
+        assert gaps == []
+        for client in (*readers, publisher):
+            await client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        status = await asyncio.to_thread(proc.wait, 30)
+        said = proc.stderr.read()
+        proc.stderr.close()
+        assert status == 0, said
+    assert not (_children(proc.pid)), "workers outlived their supervisor"
+
+
+def test_workers_need_a_shared_broker_and_a_port():
+    for args, said in ((["--workers", "2"], "needs a shared broker"),
+                       (["--workers", "2", "--broker", "redis://127.0.0.1:1/0", "--port", "0"], "give port")):
+        done = subprocess.run([sys.executable, "-m", "wirehub", "serve", *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and said in done.stderr, done.stderr

@@ -10,9 +10,12 @@ import ssl
 import sys
 import threading
 import typing
+from typing import Any
+
+import msgspec
 
 from . import config as config_module
-from . import garbage, log, openfiles
+from . import garbage, log, openfiles, workers
 from .__version__ import __version__
 from .config import Config, ConfigError
 from .protocol.errors import Unavailable
@@ -41,6 +44,7 @@ examples:
   wirehub serve --broker redis://127.0.0.1:6379/0 --port 8080   # gateways on one Redis share
   wirehub serve --broker redis://127.0.0.1:6379/0 --port 8090   # channels, offsets and history
   WIREHUB_BROKER=redis://:$PASSWORD@redis:6379/0 wirehub serve   # (docs/scaling.md)
+  wirehub serve --broker redis://127.0.0.1:6379/0 --workers 4     # 4 processes on port 8080
 
 precedence: defaults < --config file < WIREHUB_* environment < flags
 """
@@ -213,7 +217,12 @@ def _exit_now(message: str) -> None:
     os._exit(1)
 
 
-async def _serve(cfg: Config) -> None:
+def _listening(cfg: Config, port: int, how: str) -> str:
+    scheme = "wss" if cfg.tls_cert else "ws"
+    return f"wirehub {__version__} listening on {scheme}://{cfg.host}:{port}{cfg.ws_path} ({how})"
+
+
+async def _serve(cfg: Config, worker: int | None) -> None:
     from .gateway import Gateway
 
     open_files = openfiles.lift()  # before the gateway sizes its connection limit on it
@@ -221,8 +230,11 @@ async def _serve(cfg: Config) -> None:
     await gateway.start()
     garbage.tune()  # this process is the gateway's: see wirehub.garbage
     shutdown = _Shutdown(asyncio.get_running_loop(), cfg.shutdown_timeout_s)
-    print(f"wirehub {__version__} listening on {'wss' if cfg.tls_cert else 'ws'}://{cfg.host}:{gateway.port}{cfg.ws_path}"
-          f" ({gateway.impl.name} hot path)", file=sys.stderr, flush=True)
+    if worker is not None:  # the supervisor says it all once, for every worker
+        workers.report_ready()
+        await _run_until_stopped(gateway, shutdown, quiet=True)
+        return
+    print(_listening(cfg, gateway.port, f"{gateway.impl.name} hot path"), file=sys.stderr, flush=True)
     if not cfg.auth_enabled:
         print("wirehub: WARNING: no jwt_secret, jwt_public_key or jwks configured: the gateway is OPEN, "
               "any client may subscribe and publish anywhere (docs/security.md)", file=sys.stderr, flush=True)
@@ -239,8 +251,13 @@ async def _serve(cfg: Config) -> None:
     if gateway.admission.capped_by_open_files:
         print(f"wirehub: at most {gateway.admission.max_connections:,} connections: the open-file limit is "
               f"{open_files:,} (ulimit -n); past it clients are answered 503", file=sys.stderr, flush=True)
+    await _run_until_stopped(gateway, shutdown)
+
+
+async def _run_until_stopped(gateway: Any, shutdown: _Shutdown, quiet: bool = False) -> None:
     await shutdown.requested.wait()
-    print("wirehub: shutting down", file=sys.stderr, flush=True)
+    if not quiet:
+        print("wirehub: shutting down", file=sys.stderr, flush=True)
     await gateway.stop(timeout_s=shutdown.graceful_timeout_s)
     shutdown.finished()
 
@@ -273,10 +290,18 @@ def main(argv: list[str] | None = None) -> int:
               f"wirehub: reinstall wirehub (pip install .) to build it, or start on the pure-Python "
               f"twins, several times slower, with --pure-hot-path", file=sys.stderr)
         return 2
+    worker = workers.worker_index()
+    if cfg.workers > 1 and worker is None:
+        supervisor = workers.Supervisor(argv[1:], cfg.workers, cfg.shutdown_timeout_s)
+        from .broker.redis import redacted
+
+        return supervisor.run(_listening(cfg, cfg.port, f"{cfg.workers} workers, broker {redacted(cfg.broker)}"))
+    if worker is not None:
+        cfg = msgspec.structs.replace(cfg, reuse_port=True)
     import uvloop
 
     try:
-        uvloop.run(_serve(cfg))
+        uvloop.run(_serve(cfg, worker))
     except ssl.SSLError as exc:
         print(f"wirehub: cannot use the TLS certificate or key: {exc}", file=sys.stderr)
         return 2

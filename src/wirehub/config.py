@@ -134,6 +134,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     file_partial_ttl_s: Annotated[float, Positive] = 86_400.0
     # Where publications travel: the embedded memory broker, or Redis (docs/scaling.md).
     broker: Optional[str] = None
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    reuse_port: bool = False
 
     @property
     def auth_enabled(self) -> bool:
@@ -166,6 +168,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if self.broker is not None and self.broker != "memory":
             from .broker.redis import check_url
             check_url(self.broker)
+        if self.workers > 1:
+            if self.broker in (None, "memory"):
+                raise ValueError(f"workers = {self.workers} needs a shared broker (--broker redis://HOST:PORT/DB): "
+                                 f"on the memory broker each worker would see only its own clients' publications")
+            if self.port == 0 or self.api_port == 0:
+                raise ValueError("workers share one port: give port (and api_port) a number, not 0")
 
 
 HELP: dict[str, str] = {
@@ -243,6 +251,10 @@ HELP: dict[str, str] = {
     "broker": ("where publications travel: unset or 'memory' for the embedded broker (one process), or "
                "redis://[:PASSWORD@]HOST:PORT/DB (also rediss://, unix://) to share channels, offsets and "
                "history with every gateway on that Redis (docs/scaling.md)"),
+    "workers": ("gateway processes on the port (SO_REUSEPORT), started and restarted by 'wirehub serve'; "
+                "more than 1 needs a shared broker (docs/scaling.md)"),
+    "reuse_port": ("listen with SO_REUSEPORT, so that several processes share the port "
+                   "(set for each of --workers)"),
     "history_max_bytes": ("memory for all channels' history; past it the least recently published "
                           "channels lose theirs"),
     "idempotency_window_s": ("seconds a publish's idempotency_key is remembered: a retry with the same "

@@ -396,7 +396,7 @@ class Gateway:
         admission = self.admission
         tls = _tls_context(cfg) if cfg.tls_cert else None
         self._server = await loop.create_server(protocol_factory, cfg.host, cfg.port, ssl=tls,
-                                                backlog=cfg.listen_backlog)
+                                                backlog=cfg.listen_backlog, reuse_port=cfg.reuse_port or None)
         self._heartbeat_task = loop.create_task(self._heartbeat())
         if self.files is not None:
             self.files.start()

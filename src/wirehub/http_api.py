@@ -263,7 +263,8 @@ class HttpApi:
         cfg = self.config
         try:
             self._server = await loop.create_server(lambda: _ApiProtocol(self), cfg.api_host, cfg.api_port,
-                                                    ssl=tls, backlog=cfg.listen_backlog)
+                                                    ssl=tls, backlog=cfg.listen_backlog,
+                                                    reuse_port=cfg.reuse_port or None)
         except OSError as exc:  # say which listener: the gateway has two
             raise OSError(exc.errno, f"{exc.strerror} (the HTTP API's {cfg.api_host}:{cfg.api_port})") from None
         self.metrics.collectors.append(self.metric_lines)

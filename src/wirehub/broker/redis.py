@@ -155,6 +155,14 @@ def check_url(url: str) -> str:
     return url
 
 
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        return f"{parts.scheme}://{parts.path}"
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 def _keys(channel: str) -> tuple[str, str, str]:
     return f"wh:{{{channel}}}:m", f"wh:{{{channel}}}:s", f"wh:{{{channel}}}"
 
@@ -242,7 +250,7 @@ class RedisBroker:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
             await self._redis.aclose()
-            raise Unavailable(f"cannot reach the broker at {self._redacted()}: {exc}") from None
+            raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {exc}") from None
         self._scripts = {"publish": self._redis.register_script(PUBLISH_SCRIPT),
                          "ensure": self._redis.register_script(ENSURE_SCRIPT)}
         self._down = None
@@ -265,16 +273,11 @@ class RedisBroker:
             await self._redis.aclose()
         self._handler = None
 
-    def _redacted(self) -> str:
-        parts = urlsplit(self.url)
-        host = parts.hostname or parts.path
-        return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path if parts.hostname else ''}"
-
     def health(self) -> str | None:
         """None when Redis answers; otherwise why not (``/healthz`` answers 503 with it)."""
         if self._down is None:
             return None
-        return f"broker {self._redacted()} unreachable for {self._clock() - self._down_since:.1f} s: {self._down}"
+        return f"broker {redacted(self.url)} unreachable for {self._clock() - self._down_since:.1f} s: {self._down}"
 
     def metric_lines(self) -> list[str]:
         return ["# TYPE wirehub_broker_up gauge", f"wirehub_broker_up {int(self._down is None)}",
@@ -472,7 +475,7 @@ class RedisBroker:
             self._down_since = self._clock()
             self.outages_total += 1
             logger.warning("broker unreachable: %s; publishes fail with 'unavailable' until it is back",
-                           self._down, extra={"broker": self._redacted()})
+                           self._down, extra={"broker": redacted(self.url)})
         self._unconfirm()
 
     def _unconfirm(self) -> None:
@@ -491,7 +494,7 @@ class RedisBroker:
         await self._sending
         if self._down is not None:
             logger.warning("broker reachable again after %.1f s", self._clock() - self._down_since,
-                           extra={"broker": self._redacted()})
+                           extra={"broker": redacted(self.url)})
             self._down = None
 
     async def _send_commands(self) -> None:
