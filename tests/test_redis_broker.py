@@ -467,3 +467,38 @@ def test_workers_need_a_shared_broker_and_a_port():
         done = subprocess.run([sys.executable, "-m", "wirehub", "serve", *args], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 2 and said in done.stderr, done.stderr
+
+
+async def test_the_cluster_counts_subscribers_and_sums_its_figures(redis_server):
+    async with running_gateway(broker=redis_server.url) as a, running_gateway(broker=redis_server.url) as b:
+        async with json_client(a) as one, json_client(b) as two, json_client(b) as three:
+            for client in (one, two, three):
+                await client.request(type="subscribe", channel="room")
+            await two.request(type="subscribe", channel="other")
+            # Each gateway counts its own at once, the other's as of its last heartbeat.
+            await _until_async(lambda: a.subscribers("room"), 3)
+            assert await b.subscribers("room") == 3 and await a.subscribers("other") == 1
+            await _until_async(lambda: _cluster_figure(a, "wirehub_cluster_connections"), 3)
+            assert await _cluster_figure(b, "wirehub_cluster_nodes") == 2
+            assert await _cluster_figure(a, "wirehub_cluster_subscriptions") == 4
+            await three.ws.close()
+            await _until_async(lambda: a.subscribers("room"), 2)
+        await b.stop(timeout_s=1.0)
+        # A gateway gone: its counts drop out once its heartbeat is older than NODE_TTL_S.
+        await _until_async(lambda: _cluster_figure(a, "wirehub_cluster_nodes"), 1, timeout_s=20)
+        assert await a.subscribers("room") == 0
+
+
+async def _until_async(read: Any, wanted: Any, timeout_s: float = 10.0) -> None:
+    """Wait until the coroutine ``read()`` answers ``wanted`` (figures shared by heartbeats)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (got := await read()) != wanted:
+        assert asyncio.get_running_loop().time() < deadline, f"{got!r}, not {wanted!r}, after {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+async def _cluster_figure(gw: Gateway, name: str) -> float:
+    for line in (await _metrics(gw)).splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not on /metrics")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import ssl
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -32,7 +33,7 @@ import msgspec
 from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 from picows.picows import WSProtocol
 
-from . import _speedups, openfiles, static_files
+from . import _speedups, openfiles, static_files, workers
 from .__version__ import __version__
 from .admission import Admission, RefusalReason
 from .auth import Principal, TokenVerifier, accepted_subprotocol, token_from_request
@@ -205,6 +206,8 @@ class Gateway:
         broker_lines = getattr(self.broker, "metric_lines", None)
         if broker_lines is not None:
             self.metrics.collectors.append(broker_lines)
+        if hasattr(self.broker, "node_figures"):
+            self.broker.node_figures = self._node_figures
         build = f'wirehub_build_info{{hot_path="{self.impl.name}",version="{__version__}"}} 1'
         self.metrics.collectors.append(lambda: ["# TYPE wirehub_build_info gauge", build])
         self.gc_watch = PauseWatch()
@@ -317,6 +320,26 @@ class Gateway:
         if isinstance(data, (bytes, bytearray, memoryview)):
             return self.hub.publish(channel, bytes(data), binary=True, key=key)
         return self.hub.publish(channel, msgspec.json.encode(data), key=key)
+
+    async def subscribers(self, channel: str) -> int:
+        """How many connections are subscribed to ``channel``: here, or on
+        every gateway of the cluster with a shared broker (the others' counts
+        as of their last heartbeat, a second ago at most).
+
+        Raises:
+            Unavailable: the shared broker does not answer.
+        """
+        return await self.broker.subscribers(channel)
+
+    def _node_figures(self) -> dict[str, Any]:
+        """What this gateway tells the others (``broker/nodes.py``)."""
+        metrics = self.metrics
+        return {"connections": metrics.connections_current, "subscriptions": self.hub.subscription_count,
+                "channels": len(self.hub.channels), "publications_total": metrics.publications_total,
+                "deliveries_total": metrics.deliveries_total,
+                "messages_received_total": metrics.messages_received_total,
+                "errors_total": sum(metrics.errors_total.values()), "pid": os.getpid(),
+                "worker": "" if (index := workers.worker_index()) is None else index}
 
     async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:

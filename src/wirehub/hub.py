@@ -243,6 +243,9 @@ class Hub:
         # toward the subscription limit, and a second one for the same
         # channel is refused instead of replacing the first.
         self._awaiting: dict[str, set[str]] = {}
+        # Channels whose subscriber count changed since the broker last took
+        # them (``take_presence``); only for a broker that shares counts.
+        self._presence: set[str] | None = set() if getattr(broker, "shares_presence", False) else None
         broker.bind(self)
         if self._local is not broker:
             self._local.bind(self)
@@ -406,6 +409,8 @@ class Hub:
             conn.subscriptions = set()  # idle connections share one empty frozenset
         conn.subscriptions.add(name)
         self.subscription_count += 1
+        if self._presence is not None:
+            self._presence.add(name)
 
     def _recheck_routes(self, conn: Connection, name: str, channel: Channel | None) -> None:
         # Subscribed to the channel itself (or not any more): its pattern
@@ -436,6 +441,8 @@ class Hub:
             raise NotSubscribed(f"not subscribed to {name[:64]!r}")
         conn.subscriptions.discard(name)
         self.subscription_count -= 1
+        if self._presence is not None:
+            self._presence.add(name)
         if is_pattern(name):
             self._leave_pattern(conn, name)
             return
@@ -650,6 +657,11 @@ class Hub:
     def viewers(self, channel: str) -> int:
         found = self.channels.get(channel)
         return len(found.members) if found is not None else 0
+
+    def take_presence(self) -> dict[str, int]:
+        """Channels whose subscriber count changed since the last call, and their counts now."""
+        changed, self._presence = self._presence or set(), set()
+        return {name: self.viewers(name) for name in changed if not is_pattern(name)}
 
     def allowed(self, conn: Connection, channel: str) -> bool:
         principal = conn.principal

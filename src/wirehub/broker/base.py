@@ -71,6 +71,13 @@ class BrokerEventHandler(Protocol):
         """``channel``'s stream was lost and started again (``position``: its
         new epoch, offset 0); its publications follow from offset 1."""
 
+    def viewers(self, channel: str) -> int:
+        """Local subscribers of ``channel`` now."""
+
+    def take_presence(self) -> dict[str, int]:
+        """The channels whose local subscriber count changed since the last
+        call, with their counts now (for a broker that shares them)."""
+
 
 class Broker(Protocol):
     def bind(self, handler: BrokerEventHandler) -> None:
@@ -126,6 +133,9 @@ class Broker(Protocol):
 
     def health(self) -> str | None:
         """None, or why the broker cannot serve now (``/healthz`` answers 503 with it)."""
+
+    async def subscribers(self, channel: str) -> int:
+        """Subscribers of ``channel`` in every process that shares this broker."""
 
     async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:

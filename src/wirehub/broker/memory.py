@@ -189,6 +189,9 @@ class MemoryBroker:
     def health(self) -> str | None:
         return None
 
+    async def subscribers(self, channel: str) -> int:
+        return self._handler.viewers(channel) if self._handler is not None else 0
+
     async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:
         stream = self._stream(channel)

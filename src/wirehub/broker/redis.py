@@ -48,6 +48,7 @@ import msgspec
 from ..protocol.errors import Unavailable
 from ..protocol.messages import Publication, PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
+from .nodes import NodeRegistry, text
 
 try:
     import redis.asyncio as aioredis
@@ -194,7 +195,7 @@ class _Sub:
 
 
 class RedisBroker:
-    """Offsets, history and delivery shared by every gateway on one Redis.
+    """Offsets, history, delivery and subscriber counts shared by every gateway on one Redis.
 
     Args:
         url: ``redis://[:password@]host:port/db``, ``rediss://`` or ``unix://``.
@@ -206,6 +207,8 @@ class RedisBroker:
             it the held publications are dropped and read from the stream instead.
         reconnect_max_s: the longest pause between two reconnection attempts.
     """
+
+    shares_presence = True  # the hub reports count changes (``take_presence``)
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time, idempotency_window_s: float = 120.0,
                  max_pending_publishes: int = 10_000, max_buffered_bytes: int = 4 << 20,
@@ -232,6 +235,9 @@ class RedisBroker:
         self._down_since = 0.0
         self._closing = False
         self._scripts: dict[str, Any] = {}
+        # This node's figures for the others (the gateway sets it; ``nodes.SHARED``).
+        self.node_figures: Callable[[], dict[str, Any]] = dict
+        self.registry: NodeRegistry | None = None
         # Counters for /metrics (``metric_lines``).
         self.outages_total = 0
         self.resubscribes_total = 0
@@ -254,7 +260,10 @@ class RedisBroker:
         self._scripts = {"publish": self._redis.register_script(PUBLISH_SCRIPT),
                          "ensure": self._redis.register_script(ENSURE_SCRIPT)}
         self._down = None
-        self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._supervise())]
+        self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
+                                     presence=self._take_presence, clock=self._clock)
+        self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._supervise()),
+                       asyncio.ensure_future(self.registry.run())]
 
     async def close(self) -> None:
         self._closing = True
@@ -294,7 +303,18 @@ class RedisBroker:
                 f"wirehub_broker_offsets_lost_total {self.offsets_lost_total}",
                 "# TYPE wirehub_broker_epoch_changes_total counter",
                 f"wirehub_broker_epoch_changes_total {self.epoch_changes_total}",
-                "# TYPE wirehub_broker_channels gauge", f"wirehub_broker_channels {len(self._subs)}"]
+                "# TYPE wirehub_broker_channels gauge", f"wirehub_broker_channels {len(self._subs)}",
+                *(self.registry.metric_lines() if self.registry is not None else ())]
+
+    async def subscribers(self, channel: str) -> int:
+        """Subscribers of ``channel`` on every gateway of the cluster (a beat behind for the others)."""
+        local = self._handler.viewers(channel) if self._handler is not None else 0
+        if self.registry is None:
+            return local
+        return await self.registry.subscribers(channel, local)
+
+    def _take_presence(self) -> dict[str, int]:
+        return self._handler.take_presence() if self._handler is not None else {}
 
     # -- subscriptions --------------------------------------------------------------
 
@@ -413,7 +433,7 @@ class RedisBroker:
                     self.publish_errors_total += 1
                     future.set_exception(Unavailable(f"the broker refused the publish: {result}"))
                     continue
-                position = StreamPosition(int(result[0]), _text(result[1]))
+                position = StreamPosition(int(result[0]), text(result[1]))
                 future.set_result((position, bool(result[2])) if once else position)
 
     async def _run_scripts(self, script: Any, batch: list[Any]) -> list[Any]:
@@ -524,7 +544,7 @@ class RedisBroker:
             if kind == "message" or kind == "pmessage":
                 self._on_message(message["channel"], message["data"], kind == "pmessage")
             elif kind == "subscribe":
-                self._on_confirmed(_text(message["channel"]))
+                self._on_confirmed(text(message["channel"]))
 
     def _on_confirmed(self, topic: str) -> None:
         channel = topic[4:-1]
@@ -622,7 +642,7 @@ class RedisBroker:
     async def _ensure(self, channel: str) -> tuple[int, str]:
         meta = _keys(channel)[0]
         result = await self._scripts["ensure"](keys=[meta], args=[secrets.token_hex(4), IDLE_CHANNEL_TTL_S * 1000])
-        return int(result[0]), _text(result[1])
+        return int(result[0]), text(result[1])
 
     async def _fill(self, sub: _Sub, last: int, epoch: str) -> None:
         """Deliver ``sub``'s offsets up to ``last`` of ``epoch`` from the stream;
@@ -695,10 +715,6 @@ def _entry(channel: str, epoch: str, entry_id: bytes, fields: dict[bytes, bytes]
     header = _decode_header(fields[b"h"])
     return Publication(channel, fields[b"d"], int(entry_id.split(b"-")[0]), epoch, header.binary, header.key,
                        header.time)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _grouped(commands: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
