@@ -186,6 +186,26 @@ async def test_a_killed_subscriber_connection_is_refilled_from_the_stream(redis_
             assert "wirehub_broker_resubscribes_total 1" in text and "wirehub_broker_offsets_lost_total 0" in text
 
 
+async def test_hundreds_of_channels_catch_up_at_once_without_exhausting_connections(redis_server):
+    """Every channel of a node catches up when its subscription is
+    (re)confirmed: 300 at once must queue for the node's few connections,
+    not fail and be taken for an outage."""
+    channels = [f"c{i}" for i in range(300)]
+    async with running_gateway(broker=redis_server.url) as a, \
+            running_gateway(broker=redis_server.url, max_subscriptions_per_connection=1000) as b:
+        async with json_client(a) as publisher, json_client(b) as reader:
+            for channel in channels:  # sent without waiting: their confirmations arrive together
+                await reader.send(type="subscribe", channel=channel)
+            assert {(await reader.recv())["type"] for _ in channels} == {"subscribed"}
+            await asyncio.to_thread(redis_server.command, "CLIENT", "KILL", "TYPE", "pubsub")
+            await until(lambda: b.broker.resubscribes_total == 1, what="the node subscribing again")
+            for channel in channels:
+                await publisher.send(type="publish", channel=channel, data=channel)
+            got = {(await reader.recv(timeout=20))["channel"] for _ in channels}
+            assert got == set(channels)
+            assert b.broker.outages_total == 0 and b.broker.publish_errors_total == 0
+
+
 async def test_a_gap_the_stream_no_longer_holds_is_reported_not_skipped(redis_server):
     """No history: what the node missed while its connection was down
     cannot be refilled, and each subscriber is told which offsets (``lagged``)."""

@@ -119,6 +119,10 @@ return {tonumber(redis.call('HGET', KEYS[1], 'offset') or '0'), epoch}
 IDLE_CHANNEL_TTL_S = 7 * 24 * 3600
 # A command Redis has not answered by then fails (``unavailable``) rather than hangs.
 COMMAND_TIMEOUT_S = 5.0
+# Connections to Redis: the subscription's, the publisher's, the heartbeat's,
+# and the rest shared by history reads and catch-ups (``CATCH_UPS`` at once).
+MAX_CONNECTIONS = 16
+CATCH_UPS = 8
 # Entries a gap fill or a history page reads at a time.
 FILL_PAGE = 1000
 
@@ -235,6 +239,9 @@ class RedisBroker:
         self._down_since = 0.0
         self._closing = False
         self._scripts: dict[str, Any] = {}
+        # After a reconnection every channel catches up: a few at a time, not
+        # one connection each.
+        self._catch_up_slots = asyncio.Semaphore(CATCH_UPS)
         # This node's figures for the others (the gateway sets it; ``nodes.SHARED``).
         self.node_figures: Callable[[], dict[str, Any]] = dict
         self.registry: NodeRegistry | None = None
@@ -250,8 +257,12 @@ class RedisBroker:
 
     async def start(self) -> None:
         """Connect, or raise ``Unavailable`` saying why (the CLI exits 2 on it)."""
-        self._redis = aioredis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=COMMAND_TIMEOUT_S,
-                                              health_check_interval=0)
+        # A bounded pool that makes a command wait for a free connection
+        # (redis-py's default one fails past 100 at once: "Too many connections").
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=2.0,
+            socket_timeout=COMMAND_TIMEOUT_S, health_check_interval=0)
+        self._redis = aioredis.Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
@@ -641,7 +652,9 @@ class RedisBroker:
 
     async def _ensure(self, channel: str) -> tuple[int, str]:
         meta = _keys(channel)[0]
-        result = await self._scripts["ensure"](keys=[meta], args=[secrets.token_hex(4), IDLE_CHANNEL_TTL_S * 1000])
+        async with self._catch_up_slots:
+            result = await self._scripts["ensure"](keys=[meta], args=[secrets.token_hex(4),
+                                                                      IDLE_CHANNEL_TTL_S * 1000])
         return int(result[0]), text(result[1])
 
     async def _fill(self, sub: _Sub, last: int, epoch: str) -> None:
@@ -656,7 +669,8 @@ class RedisBroker:
         _, stream, _ = _keys(sub.channel)
         next_offset = sub.position.offset + 1
         while next_offset <= last:
-            entries = await self._redis.xrange(stream, f"{next_offset}-1", f"{last}-1", count=FILL_PAGE)
+            async with self._catch_up_slots:
+                entries = await self._redis.xrange(stream, f"{next_offset}-1", f"{last}-1", count=FILL_PAGE)
             if self._subs.get(sub.channel) is not sub:
                 return
             for entry_id, fields in entries:
