@@ -67,7 +67,7 @@ class NodeRegistry:
         while True:
             try:
                 await self.beat()
-            except (RedisError, OSError) as exc:  # the broker's supervisor reports outages
+            except (RedisError, OSError, TimeoutError) as exc:  # the broker's supervisor reports outages
                 logger.debug("node heartbeat failed: %s", exc)
             await asyncio.sleep(HEARTBEAT_S)
 
@@ -89,7 +89,8 @@ class NodeRegistry:
         pipe.zremrangebyscore(NODES_KEY, "-inf", now_ms - ttl_ms)
         pipe.zrange(NODES_KEY, 0, -1)
         try:
-            results = await pipe.execute()
+            async with asyncio.timeout(HEARTBEAT_S * 2):
+                results = await pipe.execute()
         except BaseException:
             for channel, count in counts.items():
                 self._unsent.setdefault(channel, count)  # sent again by the next beat
@@ -109,8 +110,9 @@ class NodeRegistry:
             pipe = self._redis.pipeline(transaction=False)
             pipe.hgetall(f"wh:{{{channel}}}:n")
             pipe.zrangebyscore(NODES_KEY, now_ms - int(NODE_TTL_S * 1000), "+inf")
-            counts, alive = await pipe.execute()
-        except (RedisError, OSError) as exc:
+            async with asyncio.timeout(HEARTBEAT_S * 2):
+                counts, alive = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable(f"the broker is unavailable: {exc}") from None
         live = {text(node) for node in alive}
         return local + sum(int(count) for node, count in counts.items()
