@@ -499,7 +499,9 @@ class RedisBroker:
             results: list[Any] = []
             for _ in batch:
                 try:
-                    results.append(await connection.read_response(disconnect_on_error=False))
+                    # No timeout per reply: ``wait_for`` bounds the whole batch.
+                    results.append(await connection.read_response(timeout=math.inf,
+                                                                  disconnect_on_error=False))
                 except ResponseError as exc:  # this publish's answer; the next ones follow
                     results.append(exc)
             # A script is missing only after Redis restarted: then every call
@@ -615,7 +617,8 @@ class RedisBroker:
         # connection): then the supervisor reconnects, which proves Redis
         # is back, and refills.
         while not self._closing and self._down is None:
-            push = await connection.read_response(timeout=math.inf, disconnect_on_error=False, push_request=True)
+            push = await connection.read_response(timeout=math.inf, disconnect_on_error=False,
+                                                  push_request=True)
             kind = push[0]
             if kind == b"message":
                 self._on_message(push[1], push[2], False)
