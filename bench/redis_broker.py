@@ -1,44 +1,47 @@
-"""Shared broker: what does Redis between publisher and gateway cost?
+"""Shared broker: what do Redis and ``--workers`` cost per delivery?
 
 ``wirehub serve --broker redis://...`` sends each publication through Redis
 (one Lua script per publication, pipelined) and gets it back on the pub/sub
-channel the gateway SUBSCRIBEd once, then fans it out locally. This runs
-four loads against ``wirehub serve`` with the in-memory broker (``memory``,
-no ``--broker``, the reference of every ratio) and with a private
-``redis-server`` (``redis``), in interleaved rounds:
+channel the gateway SUBSCRIBEd once, then fans it out locally; with
+``--workers N`` the serve process is a supervisor that starts N such
+gateways on one port (SO_REUSEPORT), each getting from Redis every
+publication of a channel it has subscribers to. Server variants:
+
+* ``memory``: ``wirehub serve`` on the in-memory broker (no ``--broker``),
+  the reference of every ratio;
+* ``redis``: the same with ``--broker`` on a private ``redis-server``;
+* ``redis-2w``: the same with ``--workers 2`` (on ``window-1k`` and
+  ``channels-100`` only); compared with ``redis`` as well.
+
+Loads (``tools.loadgen fanout``, 64-byte publications):
 
 * ``window-1k``: 1 publisher, 32 publications in flight -> 1,000 subscribers;
 * ``rate-1k``: 1,000 publications/s -> 1,000 subscribers;
 * ``channels-100``: 10 publishers, 32 in flight each, over 100 channels of
-  10 subscribers (1,000 subscribers);
-* ``channels-99``: the same over 99 channels. A Redis gateway with 100 or
-  more channels going live at once (one ``ENSURE`` script each, each on its
-  own pooled connection) runs out of redis-py's connection pool (100 in the
-  redis-py 8.2 installed here), takes the ``Too many connections`` for Redis
-  being down, subscribes every channel again and runs out again:
-  ``channels-100`` fails on it in most runs, and this load measures the
-  same thing just below the limit until that is fixed.
+  10 subscribers (1,000 subscribers).
 
 Reported, as medians over the rounds that lost nothing and had no errors:
-deliveries/s, the gateway's CPU share, deliveries per gateway CPU-second
-and CPU per publication, redis-server's CPU share and CPU per publication,
-deliveries per (gateway + redis-server) CPU-second, p99 publish-to-receive
-latency, and ratios redis/memory of the same round; a run that lost
-anything or had errors is printed as it happens and makes the exit status 1:
+deliveries/s, the gateway's CPU share (both workers' for ``redis-2w``),
+deliveries per gateway CPU-second and CPU per publication, redis-server's
+CPU share and CPU per publication, deliveries per (gateway + redis-server)
+CPU-second, p99 publish-to-receive latency, and medians of the per-round
+ratios to ``memory`` (and of ``redis-2w`` to ``redis``); a run that lost
+anything or had errors is printed as it happens, with the gateway's log,
+and makes the exit status 1:
 
-    python bench/redis_broker.py                         # 3 rounds, ~5 min
-    python bench/redis_broker.py --repeat 5 --duration 8
-    python bench/redis_broker.py --load rate-1k --json reports/redis-broker.json
+    python bench/redis_broker.py                         # 3 rounds, ~3 min
+    python bench/redis_broker.py --repeat 5              # docs/benchmarks.md, ~5 min
+    python bench/redis_broker.py --load channels-100 --variant redis --variant redis-2w
 
-The gateway and redis-server share one core, the load generator has the
-other (as run_e2e.py); Redis is started here (``--save "" --appendonly no``,
-in a temporary directory, ``FLUSHALL`` before every run) and stopped at the
-end. Redis's CPU is read the way the loadgen reads the gateway's
-(``tools.loadgen.server_cpu.cpu_seconds``, /proc/PID/task/*/schedstat), but
-over the whole loadgen run, since the loadgen probes one PID: its share of
-the measured window is that CPU times the window's share of the run's
-publications (Redis works per publication; its idle share, measured during
-the ``memory`` runs, is reported beside it). See docs/benchmarks.md,
+The gateway (all its workers) and redis-server share one core, the load
+generator has the other (as run_e2e.py); Redis is started here (``--save ""
+--appendonly no``, in a temporary directory, ``FLUSHALL`` before every run)
+and stopped at the end. Every CPU figure is taken over the loadgen's
+measured window by the loadgen itself: it runs here with its server probe
+(``tools.loadgen.server_cpu``, /proc/PID/task/*/schedstat every 10 ms)
+replaced by one that reads several processes (``GroupProbe``): the gateway,
+or each worker (found as the supervisor's children in /proc/*/stat), summed;
+redis-server; and the supervisor, reported apart. See docs/benchmarks.md,
 "Shared broker (Redis)".
 """
 
@@ -46,37 +49,194 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-from run_e2e import ROOT, WIREHUB_HOT_PATHS, Running, run_loadgen, servers, split_cores
+from run_e2e import (
+    ROOT,
+    WIREHUB_HOT_PATHS,
+    Running,
+    free_port,
+    hot_path,
+    servers,
+    split_cores,
+)
 
 sys.path.insert(0, str(ROOT))
-from tools.loadgen.server_cpu import cpu_seconds  # noqa: E402
+from tools.loadgen.server_cpu import ServerCpuProbe
 
 LOADS = {
     "window-1k": ["--subscribers", "1000", "--window", "32"],
     "rate-1k": ["--subscribers", "1000", "--rate", "1000"],
     "channels-100": ["--channels", "100", "--publishers", "10", "--subscribers", "1000",
                      "--window", "32"],
-    "channels-99": ["--channels", "99", "--publishers", "10", "--subscribers", "1000",
-                    "--window", "32"],
 }
 REFERENCE = "memory"
-# Figures whose ratio redis/memory is reported.
+# Server variants: (extra serve options, workers, the loads they run (None: all)).
+VARIANTS: dict[str, tuple[list[str], int, tuple[str, ...] | None]] = {
+    REFERENCE: ([], 1, None),
+    "redis": (["--broker", "{redis}"], 1, None),
+    "redis-2w": (["--broker", "{redis}", "--workers", "2"], 2, ("window-1k", "channels-100")),
+}
+# Variants also compared with another one, round by round.
+COMPARE = {"redis-2w": "redis"}
+# Figures whose ratio to the reference is reported.
 RATIOS = ("deliveries_per_s", "gateway_cpu_percent", "deliveries_per_gateway_cpu_s",
           "deliveries_per_total_cpu_s", "p99_ms")
+# The processes GroupProbe reads, by group: {"gateway": [pid, ...], "redis": [pid], ...}.
+CPU_GROUPS_ENV = "WIREHUB_BENCH_CPU_GROUPS"
 
 
-def variants(redis_url: str) -> dict[str, list[str]]:
-    """Gateway commands by name: the same ``serve`` options, the broker aside."""
+class GroupProbe:
+    """``ServerCpuProbe`` for several processes in groups (``CPU_GROUPS_ENV``):
+    ``result`` is the ``gateway`` group's sum, the loadgen's ``server``
+    figures, with every group's in ``groups`` and every process's in ``pids``."""
+
+    def __init__(self, pid: int) -> None:
+        groups: dict[str, list[int]] = json.loads(os.environ[CPU_GROUPS_ENV])
+        self.pid = pid
+        self.probes = {name: [ServerCpuProbe(p) for p in pids] for name, pids in groups.items()}
+
+    def start(self) -> None:
+        for probes in self.probes.values():
+            for probe in probes:
+                probe.start()
+
+    def stop(self) -> None:
+        for probes in self.probes.values():
+            for probe in probes:
+                probe.stop()
+
+    def result(self, start_ns: int, end_ns: int) -> dict[str, object]:
+        groups: dict[str, dict[str, Any]] = {}
+        pids: dict[str, Any] = {}
+        for name, probes in self.probes.items():
+            parts = [probe.result(start_ns, end_ns) for probe in probes]
+            pids.update({str(part["pid"]): part.get("cpu_s", part.get("error")) for part in parts})
+            errors = [str(part["error"]) for part in parts if "error" in part]
+            groups[name] = ({"error": "; ".join(errors)} if errors else
+                            {"cpu_s": round(sum(float(p["cpu_s"]) for p in parts), 3),  # type: ignore[arg-type]
+                             "cpu_percent": round(sum(float(p["cpu_percent"]) for p in parts), 1)})  # type: ignore[arg-type]
+        return {"pid": self.pid, **groups["gateway"], "groups": groups, "pids": pids}
+
+
+def loadgen_main(argv: list[str]) -> int:
+    """``python -m tools.loadgen`` with ``GroupProbe`` as its server probe."""
+    import tools.loadgen.runner
+    from tools.loadgen.cli import main
+
+    tools.loadgen.runner.ServerCpuProbe = GroupProbe  # type: ignore[misc,assignment]
+    return main(argv)
+
+
+def run_loadgen(args: list[str], groups: dict[str, list[int]], cores: set[int] | None,
+                timeout_s: float) -> dict[str, Any]:
+    """The loadgen's result, its server CPU read by ``GroupProbe`` over ``groups``."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import redis_broker; "
+            f"sys.exit(redis_broker.loadgen_main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *args, "--server-pid", str(groups["gateway"][0])],
+                          cwd=ROOT, capture_output=True, text=True, check=False, timeout=timeout_s,
+                          env=dict(os.environ, **{CPU_GROUPS_ENV: json.dumps(groups)}),
+                          preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-400:]}") from None
+
+
+def variants(redis_url: str) -> dict[str, tuple[list[str], int, tuple[str, ...] | None]]:
+    """Gateway commands by name: the same ``serve`` options, broker and workers aside."""
     serve = next(s for s in servers(sys.executable) if s.name == "wirehub").commands["broadcast"]
-    return {REFERENCE: serve, "redis": serve + ["--broker", redis_url]}
+    return {name: (serve + [part.replace("{redis}", redis_url) for part in extra], workers, loads)
+            for name, (extra, workers, loads) in VARIANTS.items()}
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc/*/stat)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on TCP ``port`` (one per worker with SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+class Gateway:
+    """``wirehub serve`` on a free port, pinned to ``cores``, its log in a file:
+    with ``workers`` > 1, started once every worker listens; ``pids`` are the
+    processes that serve (the workers, or the gateway itself)."""
+
+    def __init__(self, command: list[str], workers: int, cores: set[int] | None) -> None:
+        self.port = free_port()
+        # (closed by run_once, or below if the gateway does not start)
+        self.log = tempfile.NamedTemporaryFile(prefix="wirehub-bench-gateway-", suffix=".log")  # noqa: SIM115
+        argv = [part.replace("{port}", str(self.port)) for part in command]
+        # (this process runs no threads: preexec_fn is safe)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=self.log,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)  # noqa: PLW1509
+        self.pids = [self.proc.pid]
+        deadline = time.monotonic() + 30
+        while listeners(self.port) < workers or (workers > 1 and len(children(self.proc.pid)) < workers):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                log = self.tail()
+                self.log.close()
+                raise RuntimeError(f"{argv[:3]} did not start: {log}")
+            time.sleep(0.05)
+        if workers > 1:
+            self.pids = children(self.proc.pid)
+        time.sleep(0.2)
+        WIREHUB_HOT_PATHS.add(hot_path(self.port))
+
+    def tail(self, lines: int = 20) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM (the supervisor passes it on), and wait until every worker is gone."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        deadline = time.monotonic() + 15
+        for pid in self.pids:
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
 
 
 class RedisServer:
@@ -118,34 +278,36 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_once(command: list[str], args: list[str], redis: RedisServer, uses_redis: bool,
+def run_once(command: list[str], workers: int, args: list[str], redis: RedisServer, uses_redis: bool,
              cores: tuple[set[int] | None, set[int] | None], opts: argparse.Namespace
-             ) -> tuple[dict[str, float], dict[str, Any]]:
-    """One loadgen run against a fresh gateway: its figures, and the loadgen's result."""
+             ) -> tuple[dict[str, float], dict[str, Any], str]:
+    """One loadgen run against a fresh gateway: its figures, the loadgen's result, the gateway's log."""
     server_cores, client_cores = cores
     redis.cli("FLUSHALL")
-    gateway = Running(command, server_cores)
+    gateway = Gateway(command, workers, server_cores)
     try:
-        stats_before, t0, redis_before = redis.stats(), time.monotonic(), cpu_seconds(redis.pid)
+        groups = {"gateway": gateway.pids, "redis": [redis.pid]}
+        if workers > 1:
+            groups["supervisor"] = [gateway.proc.pid]
+        stats_before = redis.stats()
         result = run_loadgen(
             ["fanout", *args, "--url", f"ws://127.0.0.1:{gateway.port}/ws", "--json",
-             "--no-progress", "--duration", str(opts.duration), "--warmup", "1",
-             "--server-pid", str(gateway.proc.pid)], client_cores, timeout_s=600)
-        redis_cpu_s, wall_s = cpu_seconds(redis.pid) - redis_before, time.monotonic() - t0
+             "--no-progress", "--duration", str(opts.duration), "--warmup", "1"],
+            groups, client_cores, timeout_s=600)
         stats_after = redis.stats()
     finally:
         gateway.stop()
+        log = gateway.tail()
+        gateway.log.close()
     server = result.get("server") or {}
-    if "cpu_s" not in server:
-        raise RuntimeError(f"the loadgen measured no gateway CPU: {server}")
+    cpu = server.get("groups", {})
+    if any("cpu_s" not in cpu.get(name, {}) for name in groups):
+        raise RuntimeError(f"the loadgen measured no CPU for some of {groups}: {server}")
     delivered = result["throughput"]["deliveries_per_s"]
     published_per_s = result["throughput"]["published_per_s"]
     published = result["delivery"]["published"]          # over the whole run, warm-up included
-    gateway_cpu = server["cpu_percent"]
-    # Redis works per publication: its share of the measured window is its CPU
-    # per publication times the window's publications (module docstring).
-    redis_cpu = (100 * redis_cpu_s / published * published_per_s
-                 if uses_redis and published else 0.0)
+    gateway_cpu = cpu["gateway"]["cpu_percent"]
+    redis_cpu = cpu["redis"]["cpu_percent"] if uses_redis else 0.0
     total_cpu = gateway_cpu + redis_cpu
     stat = {k: stats_after.get(k, 0) - stats_before.get(k, 0)
             for k in ("total_net_input_bytes", "total_net_output_bytes", "total_commands_processed")}
@@ -154,11 +316,16 @@ def run_once(command: list[str], args: list[str], redis: RedisServer, uses_redis
         "published_per_s": published_per_s,
         "gateway_cpu_percent": gateway_cpu,
         "deliveries_per_gateway_cpu_s": delivered / (gateway_cpu / 100) if gateway_cpu else 0.0,
+        "gateway_cpu_us_per_publication": 1e4 * gateway_cpu / published_per_s if published_per_s else 0.0,
         "redis_cpu_percent": redis_cpu,
         "deliveries_per_total_cpu_s": delivered / (total_cpu / 100) if total_cpu else 0.0,
-        "redis_cpu_us_per_publication": 1e6 * redis_cpu_s / published if uses_redis and published else 0.0,
-        # The memory runs leave Redis idle: its share then is the bias of the estimate above.
-        "redis_idle_cpu_percent": 0.0 if uses_redis else 100 * redis_cpu_s / wall_s,
+        "redis_cpu_us_per_publication": 1e4 * redis_cpu / published_per_s if published_per_s else 0.0,
+        # The memory runs leave Redis idle: its share then is the noise under the figures above.
+        "redis_idle_cpu_percent": 0.0 if uses_redis else cpu["redis"]["cpu_percent"],
+        "supervisor_cpu_percent": cpu.get("supervisor", {}).get("cpu_percent", 0.0),
+        # The busiest worker's share of the gateway's CPU (0.5: even).
+        "busiest_worker_share": (max(float(s) for s in (server["pids"][str(p)] for p in gateway.pids))
+                                 / cpu["gateway"]["cpu_s"] if workers > 1 and cpu["gateway"]["cpu_s"] else 1.0),
         "redis_in_bytes_per_publication": stat["total_net_input_bytes"] / published if published else 0.0,
         "redis_out_bytes_per_publication": stat["total_net_output_bytes"] / published if published else 0.0,
         # (no latency at all when nothing was delivered)
@@ -169,7 +336,7 @@ def run_once(command: list[str], args: list[str], redis: RedisServer, uses_redis
         "lost": result["delivery"]["missing"],
         "errors": result.get("error_count", sum(result["errors"].values())),
     }
-    return row, result
+    return row, result, log
 
 
 def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
@@ -180,21 +347,26 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
     redis = RedisServer(cores[0])
     try:
         version = redis.cli("INFO", "server").split("redis_version:", 1)[1].split()[0]
-        print(f"redis-server {version} pid {redis.pid} port {redis.port}, gateway and redis on "
-              f"core(s) {sorted(cores[0] or [])}, loadgen on {sorted(cores[1] or [])}",
+        print(f"redis-server {version} pid {redis.pid} port {redis.port}, gateway (all workers) and "
+              f"redis on core(s) {sorted(cores[0] or [])}, loadgen on {sorted(cores[1] or [])}",
               file=sys.stderr, flush=True)
-        commands = variants(redis.url)
+        commands = {name: spec for name, spec in variants(redis.url).items()
+                    if name == REFERENCE or not opts.variant or name in opts.variant}
         runs: dict[str, dict[str, list[dict[str, float]]]] = {
-            load: {name: [] for name in commands} for load in loads}
+            load: {name: [] for name, (_, _, only) in commands.items() if only is None or load in only}
+            for load in loads}
         for r in range(opts.repeat):
             for load, args in loads.items():
-                for name, command in commands.items():
-                    row, result = run_once(command, args, redis, name != REFERENCE, cores, opts)
+                for name in runs[load]:
+                    command, workers, _ = commands[name]
+                    row, result, log = run_once(command, workers, args, redis, name != REFERENCE, cores, opts)
                     runs[load][name].append(row)
                     print(f"round {r + 1}/{opts.repeat} {load} {name}: {row['deliveries_per_s']:,.0f}/s, "
-                          f"gateway {row['gateway_cpu_percent']:.0f} %, redis {row['redis_cpu_percent']:.0f} %"
-                          f" ({row['redis_cpu_us_per_publication']:.1f} us/pub), "
-                          f"p99 {row['p99_ms']:.2f} ms, loadgen {row['client_cpu_percent']:.0f} %, "
+                          f"gateway {row['gateway_cpu_percent']:.0f} %"
+                          + (f" (busiest worker {100 * row['busiest_worker_share']:.0f} %, supervisor "
+                             f"{row['supervisor_cpu_percent']:.1f} %)" if workers > 1 else "")
+                          + f", redis {row['redis_cpu_percent']:.0f} % ({row['redis_cpu_us_per_publication']:.1f}"
+                          f" us/pub), p99 {row['p99_ms']:.2f} ms, loadgen {row['client_cpu_percent']:.0f} %, "
                           f"lost {row['lost']:.0f}, errors {row['errors']:.0f}",
                           file=sys.stderr, flush=True)
                     if row["lost"] or row["errors"]:
@@ -203,7 +375,7 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
                                    f"{d['duplicates']}, out of order {d['out_of_order']}, "
                                    f"subscribers with anomalies {d['subscribers_with_anomalies']}, "
                                    f"errors {result['errors']}, samples {result.get('error_samples')}, "
-                                   f"worst {d['worst_subscribers'][:3]}")
+                                   f"worst {d['worst_subscribers'][:3]}; gateway log (end):\n{log}")
                         problems.append(problem)
                         print(f"!!! LOST OR ERRORS: {problem}", file=sys.stderr, flush=True)
     finally:
@@ -211,27 +383,36 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
     return summarize(runs), problems
 
 
+def pair_ratios(rounds: list[dict[str, float]], others: list[dict[str, float]],
+                metrics: tuple[str, ...]) -> dict[str, list[float]]:
+    """Per-round ratios ``rounds / others`` of ``metrics`` over the rounds where both were clean."""
+    pairs = [(run, ref) for run, ref in zip(rounds, others)
+             if not (run["lost"] or run["errors"] or ref["lost"] or ref["errors"])]
+    return {m: [run[m] / ref[m] if ref[m] else 0.0 for run, ref in pairs] for m in metrics}
+
+
 def summarize(runs: dict[str, dict[str, list[dict[str, float]]]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Medians per load and broker over the rounds that lost nothing and had
+    """Medians per load and variant over the rounds that lost nothing and had
     no errors (``ok`` of ``rounds``; ``lost`` and ``errors`` sum them all), and
-    the medians of the per-round ratios to the reference over the rounds where
-    both were clean. A broker with no clean round has only its counts."""
+    the medians of the per-round ratios to the reference (and, in ``vs``, to
+    the variant of ``COMPARE``, with every round's ratio) over the rounds where
+    both were clean. A variant with no clean round has only its counts."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for load, by_name in runs.items():
         table[load] = {}
-        clean = {name: [not (run["lost"] or run["errors"]) for run in rounds]
-                 for name, rounds in by_name.items()}
         for name, rounds in by_name.items():
-            good = [run for run, ok in zip(rounds, clean[name]) if ok]
+            good = [run for run in rounds if not (run["lost"] or run["errors"])]
             row: dict[str, Any] = {}
             if good:
                 row = {m: statistics.median(run[m] for run in good) for m in good[0]
                        if m not in ("lost", "errors")}
-                pairs = [(run, ref) for run, ref, ok, ref_ok
-                         in zip(rounds, by_name[REFERENCE], clean[name], clean[REFERENCE]) if ok and ref_ok]
-                for m in RATIOS:
-                    row[f"{m}_ratio"] = (statistics.median(run[m] / ref[m] if ref[m] else 0.0
-                                                           for run, ref in pairs) if pairs else 0.0)
+                for m, values in pair_ratios(rounds, by_name[REFERENCE], RATIOS).items():
+                    row[f"{m}_ratio"] = statistics.median(values) if values else 0.0
+                other = COMPARE.get(name)
+                if other in by_name:
+                    per_round = pair_ratios(rounds, by_name[other], RATIOS)
+                    row["vs"] = {"variant": other, "rounds": per_round,
+                                 **{m: statistics.median(v) if v else 0.0 for m, v in per_round.items()}}
             row.update(ok=len(good), rounds=len(rounds), lost=sum(run["lost"] for run in rounds),
                        errors=sum(run["errors"] for run in rounds), runs=rounds)
             table[load][name] = row
@@ -242,32 +423,44 @@ def print_table(table: dict[str, dict[str, dict[str, Any]]], opts: argparse.Name
     print(f"medians of the clean rounds (ok) of {opts.repeat}, {opts.duration:g} s each; wirehub's "
           f"{', '.join(sorted(WIREHUB_HOT_PATHS))} hot path (from its /metrics); ratios to '{REFERENCE}' "
           f"of the same round; us/pub: CPU microseconds per publication:")
-    print(f"{'load':<13} {'broker':<7} {'deliveries/s':>13} {'ratio':>6} {'gw CPU':>7} "
+    print(f"{'load':<13} {'variant':<8} {'deliveries/s':>13} {'ratio':>6} {'gw CPU':>7} "
           f"{'per gw CPU-s':>13} {'ratio':>6} {'gw us/pub':>9} {'redis':>6} {'us/pub':>7} "
           f"{'per gw+redis CPU-s':>19} {'ratio':>6} {'p99 ms':>7} {'ratio':>6} {'ok':>4} {'lost':>9} {'err':>9}")
     for load, by_name in table.items():
         for name, row in by_name.items():
             counts = f"{row['ok']:>2}/{row['rounds']} {row['lost']:>9,.0f} {row['errors']:>9,.0f}"
             if not row["ok"]:
-                print(f"{load:<13} {name:<7} {'(no clean round)':<129} {counts}")
+                print(f"{load:<13} {name:<8} {'(no clean round)':<128} {counts}")
                 continue
-            gw_us = 1e4 * row["gateway_cpu_percent"] / row["published_per_s"] if row["published_per_s"] else 0.0
-            print(f"{load:<13} {name:<7} {row['deliveries_per_s']:>13,.0f} {row['deliveries_per_s_ratio']:>5.2f}x "
+            print(f"{load:<13} {name:<8} {row['deliveries_per_s']:>13,.0f} {row['deliveries_per_s_ratio']:>5.2f}x "
                   f"{row['gateway_cpu_percent']:>6.0f}% "
                   f"{row['deliveries_per_gateway_cpu_s']:>13,.0f} {row['deliveries_per_gateway_cpu_s_ratio']:>5.2f}x "
-                  f"{gw_us:>9.1f} {row['redis_cpu_percent']:>5.0f}% {row['redis_cpu_us_per_publication']:>7.1f} "
+                  f"{row['gateway_cpu_us_per_publication']:>9.1f} {row['redis_cpu_percent']:>5.0f}% "
+                  f"{row['redis_cpu_us_per_publication']:>7.1f} "
                   f"{row['deliveries_per_total_cpu_s']:>19,.0f} {row['deliveries_per_total_cpu_s_ratio']:>5.2f}x "
                   f"{row['p99_ms']:>7.2f} {row['p99_ms_ratio']:>5.2f}x {counts}")
+    compared = [(load, name, row) for load, by_name in table.items() for name, row in by_name.items()
+                if row.get("vs")]
+    if compared:
+        print("\nper-round ratios between variants (median; every clean pair of rounds):")
+        for load, name, row in compared:
+            vs = row["vs"]
+            for m in ("deliveries_per_gateway_cpu_s", "deliveries_per_total_cpu_s", "deliveries_per_s"):
+                rounds = " ".join(f"{v:.2f}" for v in vs["rounds"][m])
+                print(f"  {load} {name}/{vs['variant']} {m}: {vs[m]:.2f}x  ({rounds})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 3)[3],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (default 5)")
     parser.add_argument("--load", action="append", choices=list(LOADS),
                         help="run only this load (repeatable; default: all)")
+    parser.add_argument("--variant", action="append", choices=[v for v in VARIANTS if v != REFERENCE],
+                        help=f"run only this server variant besides '{REFERENCE}', which always runs "
+                             f"(repeatable; default: all)")
     parser.add_argument("--json", help="write the table to this file")
     opts = parser.parse_args(argv)
     table, problems = measure(opts)

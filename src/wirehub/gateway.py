@@ -170,14 +170,15 @@ class Gateway:
         if broker is None and cfg.broker not in (None, "memory"):
             from .broker.redis import RedisBroker
             broker = RedisBroker(cfg.broker, idempotency_window_s=cfg.idempotency_window_s)
+
+        def memory_broker() -> MemoryBroker:
+            return MemoryBroker(max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,
+                                idempotency_window_s=cfg.idempotency_window_s,
+                                idempotency_max_keys=cfg.idempotency_max_keys)
+
+        self.broker = broker or memory_broker()
         # With a shared broker, sources' channels ($sys:metrics, logs:*) stay in a local one.
-        local_broker = None if broker is None or isinstance(broker, MemoryBroker) else MemoryBroker(
-            max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,
-            idempotency_window_s=cfg.idempotency_window_s, idempotency_max_keys=cfg.idempotency_max_keys)
-        self.broker = broker or MemoryBroker(
-            max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,
-            idempotency_window_s=cfg.idempotency_window_s, idempotency_max_keys=cfg.idempotency_max_keys)
-        self.local_broker = local_broker or self.broker
+        self.local_broker = self.broker if isinstance(self.broker, MemoryBroker) else memory_broker()
         self.policies = ChannelPolicies(cfg.channels)
         self.hub = Hub(self.broker, self.impl, self.json_codec, self.tlv_codec, self.metrics,
                        max_channel_length=cfg.max_channel_length,
@@ -327,8 +328,10 @@ class Gateway:
         as of their last heartbeat, a second ago at most).
 
         Raises:
+            InvalidChannel: the name is not a valid channel name.
             Unavailable: the shared broker does not answer.
         """
+        self.hub.check_channel(channel)
         return await self.broker.subscribers(channel)
 
     def _node_figures(self) -> dict[str, Any]:

@@ -9,9 +9,10 @@ channel ``wh:{c}``.
 **Publish** is one Lua script (``PUBLISH_SCRIPT``): assign the next offset,
 append to the stream under the channel's limits, ``PUBLISH`` the
 publication with its offset and epoch, atomically. A gateway's publishes
-are queued and sent in one pipeline per flush, so a burst costs one round
-trip; ``publish`` answers a future that resolves once Redis has run the
-script (``published`` is sent then, never before).
+are packed as they come (``_pack_publish``) and written together on a
+connection of their own, one write per round trip, so a burst costs one
+round trip; ``publish`` answers a future that resolves once Redis has run
+the script (``published`` is sent then, never before).
 
 **Delivery.** A node subscribes to a channel's pub/sub channel when it gains
 the channel's first local subscriber, so a publication crosses Redis once
@@ -279,7 +280,7 @@ class RedisBroker:
         self._down: str | None = "not started"
         self._down_since = 0.0
         self._closing = False
-        self._scripts: dict[str, Any] = {}
+        self._ensure_script: Any = None
         # After a reconnection every channel catches up: a few at a time, not
         # one connection each.
         self._catch_up_slots = asyncio.Semaphore(CATCH_UPS)
@@ -311,7 +312,7 @@ class RedisBroker:
         except (RedisError, OSError) as exc:
             await self._redis.aclose()
             raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {exc}") from None
-        self._scripts = {"ensure": self._redis.register_script(ENSURE_SCRIPT)}
+        self._ensure_script = self._redis.register_script(ENSURE_SCRIPT)
         self._down = None
         self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
                                      presence=self._take_presence, clock=self._clock)
@@ -723,7 +724,7 @@ class RedisBroker:
     async def _ensure(self, channel: str) -> tuple[int, str]:
         meta = _keys(channel)[0]
         async with self._catch_up_slots, asyncio.timeout(COMMAND_TIMEOUT_S):
-            result = await self._scripts["ensure"](keys=[meta], args=[IDLE_CHANNEL_TTL_S * 1000])
+            result = await self._ensure_script(keys=[meta], args=[IDLE_CHANNEL_TTL_S * 1000])
         return int(result[0]), text(result[1])
 
     async def _fill(self, sub: _Sub, last: int, epoch: str) -> None:
