@@ -52,6 +52,7 @@ from ..protocol.errors import Unavailable
 from ..protocol.messages import Publication, PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
 from .nodes import NodeRegistry, text
+from .subscriber import SubscriptionConnection
 
 try:
     import redis.asyncio as aioredis
@@ -271,11 +272,9 @@ class RedisBroker:
         self._publish_connection: Any = None
         self._publishing = False  # a batch is out on ``_publish_connection``
         self._publish_sha = _sha1(PUBLISH_SCRIPT)
-        self._commands: list[tuple[str, str]] = []  # (verb, topic) for the pub/sub connection
-        self._sending: asyncio.Future[None] | None = None
         self._wake_publisher = asyncio.Event()
         self._redis: Any = None
-        self._pubsub: Any = None
+        self._pubsub: SubscriptionConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._down: str | None = "not started"
         self._down_since = 0.0
@@ -323,7 +322,7 @@ class RedisBroker:
         self._closing = True
         # The reader first: its connection is closed under it (the read
         # fails), and the loop sees ``_closing``.
-        await self._drop_pubsub()
+        self._drop_pubsub()
         await self._drop_publish_connection()
         for task in self._tasks:
             task.cancel()
@@ -379,20 +378,20 @@ class RedisBroker:
         if channel in self._subs:
             return
         self._subs[channel] = _Sub(channel, asyncio.get_running_loop())
-        self._command("SUBSCRIBE", _keys(channel)[2])
+        self._command(b"SUBSCRIBE", _keys(channel)[2])
 
     def unsubscribe(self, channel: str) -> None:
         sub = self._subs.pop(channel, None)
         if sub is not None:
             if not sub.ready.done():
                 sub.ready.cancel()
-            self._command("UNSUBSCRIBE", _keys(channel)[2])
+            self._command(b"UNSUBSCRIBE", _keys(channel)[2])
 
     def subscribe_pattern(self, pattern: str) -> None:
         glob = self._patterns.setdefault(pattern, _glob(pattern))
         self._globs[glob] += 1
         if self._globs[glob] == 1:
-            self._command("PSUBSCRIBE", glob)
+            self._command(b"PSUBSCRIBE", glob)
 
     def unsubscribe_pattern(self, pattern: str) -> None:
         glob = self._patterns.pop(pattern, None)
@@ -400,12 +399,7 @@ class RedisBroker:
             self._globs[glob] -= 1
             if not self._globs[glob]:
                 del self._globs[glob]
-                self._command("PUNSUBSCRIBE", glob)
-
-    def _command(self, verb: str, topic: str) -> None:
-        self._commands.append((verb, topic))
-        if self._pubsub is not None and self._sending is None:
-            self._sending = asyncio.ensure_future(self._send_commands())
+                self._command(b"PUNSUBSCRIBE", glob)
 
     def live(self, channel: str) -> bool:
         """Whether every publication of ``channel`` after ``position(channel)`` reaches this node."""
@@ -539,7 +533,7 @@ class RedisBroker:
             else:
                 delay = 0.05
                 try:
-                    await self._receive()
+                    await self._pubsub.wait_closed()
                 except (RedisError, OSError) as exc:
                     if self._closing:
                         break
@@ -551,7 +545,7 @@ class RedisBroker:
                     logger.exception("broker subscriber failed")
                     self.resubscribes_total += 1
                 self._unconfirm()
-            await self._drop_pubsub()
+            self._drop_pubsub()
             await asyncio.sleep(delay)
             delay = min(self._reconnect_max_s, delay * 2)
 
@@ -562,8 +556,8 @@ class RedisBroker:
             self.outages_total += 1
             logger.warning("broker unreachable: %s; publishes fail with 'unavailable' until it is back",
                            self._down, extra={"broker": redacted(self.url)})
-            if self._pubsub is not None:  # wake the reader: the supervisor reconnects
-                asyncio.ensure_future(self._pubsub.disconnect())
+            if self._pubsub is not None:  # the supervisor reconnects, which proves Redis is back
+                self._pubsub.close()
         self._unconfirm()
 
     def _unconfirm(self) -> None:
@@ -572,61 +566,38 @@ class RedisBroker:
             sub.confirmed = False
 
     async def _connect_pubsub(self) -> None:
-        """Take a connection for the subscriptions and subscribe everything again."""
+        """Open the subscription connection and subscribe everything again."""
         await self._redis.ping()
         if not self._publishing:
             # Whatever cut the subscriptions off (a Redis restart, a proxy)
             # most likely cut the publishes' connection too: start it afresh
             # rather than fail the next batch on it.
             await self._drop_publish_connection()
-        self._pubsub = await self._redis.connection_pool.get_connection()
-        self._commands = [("SUBSCRIBE", _keys(c)[2]) for c in self._subs]
-        self._commands += [("PSUBSCRIBE", glob) for glob in self._globs]
-        self._sending = asyncio.ensure_future(self._send_commands())
-        await self._sending
+        self._pubsub = await SubscriptionConnection.open(self.url, self._on_push, COMMAND_TIMEOUT_S)
+        self._pubsub.send(b"SUBSCRIBE", [_keys(channel)[2] for channel in self._subs])
+        self._pubsub.send(b"PSUBSCRIBE", list(self._globs))
         if self._down is not None:
             logger.warning("broker reachable again after %.1f s", self._clock() - self._down_since,
                            extra={"broker": redacted(self.url)})
             self._down = None
 
-    async def _drop_pubsub(self) -> None:
+    def _drop_pubsub(self) -> None:
         connection, self._pubsub = self._pubsub, None
         if connection is not None:
-            await connection.disconnect()
-            await self._redis.connection_pool.release(connection)
+            connection.close()
 
-    async def _send_commands(self) -> None:
-        """Send the queued (un)subscribes, consecutive ones of a kind as one command.
+    def _command(self, verb: bytes, topic: str) -> None:
+        if self._pubsub is not None:  # otherwise the next connection subscribes what is current
+            self._pubsub.send(verb, [topic])
 
-        Runs beside the reader (a connection's writes and reads are
-        separate); one at a time, so that they keep their order."""
-        try:
-            while self._commands and self._pubsub is not None:
-                commands, self._commands = self._commands, []
-                for verb, topics in _grouped(commands):
-                    await self._pubsub.send_command(verb, *topics, check_health=False)
-        except (RedisError, OSError):
-            pass  # the reader sees the connection fail too, and the supervisor starts again
-        finally:
-            self._sending = None
-
-    async def _receive(self) -> None:
-        """Read the subscription connection: pushes straight from the parser,
-        without redis-py's PubSub (a dict and a timeout per message)."""
-        connection = self._pubsub
-        # Until a command elsewhere finds Redis gone (``_lost`` drops this
-        # connection): then the supervisor reconnects, which proves Redis
-        # is back, and refills.
-        while not self._closing and self._down is None:
-            push = await connection.read_response(timeout=math.inf, disconnect_on_error=False,
-                                                  push_request=True)
-            kind = push[0]
-            if kind == b"message":
-                self._on_message(push[1], push[2], False)
-            elif kind == b"pmessage":
-                self._on_message(push[2], push[3], True)
-            elif kind == b"subscribe":
-                self._on_confirmed(text(push[1]))
+    def _on_push(self, push: list[Any]) -> None:
+        kind = push[0]
+        if kind == b"message":
+            self._on_message(push[1], push[2], False)
+        elif kind == b"pmessage":
+            self._on_message(push[2], push[3], True)
+        elif kind == b"subscribe":
+            self._on_confirmed(push[1].decode())
 
     def _on_confirmed(self, topic: str) -> None:
         channel = topic[4:-1]
@@ -800,15 +771,3 @@ def _entry(channel: str, epoch: str, entry_id: bytes, fields: dict[bytes, bytes]
     header = _decode_header(fields[b"h"])
     return Publication(channel, fields[b"d"], int(entry_id.split(b"-")[0]), epoch, header.binary, header.key,
                        header.time)
-
-
-def _grouped(commands: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """Consecutive commands of one verb as one command with many topics."""
-    grouped: list[tuple[str, list[str]]] = []
-    for verb, topic in commands:
-        if grouped and grouped[-1][0] == verb:
-            grouped[-1][1].append(topic)
-        else:
-            grouped.append((verb, [topic]))
-    return grouped
-
