@@ -43,7 +43,7 @@ def allowed(name: str, prefixes: tuple[str, ...]) -> bool:
 @pytest.mark.parametrize("layer, prefixes", [
     ("protocol", ("msgspec", "wirehub.protocol")),
     ("_pure", ("picows", "wirehub._pure")),
-    ("broker", ("wirehub.broker", "wirehub.protocol", "msgspec", "redis")),  # a broker and its client library
+    ("broker", ("wirehub.broker", "wirehub.protocol", "msgspec", "redis", "hiredis")),  # a broker, its client library
     ("sources", ("wirehub.sources", "wirehub.protocol", "msgspec", "docker", "requests")),
 ])
 def test_layer_imports_point_down(layer, prefixes):

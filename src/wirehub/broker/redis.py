@@ -52,11 +52,12 @@ from ..protocol.errors import Unavailable
 from ..protocol.messages import Publication, PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
 from .nodes import NodeRegistry, text
-from .subscriber import SubscriptionConnection
 
 try:
     import redis.asyncio as aioredis
     from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+    from .subscriber import SubscriptionConnection  # hiredis
 except ImportError:  # pragma: no cover - the extra is missing; ``check_url`` says so
     aioredis = None
 
