@@ -386,7 +386,7 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
 def pair_ratios(rounds: list[dict[str, float]], others: list[dict[str, float]],
                 metrics: tuple[str, ...]) -> dict[str, list[float]]:
     """Per-round ratios ``rounds / others`` of ``metrics`` over the rounds where both were clean."""
-    pairs = [(run, ref) for run, ref in zip(rounds, others)
+    pairs = [(run, ref) for run, ref in zip(rounds, others, strict=True)
              if not (run["lost"] or run["errors"] or ref["lost"] or ref["errors"])]
     return {m: [run[m] / ref[m] if ref[m] else 0.0 for run, ref in pairs] for m in metrics}
 

@@ -162,6 +162,21 @@ async def test_patterns_and_exclude_self_across_gateways(redis_server):
             assert (await watcher.recv())["data"] == 3
 
 
+async def test_deployments_on_two_databases_of_one_redis_do_not_hear_each_other(redis_server):
+    """Pub/sub ignores database numbers; the broker's channel names do not."""
+    other_db = redis_server.url.rsplit("/", 1)[0] + "/1"
+    async with running_gateway(broker=redis_server.url) as mine, running_gateway(broker=other_db) as theirs:
+        async with json_client(mine) as reader, json_client(mine) as publisher, json_client(theirs) as stranger:
+            await reader.request(type="subscribe", channel="feed")
+            await stranger.request(type="subscribe", channel="feed")
+            await stranger.send(type="publish", channel="feed", data="theirs", id=1)
+            # Its answer and its delivery travel apart (publish and pub/sub connections): either comes first.
+            assert {(await stranger.recv())["type"] for _ in range(2)} == {"published", "message"}
+            await publisher.request(type="publish", channel="feed", data="mine", id=2)
+            got = await reader.recv()  # had theirs leaked through, it would come first
+            assert (got["offset"], got["data"]) == (1, "mine")
+
+
 async def test_a_killed_subscriber_connection_is_refilled_from_the_stream(redis_server):
     """``CLIENT KILL`` drops the node's pub/sub connection mid-stream: the
     node reconnects and reads what it missed from the stream, in order."""

@@ -1,10 +1,10 @@
 """The shared broker: many gateways as one, on Redis (docs/scaling.md).
 
-Each channel ``c`` has three Redis keys, all with the hash tag ``{c}`` so
+Each channel ``c`` has two Redis keys, both with the hash tag ``{c}`` so
 that a Redis Cluster keeps them on one shard: ``wh:{c}:m`` (a hash: the
-last ``offset``, the ``epoch``, the history ``ttl``), ``wh:{c}:s`` (a
-stream: the kept publications, entry id ``<offset>-1``) and the pub/sub
-channel ``wh:{c}``.
+last ``offset``, the ``epoch``, the history ``ttl``) and ``wh:{c}:s`` (a
+stream: the kept publications, entry id ``<offset>-1``); and a pub/sub
+channel, ``wh:<db>:{c}`` (pub/sub ignores database numbers).
 
 **Publish** is one Lua script (``PUBLISH_SCRIPT``): assign the next offset,
 append to the stream under the channel's limits, ``PUBLISH`` the
@@ -192,8 +192,8 @@ def _bulk(value: bytes | memoryview) -> list[bytes | memoryview]:
     return [b"$%d\r\n" % len(value), value, b"\r\n"]
 
 
-def _pack_publish(sha: bytes, channel: str, data: memoryview, header: bytes, size: int, ttl_ms: int, now_ms: int,
-                  idempotency_window_ms: int, idempotency_key: str | None) -> bytes:
+def _pack_publish(sha: bytes, channel: str, topic: bytes, data: memoryview, header: bytes, size: int, ttl_ms: int,
+                  now_ms: int, idempotency_window_ms: int, idempotency_key: str | None) -> bytes:
     """``EVALSHA <PUBLISH_SCRIPT> ...`` in RESP, ready to write: built with one
     join rather than redis-py's per-argument packing (a third of a publish's
     cost on the gateway, measured with py-spy)."""
@@ -201,7 +201,7 @@ def _pack_publish(sha: bytes, channel: str, data: memoryview, header: bytes, siz
     keys = [b"wh:{%s}:m" % name, b"wh:{%s}:s" % name]
     if idempotency_key is not None:
         keys.append(b"wh:{%s}:i:%s" % (name, idempotency_key.encode()))
-    args = [data, header, b"%d" % size, b"%d" % ttl_ms, b"wh:{%s}" % name, b"%d" % now_ms,
+    args = [data, header, b"%d" % size, b"%d" % ttl_ms, topic, b"%d" % now_ms,
             IDLE_CHANNEL_TTL_MS, b"%d" % idempotency_window_ms]
     parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n%d\r\n" % (3 + len(keys) + len(args), sha, len(keys))]
     for value in (*keys, *args):
@@ -209,14 +209,8 @@ def _pack_publish(sha: bytes, channel: str, data: memoryview, header: bytes, siz
     return b"".join(parts)
 
 
-def _keys(channel: str) -> tuple[str, str, str]:
-    return f"wh:{{{channel}}}:m", f"wh:{{{channel}}}:s", f"wh:{{{channel}}}"
-
-
-def _glob(pattern: str) -> str:
-    """The pub/sub glob that covers a wirehub pattern: every wildcard becomes
-    ``*``, which covers at least what the pattern does (the hub matches exactly)."""
-    return "wh:{" + pattern.replace("**", "*") + "}"
+def _keys(channel: str) -> tuple[str, str]:
+    return f"wh:{{{channel}}}:m", f"wh:{{{channel}}}:s"
 
 
 class _Sub:
@@ -273,6 +267,9 @@ class RedisBroker:
         self._publish_connection: Any = None
         self._publishing = False  # a batch is out on ``_publish_connection``
         self._publish_sha = _sha1(PUBLISH_SCRIPT)
+        # Pub/sub channels are not per database: the number keeps two
+        # deployments on one Redis (db 0 and db 1) from hearing each other.
+        self._topic_prefix = f"wh:{aioredis.connection.parse_url(url).get('db', 0)}:{{"
         self._wake_publisher = asyncio.Event()
         self._redis: Any = None
         self._pubsub: SubscriptionConnection | None = None
@@ -379,17 +376,17 @@ class RedisBroker:
         if channel in self._subs:
             return
         self._subs[channel] = _Sub(channel, asyncio.get_running_loop())
-        self._command(b"SUBSCRIBE", _keys(channel)[2])
+        self._command(b"SUBSCRIBE", self._topic(channel))
 
     def unsubscribe(self, channel: str) -> None:
         sub = self._subs.pop(channel, None)
         if sub is not None:
             if not sub.ready.done():
                 sub.ready.cancel()
-            self._command(b"UNSUBSCRIBE", _keys(channel)[2])
+            self._command(b"UNSUBSCRIBE", self._topic(channel))
 
     def subscribe_pattern(self, pattern: str) -> None:
-        glob = self._patterns.setdefault(pattern, _glob(pattern))
+        glob = self._patterns.setdefault(pattern, self._glob(pattern))
         self._globs[glob] += 1
         if self._globs[glob] == 1:
             self._command(b"PSUBSCRIBE", glob)
@@ -450,8 +447,8 @@ class RedisBroker:
         header = _encode_header(_Header(binary, key, self.node_id, origin, now))
         size, ttl_ms = (history.size, int(history.ttl_s * 1000)) if history is not None else (0, 0)
         # The whole EVALSHA, packed now: the data is copied once, into it.
-        command = _pack_publish(self._publish_sha, channel, memoryview(data), header, size, ttl_ms,
-                                int(now * 1000), self._idempotency_window_ms, idempotency_key)
+        command = _pack_publish(self._publish_sha, channel, self._topic(channel).encode(), memoryview(data), header,
+                                size, ttl_ms, int(now * 1000), self._idempotency_window_ms, idempotency_key)
         future = asyncio.get_running_loop().create_future()
         self._queue.append((command, future, idempotency_key is not None))
         self._wake_publisher.set()
@@ -575,7 +572,7 @@ class RedisBroker:
             # rather than fail the next batch on it.
             await self._drop_publish_connection()
         self._pubsub = await SubscriptionConnection.open(self.url, self._on_push, COMMAND_TIMEOUT_S)
-        self._pubsub.send(b"SUBSCRIBE", [_keys(channel)[2] for channel in self._subs])
+        self._pubsub.send(b"SUBSCRIBE", [self._topic(channel) for channel in self._subs])
         self._pubsub.send(b"PSUBSCRIBE", list(self._globs))
         if self._down is not None:
             logger.warning("broker reachable again after %.1f s", self._clock() - self._down_since,
@@ -586,6 +583,15 @@ class RedisBroker:
         connection, self._pubsub = self._pubsub, None
         if connection is not None:
             connection.close()
+
+    def _topic(self, channel: str) -> str:
+        """``channel``'s pub/sub channel."""
+        return f"{self._topic_prefix}{channel}}}"
+
+    def _glob(self, pattern: str) -> str:
+        """The pub/sub glob that covers a wirehub pattern: every wildcard becomes
+        ``*``, which covers at least what the pattern does (the hub matches exactly)."""
+        return f"{self._topic_prefix}{pattern.replace('**', '*')}}}"
 
     def _command(self, verb: bytes, topic: str) -> None:
         if self._pubsub is not None:  # otherwise the next connection subscribes what is current
@@ -601,9 +607,8 @@ class RedisBroker:
             self._on_confirmed(push[1].decode())
 
     def _on_confirmed(self, topic: str) -> None:
-        channel = topic[4:-1]
-        sub = self._subs.get(channel)
-        if sub is None or sub.confirmed or not topic.startswith("wh:{"):
+        sub = self._subs.get(topic[len(self._topic_prefix):-1])
+        if sub is None or sub.confirmed:
             return
         sub.confirmed = True
         sub.resync = True  # only now is every later offset sure to arrive: read where the stream is
@@ -612,7 +617,7 @@ class RedisBroker:
             asyncio.ensure_future(self._catch_up(sub))
 
     def _on_message(self, topic: bytes, message: bytes, by_pattern: bool) -> None:
-        channel = topic[4:-1].decode()
+        channel = topic[len(self._topic_prefix):-1].decode()
         sub = self._subs.get(channel)
         if by_pattern and sub is not None:
             return  # its own subscription delivers it, in order
@@ -708,7 +713,7 @@ class RedisBroker:
             sub.position = StreamPosition(0, epoch)
             if handler is not None:
                 handler.handle_new_epoch(sub.channel, sub.position)
-        _, stream, _ = _keys(sub.channel)
+        _, stream = _keys(sub.channel)
         next_offset = sub.position.offset + 1
         while next_offset <= last:
             async with self._catch_up_slots, asyncio.timeout(COMMAND_TIMEOUT_S):
@@ -741,7 +746,7 @@ class RedisBroker:
 
     async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:
-        meta, stream, _ = _keys(channel)
+        meta, stream = _keys(channel)
         try:
             offset, epoch = await self._ensure(channel)
             pipe = self._redis.pipeline(transaction=True)
