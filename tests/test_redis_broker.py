@@ -24,9 +24,10 @@ from wirehub import Config, Gateway
 from wirehub.client import Client, Gap
 from wirehub.config import ChannelOptions
 from wirehub.broker.base import HistoryOptions
-from wirehub.broker.memory import MemoryBroker
+from wirehub.broker.memory import MemoryBroker, entry_bytes
 from wirehub.broker.redis import RedisBroker
 from wirehub.protocol.errors import Unavailable
+from wirehub.protocol.messages import Publication
 
 
 async def settled(result: Any) -> Any:
@@ -89,6 +90,25 @@ async def test_history_ttl_on_both_brokers(make_broker):
         # Published at 0, 3, ... 12 s; now 15 s: the first two are older than 10 s.
         assert await offsets(broker, "c") == [3, 4, 5]
         assert (await broker.history("c")).first_offset == 3
+        for _ in range(95):  # more expire at once than one publish trims in Redis (64)
+            await settled(broker.publish("c", b"x", history=keep))
+        clock.now += 20
+        last = await settled(broker.publish("c", b"x", history=keep))
+        assert await offsets(broker, "c") == [last.offset] == [101]
+    finally:
+        await broker.close()
+
+
+async def test_history_max_bytes_per_channel_on_both_brokers(make_broker):
+    broker = await make_broker(Clock())
+    try:
+        cost = entry_bytes(Publication("c", b"x" * 100, 1, "e"))  # 2 x data + overhead, on both
+        keep = HistoryOptions(size=100, max_bytes=3 * cost)
+        for _ in range(10):
+            await settled(broker.publish("c", b"x" * 100, history=keep))
+        assert await offsets(broker, "c") == [8, 9, 10]
+        await settled(broker.publish("c", b"x" * 250, history=keep))  # one large pushes out two
+        assert await offsets(broker, "c") == [10, 11]
     finally:
         await broker.close()
 

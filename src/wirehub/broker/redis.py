@@ -75,7 +75,9 @@ end
 
 # KEYS: meta hash, stream[, idempotency key]
 # ARGV: data, header, history size, ttl ms, pub/sub channel, now ms, idle-channel ttl ms,
-#       idempotency window ms
+#       idempotency window ms, history max bytes
+# A kept publication counts 2 × its data + 200 bytes against max bytes, as
+# in the memory broker (``memory.entry_bytes``).
 PUBLISH_SCRIPT = NEW_EPOCH + """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if #KEYS == 3 and epoch then
@@ -90,24 +92,43 @@ end
 if not epoch then
   epoch = new_epoch()
   redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'bytes')
   redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 local size = tonumber(ARGV[3])
 if size > 0 then
   local ttl = tonumber(ARGV[4])
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[1], 'h', ARGV[2], 't', ARGV[6])
+  local max_bytes = tonumber(ARGV[9])
+  local horizon = tonumber(ARGV[6]) - ttl
   redis.call('HSET', KEYS[1], 'ttl', ttl)
-  if ttl > 0 then
-    local horizon = tonumber(ARGV[6]) - ttl
-    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
-    local keep = nil
-    for _, entry in ipairs(first) do
-      if tonumber(entry[2][6]) >= horizon then keep = entry[1]; break end
+  if max_bytes > 0 then
+    -- Trimmed here, oldest first, by count, bytes and age together, so
+    -- that 'bytes' stays the sum of what the stream keeps.
+    redis.call('XADD', KEYS[2], offset .. '-1', 'd', ARGV[1], 'h', ARGV[2], 't', ARGV[6])
+    local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', 2 * #ARGV[1] + 200)
+    local kept = redis.call('XLEN', KEYS[2])
+    while kept > 0 do
+      local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+      if kept <= size and bytes <= max_bytes and (ttl == 0 or tonumber(oldest[2][6]) >= horizon) then break end
+      redis.call('XDEL', KEYS[2], oldest[1])
+      bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -(2 * #oldest[2][2] + 200))
+      kept = kept - 1
     end
-    if keep then redis.call('XTRIM', KEYS[2], 'MINID', keep) end
-    redis.call('PEXPIRE', KEYS[2], ttl)
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-1', 'd', ARGV[1], 'h', ARGV[2], 't', ARGV[6])
+    if ttl > 0 then
+      -- Expired entries, up to 64 a publish (history reads skip any left).
+      local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 64)
+      local keep = nil
+      for _, entry in ipairs(oldest) do
+        if tonumber(entry[2][6]) >= horizon then keep = entry[1]; break end
+      end
+      if not keep then keep = (tonumber(string.match(oldest[#oldest][1], '^%d+')) + 1) .. '-0' end
+      redis.call('XTRIM', KEYS[2], 'MINID', keep)
+    end
   end
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PUBLISH', ARGV[5], offset .. ':' .. epoch .. ':' .. #ARGV[2] .. ':' .. ARGV[2] .. ARGV[1])
@@ -193,7 +214,7 @@ def _bulk(value: bytes | memoryview) -> list[bytes | memoryview]:
 
 
 def _pack_publish(sha: bytes, channel: str, topic: bytes, data: memoryview, header: bytes, size: int, ttl_ms: int,
-                  now_ms: int, idempotency_window_ms: int, idempotency_key: str | None) -> bytes:
+                  max_bytes: int, now_ms: int, idempotency_window_ms: int, idempotency_key: str | None) -> bytes:
     """``EVALSHA <PUBLISH_SCRIPT> ...`` in RESP, ready to write: built with one
     join rather than redis-py's per-argument packing (a third of a publish's
     cost on the gateway, measured with py-spy)."""
@@ -202,7 +223,7 @@ def _pack_publish(sha: bytes, channel: str, topic: bytes, data: memoryview, head
     if idempotency_key is not None:
         keys.append(b"wh:{%s}:i:%s" % (name, idempotency_key.encode()))
     args = [data, header, b"%d" % size, b"%d" % ttl_ms, topic, b"%d" % now_ms,
-            IDLE_CHANNEL_TTL_MS, b"%d" % idempotency_window_ms]
+            IDLE_CHANNEL_TTL_MS, b"%d" % idempotency_window_ms, b"%d" % max_bytes]
     parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n%d\r\n" % (3 + len(keys) + len(args), sha, len(keys))]
     for value in (*keys, *args):
         parts += _bulk(value)
@@ -445,10 +466,12 @@ class RedisBroker:
             raise Unavailable(f"{len(self._queue)} publishes are waiting for the broker; nothing was published")
         now = self._clock()
         header = _encode_header(_Header(binary, key, self.node_id, origin, now))
-        size, ttl_ms = (history.size, int(history.ttl_s * 1000)) if history is not None else (0, 0)
+        size, ttl_ms, max_bytes = (history.size, int(history.ttl_s * 1000), history.max_bytes) \
+            if history is not None else (0, 0, 0)
         # The whole EVALSHA, packed now: the data is copied once, into it.
         command = _pack_publish(self._publish_sha, channel, self._topic(channel).encode(), memoryview(data), header,
-                                size, ttl_ms, int(now * 1000), self._idempotency_window_ms, idempotency_key)
+                                size, ttl_ms, max_bytes, int(now * 1000), self._idempotency_window_ms,
+                                idempotency_key)
         future = asyncio.get_running_loop().create_future()
         self._queue.append((command, future, idempotency_key is not None))
         self._wake_publisher.set()
