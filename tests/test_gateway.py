@@ -437,3 +437,20 @@ class TestEmbeddingApi:
                 assert [conn.client_id for conn in gw.connections] == [client_id]
             await until(lambda: len(events) == 2, what="the disconnect hook")
             assert events == [("connect", client_id), ("disconnect", client_id)]
+
+
+async def test_a_history_read_that_fails_unexpectedly_answers_internal_error(impl_name):
+    """A broker failing with something other than a WirehubError (a bug, a
+    driver's own exception): the client still gets an answer with its id."""
+    from wirehub.broker.memory import MemoryBroker
+
+    class Failing(MemoryBroker):
+        async def history(self, channel, **kwargs):
+            raise RuntimeError("the broker broke")
+
+    gateway = Gateway(Config(port=0), broker=Failing(), implementation=impl_name)
+    async with running_gateway(gateway=gateway) as gw:
+        async with json_client(gw) as client:
+            reply = await client.request(type="history", channel="c", id=7)
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", "internal_error", 7)
+            assert (await client.request(type="ping", id=8))["type"] == "pong"

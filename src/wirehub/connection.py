@@ -338,13 +338,8 @@ class Connection:
         if done.cancelled() or self.batch.closed:
             return
         exc = done.exception()
-        if isinstance(exc, WirehubError):
-            self._metrics.errors_total[exc.code] += 1
-            self._reply(_error(exc, msg.id), codec, opcode)
-        elif exc is not None:
-            logger.error("publish failed", exc_info=exc, extra={"client_id": self.client_id})
-            self._metrics.errors_total[ErrorCode.INTERNAL_ERROR] += 1
-            self._reply(Error(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", msg.id), codec, opcode)
+        if exc is not None:
+            self._failed(exc, msg, codec, opcode)
         elif msg.id is not None:
             result = done.result()
             position, duplicate = result if type(result) is tuple else (result, False)
@@ -553,19 +548,26 @@ class Connection:
         if task.cancelled() or self.batch.closed:
             return
         exc = task.exception()
-        if isinstance(exc, WirehubError):
-            self._metrics.errors_total[exc.code] += 1
-            self._reply(_error(exc, msg.id), codec, opcode)
-        elif exc is not None:
-            self._internal_error(msg, codec, opcode, exc)
+        if exc is not None:
+            self._failed(exc, msg, codec, opcode)
         elif isinstance(task.result(), bytes):
             self.push(opcode, task.result())
         elif task.result() is not None:
             self.send(_answering(task.result(), msg))
 
-    def _internal_error(self, msg: CustomMessage, codec: JsonCodec | TlvCodec, opcode: int,
+    def _failed(self, exc: BaseException, msg: Any, codec: JsonCodec | TlvCodec, opcode: int) -> None:
+        """Answer a request whose task (or broker future) failed: with its
+        error, or ``internal_error`` for anything else."""
+        if isinstance(exc, WirehubError):
+            self._metrics.errors_total[exc.code] += 1
+            self._reply(_error(exc, msg.id), codec, opcode)
+        else:
+            self._internal_error(msg, codec, opcode, exc)
+
+    def _internal_error(self, msg: Any, codec: JsonCodec | TlvCodec, opcode: int,
                         exc: BaseException | None = None) -> None:
-        logger.error("handler for %r failed", msg.type, exc_info=exc or True,
+        # A custom message names its type; a built-in one (a history read, a publish) its class.
+        logger.error("handling %r failed", getattr(msg, "type", type(msg).__name__), exc_info=exc or True,
                      extra={"client_id": self.client_id})
         self._metrics.errors_total[ErrorCode.INTERNAL_ERROR] += 1
         self._reply(Error(ErrorCode.INTERNAL_ERROR, "internal error; see the server log", msg.id),

@@ -784,7 +784,8 @@ class RedisBroker:
         except (RedisError, OSError, TimeoutError) as exc:
             raise Unavailable(f"the broker is unavailable: {exc}") from None
         position = StreamPosition(offset, epoch)
-        horizon = self._clock() - int(ttl_ms or 0) / 1000 if ttl_ms and int(ttl_ms) else None
+        ttl_s = int(ttl_ms or 0) / 1000
+        horizon = self._clock() - ttl_s if ttl_s else None
         kept = [_entry(channel, epoch, entry_id, fields) for entry_id, fields in page]
         first_offset = offset + 1
         for entry_id, fields in oldest:
