@@ -242,7 +242,7 @@ class SnapshotSource:
         pass
 
     def emit(self, channel: str, n: int) -> None:
-        self.offsets[channel] = self.host.emit(channel, msgspec.json.encode({"n": n}))
+        self.offsets[channel] = self.host.emit(channel, msgspec.json.encode({"n": n})).offset
 
 
 async def test_a_sources_snapshot_at_the_subscribed_offset_is_delivered():

@@ -30,6 +30,7 @@ from picows import WSListener, WSMsgType, ws_connect
 from docker_engine import LABEL, containers, engine_host, managed, run_script, stop_started_engine, wait_for
 from helpers import (connect_recording, json_client, no_position, running_gateway, start_server,
                      subscribed_position, until)
+from redis_server import RedisServer
 
 from wirehub import Config, Gateway
 from wirehub.sources.docker import DockerSources
@@ -638,6 +639,113 @@ async def test_wirehub_serve_docker(docker_host, made):
             await ws.send(json.dumps({"type": "subscribe", "channel": f"logs:{cid}", "tail": 10}))
             assert json.loads(await ws.recv())["type"] == "subscribed"
             assert json.loads(await ws.recv())["data"]["line"] == "from-serve"
+
+
+# -- in a cluster (a shared broker) -----------------------------------------------
+
+
+def lease_of(redis_server, channel: str) -> str:
+    """``<node id> <state>`` of the channel's lease in Redis, or "" when nobody holds it."""
+    return redis_server.command("GET", f"wh:{{{channel}}}:lease").decode().strip()
+
+
+async def test_a_cluster_follows_a_container_once_and_takes_over_when_its_follower_dies(
+        docker_host, made, redis_server):
+    """Gateway A (``wirehub serve``) and gateway B on one Redis, a viewer on each:
+    A holds the channel's lease and follows the engine, B only relays what
+    Redis carries. A is SIGKILLed mid-stream: within a few seconds B takes
+    the lease over and follows again from the last line Redis has, so B's
+    viewer sees every line once, in order, with consecutive offsets."""
+    cid = made.create(f"{wait_for()}; i=1; while [ ! -e /tmp/end ]; do echo $i; i=$((i+1)); sleep 0.01; done; "
+                      f"exit 0")
+    ch = f"logs:{cid}"
+    with start_server("--docker", "--docker-host", docker_host, "--broker", redis_server.url) as (proc, port):
+        async with json_client(port) as a:
+            assert (await a.request(type="subscribe", channel=ch, id=1))["type"] == "subscribed"
+            gw_b, sources_b = docker_gateway(docker_host, config={"broker": redis_server.url})
+            logs_b = sources_b.logs
+            async with running_gateway(gateway=gw_b), json_client(gw_b) as b:
+                assert (await b.request(type="subscribe", channel=ch, id=2))["type"] == "subscribed"
+                holder = lease_of(redis_server, ch)
+                assert holder.endswith(" live") and not holder.startswith(gw_b.broker.node_id)
+                assert logs_b.stats.streams_started == 0 and ch in logs_b.remote  # one engine stream: A's
+                await asyncio.to_thread(made.signal, cid)
+                seen_a, _ = await read_lines(a, ch, count=100)
+                before, _ = await read_lines(b, ch, count=100)
+                assert [(m["offset"], m["data"]) for m in before] == [(m["offset"], m["data"]) for m in seen_a]
+
+                proc.kill()
+                await until(lambda: logs_b.stats.running == 1, timeout_s=20, what="B following after A died")
+                assert lease_of(redis_server, ch).startswith(gw_b.broker.node_id)
+                after, _ = await read_lines(b, ch, count=300, timeout_s=20)
+                seen = before + after
+                assert numbers(seen) == list(range(1, len(seen) + 1))
+                assert_consecutive_offsets(seen)
+                await asyncio.to_thread(made.signal, cid, "end")
+                rest, end = await read_lines(b, ch, timeout_s=20)
+                assert numbers(seen + rest) == list(range(1, len(seen + rest) + 1))
+                assert end["data"]["exit_code"] == 0 and end["offset"] == (seen + rest)[-1]["offset"] + 1
+
+
+async def test_a_follower_without_viewers_keeps_the_stream_while_another_gateway_has_some(
+        docker_host, made, redis_server):
+    """A follows, B relays; A's only viewer leaves: A keeps following for B's
+    viewer (B wants the lease), and stops and gives the lease up once B's
+    viewer has left too."""
+    cid = made.create(f"{wait_for()}; i=1; while [ ! -e /tmp/end ]; do echo $i; i=$((i+1)); sleep 0.01; done")
+    ch = f"logs:{cid}"
+    options = {"logs_options": {"lease_s": 0.6}}
+    gw_a, sources_a = docker_gateway(docker_host, config={"broker": redis_server.url}, **options)
+    gw_b, sources_b = docker_gateway(docker_host, config={"broker": redis_server.url}, **options)
+    logs_a, logs_b = sources_a.logs, sources_b.logs
+    async with running_gateway(gateway=gw_a), running_gateway(gateway=gw_b):
+        async with json_client(gw_b) as b:
+            async with json_client(gw_a) as a:
+                assert (await a.request(type="subscribe", channel=ch, tail=5, id=1))["type"] == "subscribed"
+                assert (await b.request(type="subscribe", channel=ch, tail=5, id=2))["type"] == "subscribed"
+                assert logs_a.stats.running == 1 and logs_b.stats.streams_started == 0
+                await asyncio.to_thread(made.signal, cid)
+                await read_lines(a, ch, count=10)
+                await until(lambda: logs_a.channels[ch].wanted, what="A told that B wants the stream")
+            await until(lambda: gw_a.hub.viewers(ch) == 0, what="A's viewer gone")
+            # 200 lines take two seconds: several lease periods and grace periods of A.
+            seen, _ = await read_lines(b, ch, count=200)
+            assert numbers(seen) == list(range(1, 201))
+            assert logs_a.stats.running == 1 and logs_a.stats.streams_stopped == 0
+            assert logs_b.stats.streams_started == 0
+        await until(lambda: logs_a.stats.running == 0, what="A stopped after B's viewer left")
+        await until(lambda: lease_of(redis_server, ch) == "", what="the lease given up")
+        assert logs_b.stats.streams_started == 0
+    await asyncio.to_thread(made.signal, cid, "end")
+
+
+async def test_lines_published_while_redis_was_down_are_read_again_from_the_engine(docker_host, made, tmp_path):
+    """The follower's Redis is killed mid-stream and restarted (with AOF, so
+    it loses nothing it acknowledged): publishing fails and the gateway stops
+    following; once Redis answers it takes the lease again and reads the
+    engine's backlog from the last line Redis has. The viewer, which stayed
+    connected, sees every line once, in order, with consecutive offsets."""
+    server = RedisServer(tmp_path, appendonly=True).start()
+    cid = made.create(f"{wait_for()}; i=1; while [ ! -e /tmp/end ]; do echo $i; i=$((i+1)); sleep 0.01; done")
+    ch = f"logs:{cid}"
+    gw, sources = docker_gateway(docker_host, config={"broker": server.url}, logs_options={"lease_s": 0.6})
+    logs = sources.logs
+    try:
+        async with running_gateway(gateway=gw), json_client(gw) as viewer:
+            assert (await viewer.request(type="subscribe", channel=ch, id=1))["type"] == "subscribed"
+            await asyncio.to_thread(made.signal, cid)
+            before, _ = await read_lines(viewer, ch, count=50)
+            server.stop()
+            await until(lambda: logs.stats.streams_stopped == 1, what="following stopped when publishing failed")
+            server.start()
+            await until(lambda: logs.stats.streams_started == 2, timeout_s=20, what="following again")
+            after, _ = await read_lines(viewer, ch, count=300, timeout_s=20)
+            seen = before + after
+            assert numbers(seen) == list(range(1, len(seen) + 1))
+            assert_consecutive_offsets(seen)
+            await asyncio.to_thread(made.signal, cid, "end")
+    finally:
+        server.stop()
 
 
 # -- runners ------------------------------------------------------------------------

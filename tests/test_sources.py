@@ -59,7 +59,7 @@ class ScriptedSource:
 
     def emit(self, channel, n):
         data = f'{{"n":{n}}}'.encode()
-        self.ring.setdefault(channel, []).append((self.host.emit(channel, data), data))
+        self.ring.setdefault(channel, []).append((self.host.emit(channel, data).offset, data))
 
     def admit_all(self):
         pending, self.pending = self.pending, {}

@@ -220,8 +220,9 @@ class Hub:
         self._index_version = 0
         self.clients: dict[str, Connection] = {}
         self._broker = broker
-        # Sources' channels ($sys:metrics, logs:*) are this process's own:
-        # with a shared broker they stay in a local one (``_broker_for``).
+        # Sources' channels ($sys:metrics, runners) are this process's own:
+        # with a shared broker they stay in a local one, unless their source
+        # shares them with the cluster (logs:*, ``_broker_for``).
         self._local = local_broker or broker
         self._json = json_codec
         self._tlv = tlv_codec
@@ -251,9 +252,10 @@ class Hub:
             self._local.bind(self)
 
     def _broker_for(self, name: str) -> Broker:
-        if self._local is self._broker or self.source_for(name) is None:
+        if self._local is self._broker:
             return self._broker
-        return self._local
+        source = self.source_for(name)
+        return self._broker if source is None or source.shares(name) else self._local
 
     def add_source(self, source: Source) -> None:
         """Hand the channels ``source`` owns to it (``sources/base.py``)."""
@@ -637,10 +639,11 @@ class Hub:
 
     # -- SourceHost -------------------------------------------------------------
 
-    def emit(self, channel: str, data: bytes) -> int:
-        """Publish a source's JSON ``data`` on ``channel``; return its offset."""
+    def emit(self, channel: str, data: bytes) -> Published:
+        """Publish a source's JSON ``data`` on ``channel``: its position, or a
+        future of it when the source shares the channel with the cluster."""
         self._metrics.publications_total += 1
-        return self._local.publish(channel, data, history=self.policies.for_channel(channel).history).offset
+        return self._broker_for(channel).publish(channel, data, history=self.policies.for_channel(channel).history)
 
     def send_history(self, conn: Connection, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
         """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s."""

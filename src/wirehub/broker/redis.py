@@ -51,6 +51,7 @@ import msgspec
 from ..protocol.errors import Unavailable
 from ..protocol.messages import Publication, PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
+from .leases import Leases
 from .nodes import NodeRegistry, text
 
 try:
@@ -305,6 +306,7 @@ class RedisBroker:
         # This node's figures for the others (the gateway sets it; ``nodes.SHARED``).
         self.node_figures: Callable[[], dict[str, Any]] = dict
         self.registry: NodeRegistry | None = None
+        self.leases = Leases(self.node_id)  # jobs one node of the cluster does (``leases.py``)
         # Counters for /metrics (``metric_lines``).
         self.outages_total = 0
         self.resubscribes_total = 0
@@ -332,6 +334,7 @@ class RedisBroker:
             raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {exc}") from None
         self._ensure_script = self._redis.register_script(ENSURE_SCRIPT)
         self._down = None
+        self.leases.connect(self._redis)
         self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
                                      presence=self._take_presence, clock=self._clock)
         self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._supervise()),

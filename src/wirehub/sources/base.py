@@ -32,7 +32,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from ..protocol.messages import Reply, Subscribe
+from ..broker.base import HistoryPage, Published
+from ..protocol.messages import Reply, StreamPosition, Subscribe
 
 logger = logging.getLogger("wirehub.sources")
 
@@ -49,8 +50,17 @@ class Subscriber(Protocol):
 class SourceHost(Protocol):
     """What a source may ask of the hub (the hub implements it)."""
 
-    def emit(self, channel: str, data: bytes) -> int:
-        """Publish JSON ``data`` on ``channel``; return the publication's offset."""
+    def emit(self, channel: str, data: bytes) -> Published:
+        """Publish JSON ``data`` on ``channel``: the publication's position, or
+        (a channel the source ``shares``) a future of it from the shared broker.
+
+        Raises:
+            Unavailable: the shared broker cannot take it now.
+        """
+
+    async def history(self, channel: str, since: StreamPosition | None = None, limit: int = 100,
+                      reverse: bool = False) -> HistoryPage:
+        """The publications kept on ``channel`` after ``since`` (before it, newest first, with ``reverse``)."""
 
     def send_history(self, conn: Subscriber, channel: str, entries: Iterable[tuple[int, bytes]]) -> None:
         """Send ``(offset, JSON data)`` entries to ``conn`` alone, as ``message``s on ``channel``."""
@@ -81,6 +91,10 @@ class Source(Protocol):
 
     def owns(self, channel: str) -> bool:
         """Whether ``channel`` belongs to this source (clients may not publish on it)."""
+
+    def shares(self, channel: str) -> bool:
+        """Whether ``channel`` goes through the shared broker (``--broker redis://``),
+        for the subscribers of every gateway, rather than through this gateway's own."""
 
     def bind(self, host: SourceHost) -> None:
         """Register the hub; called once, before ``start``."""

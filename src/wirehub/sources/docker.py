@@ -80,6 +80,8 @@ class DockerSources:
 
     def install(self, gateway: Any) -> None:
         """Add the channels, the ``runner_*`` commands and the metrics to ``gateway``."""
+        # On a shared broker, one gateway of the cluster follows each container's logs.
+        self.logs.leases = getattr(gateway.broker, "leases", None)
         gateway.add_source(self)
         # Log lines go into the channels' history too (unless a [[channels]]
         # pattern says otherwise): a viewer that reconnects with ``since``
@@ -100,6 +102,9 @@ class DockerSources:
 
     def owns(self, channel: str) -> bool:
         return self.logs.owns(channel) or self.runners.owns(channel)
+
+    def shares(self, channel: str) -> bool:
+        return self._part(channel).shares(channel)
 
     def bind(self, host: SourceHost) -> None:
         for part in self._parts:

@@ -136,6 +136,9 @@ class DockerEventsSource:
     def owns(self, channel: str) -> bool:
         return channel == RUNNERS or channel.startswith(PREFIX)
 
+    def shares(self, channel: str) -> bool:
+        return False  # each gateway watches its engine's events itself
+
     def bind(self, host: SourceHost) -> None:
         self._host = host
 
@@ -222,7 +225,8 @@ class DockerEventsSource:
         self._host.join(conn, channel)
 
     def _publish(self, channel: str, payload: Any) -> None:
-        self._offsets[channel] = self._host.emit(channel, msgspec.json.encode(payload))
+        # This gateway's own channels (not shared): the position comes at once.
+        self._offsets[channel] = self._host.emit(channel, msgspec.json.encode(payload)).offset
 
     def _update(self, action: str, runner: Runner) -> None:
         if action == "deleted":

@@ -58,6 +58,26 @@ Backpressure: the handoff holds at most ``queue_lines`` lines /
 ``queue_bytes`` bytes; past that the reader thread blocks, stops reading
 its socket, and the engine waits (it reads the log file, so the container
 itself is never slowed).
+
+In a cluster (a shared broker with ``leases``): the channels go through
+the shared broker, and one gateway follows each, the holder of its lease
+in Redis (``broker/leases.py``). A gateway whose first subscriber arrives
+takes the lease if it is free and follows the container as above, with
+lines stamped at or before the last line the channel's history holds
+skipped; otherwise it keeps the subscribers pending until the lease says
+the holder has read the backlog (``live``), and from then on its
+subscribers get the holder's lines through Redis. Every admission is a
+recovery by the hub, which finds where the live stream starts on the
+shared broker; the holder admits its own pending subscribers once the
+broker has acknowledged the backlog. Every ``lease_s / 3`` a gateway renews
+the leases it holds and, for the channels it watches but does not follow,
+says it wants them and takes any lease that expired (its holder died):
+the stream goes on within ``lease_s`` plus a third, from the last line the
+history has, so nothing is lost that the engine still has in its last
+``ring_lines``. A holder keeps following while another gateway wants the
+channel, and stops ``stop_grace_s`` after the last want expired. A line
+the shared broker refuses (Redis down) stops the stream; the channel is
+taken again, and the backlog read again, once Redis answers.
 """
 
 from __future__ import annotations
@@ -67,21 +87,27 @@ import collections
 import concurrent.futures
 import datetime
 import email.utils
+import functools
 import logging
 import select
 import socket
 import ssl
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..protocol.errors import Forbidden, InvalidChannel, InvalidField, TooManySubscriptions, WirehubError
-from ..protocol.messages import Error, Subscribe, Subscribed
+from ..protocol.errors import (Forbidden, InvalidChannel, InvalidField, TooManySubscriptions, Unavailable,
+                               WirehubError)
+from ..protocol.messages import Error, StreamPosition, Subscribe, Subscribed
 from .base import Answer, Handoff, SourceHost, Subscriber
 from .docker_engine import Engine
 from .docker_stream import ChunkedDecoder, EngineStreamError, LogDecoder, StreamFormatError
+
+if TYPE_CHECKING:
+    from ..broker.leases import Leases
 
 logger = logging.getLogger("wirehub.sources.docker_logs")
 
@@ -89,6 +115,16 @@ PREFIX = "logs:"
 # Channels no longer followed whose last line is remembered (``DockerLogsSource._seen``).
 SEEN_CHANNELS = 4096
 RESOLVED, CAUGHT_UP, END, ERROR = "resolved", "caught_up", "end", "error"
+# In a cluster, what a channel's lease says of it: its holder is reading
+# the engine's backlog, follows it live, or saw the stream end.
+STARTING, LIVE, ENDED = "starting", "live", "ended"
+# The stream_end of a channel another gateway follows: only known to be there.
+ENDED_ELSEWHERE: tuple[int | None, bytes] = (None, b"")
+# How often a gateway waiting for another's stream to catch up looks again.
+HOLDER_POLL_S = 0.05
+# Publications read back to find the last line a channel has (``DockerLogsSource._take``).
+LAST_LINES = 8
+LINE_START = b'{"ts":"'
 # How far the engine's ``Date`` header may be outside the interval in which
 # the gateway made the request before the clocks count as disagreeing.
 CLOCK_TOLERANCE_NS = 250_000_000
@@ -395,7 +431,8 @@ class _Stream:
     its channel attaches to that one.
     """
 
-    __slots__ = ("container", "container_id", "handoff", "reader", "channels", "caught_up", "running")
+    __slots__ = ("container", "container_id", "handoff", "reader", "channels", "caught_up", "catching_up",
+                 "running", "last_publish")
 
     def __init__(self, container: str) -> None:
         self.container = container              # as the first channel named it
@@ -404,7 +441,10 @@ class _Stream:
         self.reader: _Reader | None = None
         self.channels: list[_LogChannel] = []
         self.caught_up = False
+        self.catching_up = False
         self.running = False
+        # In a cluster, the shared broker's answer to the latest line published.
+        self.last_publish: asyncio.Future[StreamPosition] | None = None
 
 
 def ts_key(line: bytes) -> bytes:
@@ -419,19 +459,27 @@ def ts_key(line: bytes) -> bytes:
     return seconds + b"." + fraction.ljust(9, b"0")
 
 
+Pending = dict[str, tuple[Subscriber, Subscribe, Answer]]
+"""Subscribers waiting for a stream to catch up, by client id."""
+
+
 class _LogChannel:
     """One ``logs:<container>`` channel: its own offsets, ring and pending subscribers."""
 
-    __slots__ = ("name", "stream", "ring", "ring_bytes", "pending", "end", "stop_timer", "after", "last")
+    __slots__ = ("name", "stream", "ring", "ring_bytes", "pending", "end", "stop_timer", "after", "last",
+                 "wanted")
 
     def __init__(self, name: str, stream: _Stream, after: bytes | None = None) -> None:
         self.name = name
         self.stream = stream
-        self.ring: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.ring: collections.deque[bytes] = collections.deque()
         self.ring_bytes = 0
-        self.pending: dict[str, tuple[Subscriber, Subscribe, Answer]] = {}
-        self.end: tuple[int, bytes] | None = None
+        self.pending: Pending = {}
+        # The stream_end published (offset, data); the offset is None when a
+        # shared broker assigned it.
+        self.end: tuple[int | None, bytes] | None = None
         self.stop_timer: asyncio.TimerHandle | None = None
+        self.wanted = False  # in a cluster: another gateway has subscribers (``Lease.wanted``)
         # A channel followed before (its history has those lines): lines
         # stamped at or before ``after`` (``ts_key``) are not published again.
         self.after = after
@@ -446,13 +494,30 @@ class _LogChannel:
         self.after = None  # the engine's lines come in order: no more to skip
         return True
 
-    def keep(self, offset: int, line: bytes, max_lines: int, max_bytes: int) -> None:
+    def keep(self, line: bytes, max_lines: int, max_bytes: int) -> None:
         """Add a published line to the ring; the oldest go past either limit."""
         ring = self.ring
-        ring.append((offset, line))
+        ring.append(line)
         self.ring_bytes += len(line)
         while len(ring) > max_lines or self.ring_bytes > max_bytes:
-            self.ring_bytes -= len(ring.popleft()[1])
+            self.ring_bytes -= len(ring.popleft())
+
+    def word(self) -> str:
+        """What the lease tells the cluster about this channel."""
+        return ENDED if self.end is not None else LIVE if self.stream.caught_up else STARTING
+
+
+class _Remote:
+    """In a cluster: a channel with subscribers here that another gateway
+    follows (or nobody yet, when it has just died)."""
+
+    __slots__ = ("name", "pending", "state", "task")
+
+    def __init__(self, name: str, pending: Pending | None = None) -> None:
+        self.name = name
+        self.pending: Pending = pending or {}
+        self.state = ""  # the holder's word at the last look
+        self.task: asyncio.Task[None] | None = None  # ``_take_or_wait``, while it runs
 
 
 class DockerLogsSource:
@@ -474,12 +539,16 @@ class DockerLogsSource:
             a flush can run between two slices: at 128 lines (about 1 ms with
             one subscriber) a ping's round trip stayed at 2 ms median / 17 ms
             p99 while 50,000 lines/s streamed; 1024 lines gave 5 / 45 ms.
+        leases: the shared broker's leases (``--broker redis://``): the
+            channels then go through the shared broker, and one gateway of the
+            cluster follows each (module docstring, "In a cluster").
+        lease_s: how long a lease outlives its holder; it is renewed every third of it.
     """
 
     def __init__(self, engine: Engine, *, ring_lines: int = 1000, ring_bytes: int = 8 << 20,
                  max_streams: int = 256, stop_grace_s: float = 0.5, quiet_s: float = 0.05,
                  catch_up_max_s: float = 1.0, queue_lines: int = 8192, queue_bytes: int = 8 << 20,
-                 batch_lines: int = 128) -> None:
+                 batch_lines: int = 128, leases: Leases | None = None, lease_s: float = 3.0) -> None:
         self.engine = engine
         self.ring_lines = ring_lines
         self.ring_bytes = ring_bytes
@@ -501,21 +570,44 @@ class DockerLogsSource:
         # followed again, the engine's backlog it already has is skipped, so
         # its history (and a ``since`` resume) holds each line once.
         self._seen: dict[str, bytes] = {}
+        # In a cluster: the channels watched here that another gateway follows.
+        self.leases = leases
+        self.lease_s = lease_s
+        self.remote: dict[str, _Remote] = {}
+        self._keeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     # -- Source ---------------------------------------------------------------
 
     def owns(self, channel: str) -> bool:
         return channel.startswith(PREFIX)
 
+    def shares(self, channel: str) -> bool:
+        return self.leases is not None
+
     def bind(self, host: SourceHost) -> None:
         self._host = host
 
     async def start(self) -> None:
-        pass  # streams start with their first subscriber
+        # Streams start with their first subscriber; in a cluster, leases are kept from now.
+        if self.leases is not None:
+            self._keeper = asyncio.ensure_future(self._keep())
 
     async def close(self) -> None:
+        self._closing = True
+        tasks = [task for task in (self._keeper, *self._tasks) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        held = list(self.channels)
         for stream in list(self.streams):
-            self._stop(stream)
+            self._stop(stream, release=False)
+        if self.leases is not None and held:
+            try:  # the next gateway need not wait for them to expire
+                await self.leases.release(held)
+            except Unavailable:
+                pass
         threads, self._threads = self._threads, []
         # Readers wake up at once (their sockets are shut down); one stuck in
         # a request to a hung engine is a daemon thread and is left behind.
@@ -532,21 +624,26 @@ class DockerLogsSource:
         if state is None:
             if len(channel) == len(PREFIX):
                 raise InvalidChannel("logs:<container> needs a container id or name")
+            if self.leases is not None:
+                self._subscribe_remote(conn, channel, request, answer)
+                return False
             # A new name may turn out to be an alias, but only the engine can
             # tell: it takes a place (and a thread) while it is resolved.
-            if len(self.streams) >= self.max_streams:
-                raise TooManySubscriptions(f"the gateway follows at most {self.max_streams} containers at once")
-            state = self.channels[channel] = self._start(channel)
+            self._check_room()
+            state = self.channels[channel] = self._start(channel, self._seen.pop(channel, None))
         if state.stop_timer is not None:
             state.stop_timer.cancel()
             state.stop_timer = None
         if state.stream.caught_up:
-            self._admit(state, conn, request, answer)
+            self._admit(state.name, state.end, conn, request, answer)
         else:
             state.pending[conn.client_id] = (conn, request, answer)
         return False
 
     def cancel(self, conn: Subscriber, channel: str) -> bool:
+        remote = self.remote.get(channel)
+        if remote is not None:
+            return remote.pending.pop(conn.client_id, None) is not None
         state = self.channels.get(channel)
         if state is None or state.pending.pop(conn.client_id, None) is None:
             return False
@@ -554,6 +651,8 @@ class DockerLogsSource:
         return True
 
     def forget(self, conn: Subscriber) -> None:
+        for remote in self.remote.values():
+            remote.pending.pop(conn.client_id, None)
         for state in list(self.channels.values()):
             if state.pending.pop(conn.client_id, None) is not None:
                 self._release(state)
@@ -565,10 +664,15 @@ class DockerLogsSource:
 
     # -- streams and channels --------------------------------------------------
 
-    def _start(self, name: str) -> _LogChannel:
-        """A channel with a stream of its own, whose reader resolves the container."""
+    def _check_room(self) -> None:
+        if len(self.streams) >= self.max_streams:
+            raise TooManySubscriptions(f"the gateway follows at most {self.max_streams} containers at once")
+
+    def _start(self, name: str, after: bytes | None) -> _LogChannel:
+        """A channel with a stream of its own, whose reader resolves the container;
+        lines stamped at or before ``after`` (``ts_key``) are not published again."""
         stream = _Stream(name[len(PREFIX):])
-        state = _LogChannel(name, stream, self._seen.pop(name, None))
+        state = _LogChannel(name, stream, after)
         stream.channels.append(state)
         stream.handoff = Handoff(asyncio.get_running_loop(), lambda items: self._deliver(stream, items),
                                  max_items=self.queue_lines, max_bytes=self.queue_bytes,
@@ -603,10 +707,11 @@ class DockerLogsSource:
         """Make ``state`` an alias of ``stream``: give it the lines the others
         have (published on it, nobody has joined it yet), then the live ones."""
         state.stream = stream
-        emit, name = self._host.emit, state.name
-        for _, line in stream.channels[0].ring:
+        name = state.name
+        for line in stream.channels[0].ring:
             if state.is_new(line):
-                state.keep(emit(name, line), line, self.ring_lines, self.ring_bytes)
+                self._emit(stream, name, line)
+                state.keep(line, self.ring_lines, self.ring_bytes)
                 state.last = line
         stream.channels.append(state)
         if stream.caught_up:
@@ -622,13 +727,16 @@ class DockerLogsSource:
         if stream.container_id is not None and self._by_id.get(stream.container_id) is stream:
             del self._by_id[stream.container_id]
 
-    def _stop(self, stream: _Stream) -> None:
-        """Stop the stream and forget its channels."""
+    def _stop(self, stream: _Stream, release: bool = True) -> None:
+        """Stop the stream and forget its channels (in a cluster, give up their
+        leases unless ``release`` is false)."""
         self.streams.discard(stream)
+        names = []
         for state in stream.channels:
             if self.channels.get(state.name) is state:
                 del self.channels[state.name]
                 self._remember(state)
+                names.append(state.name)
             if state.stop_timer is not None:
                 state.stop_timer.cancel()
                 state.stop_timer = None
@@ -636,6 +744,8 @@ class DockerLogsSource:
             stream.reader.stop()
             stream.reader = None
         self._finished(stream)
+        if release:
+            self._give_up(names)
         logger.info("stopped following logs of %s", stream.container)
 
     def _release(self, state: _LogChannel) -> None:
@@ -645,9 +755,10 @@ class DockerLogsSource:
                 self.stop_grace_s, self._detach_if_unwatched, state)
 
     def _detach_if_unwatched(self, state: _LogChannel) -> None:
-        """Forget an unwatched channel; the stream stops with its last channel."""
+        """Forget an unwatched channel; the stream stops with its last channel.
+        In a cluster, a channel another gateway wants is kept (``_renew`` looks again)."""
         state.stop_timer = None
-        if state.pending or self._host.viewers(state.name) != 0:
+        if state.pending or self._host.viewers(state.name) != 0 or state.wanted:
             return
         stream = state.stream
         if len(stream.channels) == 1:
@@ -656,6 +767,7 @@ class DockerLogsSource:
         del self.channels[state.name]
         self._remember(state)
         stream.channels.remove(state)
+        self._give_up([state.name])
 
     def _remember(self, state: _LogChannel) -> None:
         if state.last is not None:
@@ -664,68 +776,91 @@ class DockerLogsSource:
             while len(self._seen) > SEEN_CHANNELS:
                 del self._seen[next(iter(self._seen))]
 
-    def _admit(self, state: _LogChannel, conn: Subscriber, request: Subscribe, answer: Answer) -> None:
-        if not self._host.allowed(conn, state.name):
-            answer(Error(Forbidden.code, f"not allowed to subscribe to {state.name[:64]!r}", request.id))
+    def _admit(self, name: str, end: tuple[int | None, bytes] | None, conn: Subscriber, request: Subscribe,
+               answer: Answer) -> None:
+        """Subscribe ``conn`` now; ``end`` is the channel's stream_end, if it has one."""
+        if not self._host.allowed(conn, name):
+            answer(Error(Forbidden.code, f"not allowed to subscribe to {name[:64]!r}", request.id))
             return
-        if request.since is not None or request.tail:
+        if self.leases is not None and end is not None and request.since is None and not request.tail:
+            # The stream_end is the channel's last publication.
+            request = msgspec.structs.replace(request, tail=1)
+        if request.since is not None or request.tail or self.leases is not None:
             # The lines are in the channel's history too (the ``logs:**``
             # default DockerSources installs), with the offsets they were
             # published at, across restarts of the stream: the hub's recovery
-            # sends the asked ones and joins the live stream to them.
+            # sends the asked ones and joins the live stream to them. On a
+            # shared broker it also finds where the live stream starts.
             try:
-                self._host.recover(conn, state.name, request, answer)
+                self._host.recover(conn, name, request, answer)
             except WirehubError as exc:
                 answer(Error(exc.code, exc.message, request.id))
             return
         # One callback: the reply, the end of an ended stream, the join.
-        answer(Subscribed(state.name, request.id))
-        if state.end is not None:
-            self._host.send_history(conn, state.name, [state.end])
-        self._host.join(conn, state.name, request.max_rate)
+        answer(Subscribed(name, request.id))
+        if end is not None:
+            self._host.send_history(conn, name, [end])
+        self._host.join(conn, name, request.max_rate)
 
     def _admit_pending(self, state: _LogChannel) -> None:
         pending, state.pending = state.pending, {}
         for conn, request, answer in pending.values():
-            self._admit(state, conn, request, answer)
+            self._admit(state.name, state.end, conn, request, answer)
 
     def _catch_up(self, stream: _Stream) -> None:
-        if stream.caught_up:
+        """The engine's backlog is in: admit the pending subscribers (in a
+        cluster, once the shared broker has the backlog)."""
+        if stream.caught_up or stream.catching_up:
+            return
+        stream.catching_up = True
+        self._when_published(stream, lambda: self._caught_up(stream))
+
+    def _caught_up(self, stream: _Stream) -> None:
+        if stream not in self.streams:
             return
         stream.caught_up = True
         for state in stream.channels:
             self._admit_pending(state)
+        self._announce(stream)
 
     def _deliver(self, stream: _Stream, items: list[Any]) -> None:
         if stream not in self.streams:
             return  # stopped while these were queued
-        emit = self._host.emit
         channels = stream.channels
         max_lines, max_bytes = self.ring_lines, self.ring_bytes
         lines = 0
-        for item in items:
-            if type(item) is bytes:
-                for state in channels:
-                    if state.after is None or state.is_new(item):
-                        state.keep(emit(state.name, item), item, max_lines, max_bytes)
-                        state.last = item
-                lines += 1
-                continue
-            kind, value = item
-            if kind == RESOLVED:
-                self._resolved(stream, *value)
-            elif kind == CAUGHT_UP:
-                self._catch_up(stream)
-            elif kind == END:
-                self._catch_up(stream)
-                for state in channels:
-                    state.end = (emit(state.name, value), value)
-                stream.reader = None
-                self._finished(stream)
-                for state in channels:
-                    self._release(state)
-            elif kind == ERROR:
-                self._fail(stream, value)
+        try:
+            for item in items:
+                if type(item) is bytes:
+                    for state in channels:
+                        if state.after is None or state.is_new(item):
+                            self._emit(stream, state.name, item)
+                            state.keep(item, max_lines, max_bytes)
+                            state.last = item
+                    lines += 1
+                    continue
+                kind, value = item
+                if kind == RESOLVED:
+                    self._resolved(stream, *value)
+                elif kind == CAUGHT_UP:
+                    self._catch_up(stream)
+                elif kind == END:
+                    if self.leases is None:
+                        self._catch_up(stream)  # pending subscribers get the end live
+                    for state in channels:
+                        state.end = (self._emit(stream, state.name, value), value)
+                    # In a cluster, subscribers still pending are admitted with the end as their tail.
+                    self._catch_up(stream)
+                    if stream.caught_up:
+                        self._when_published(stream, lambda: self._announce(stream))
+                    stream.reader = None
+                    self._finished(stream)
+                    for state in channels:
+                        self._release(state)
+                elif kind == ERROR:
+                    self._fail(stream, value)
+        except Unavailable as exc:
+            self._broken(stream, exc)
         self.stats.lines += lines
 
     def _fail(self, stream: _Stream, error: WirehubError) -> None:
@@ -736,6 +871,193 @@ class DockerLogsSource:
             pending, state.pending = state.pending, {}
             for _, request, answer in pending.values():
                 answer(Error(error.code, error.message, request.id))
+
+    # -- in a cluster --------------------------------------------------------------
+
+    def _emit(self, stream: _Stream, name: str, line: bytes) -> int | None:
+        """Publish ``line`` on ``name``: its offset, or None when the shared broker assigns it.
+
+        Raises:
+            Unavailable: the shared broker cannot take it (``_deliver`` stops following).
+        """
+        published = self._host.emit(name, line)
+        if type(published) is StreamPosition:
+            return published.offset
+        stream.last_publish = published
+        published.add_done_callback(functools.partial(self._published, stream))
+        return None
+
+    def _published(self, stream: _Stream, future: asyncio.Future[StreamPosition]) -> None:
+        exc = future.exception() if not future.cancelled() else Unavailable("the gateway is stopping")
+        if exc is not None:
+            self._broken(stream, exc)
+
+    def _when_published(self, stream: _Stream, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the shared broker has every line published so far (now, on a local one)."""
+        last = stream.last_publish
+        if last is None or last.done():
+            callback()
+        else:
+            last.add_done_callback(lambda _: callback())
+
+    def _broken(self, stream: _Stream, exc: BaseException) -> None:
+        """A line could not be published: stop following here, and follow
+        again, from the last line the broker has, once it answers."""
+        if stream not in self.streams:
+            return
+        logger.warning("stopped following logs of %s: %s; following again when the broker answers",
+                       stream.container, exc)
+        self._hand_over(stream)
+
+    def _hand_over(self, stream: _Stream) -> None:
+        """Stop following ``stream`` here; its channels' subscribers stay, fed
+        by whichever gateway follows it next (this one, if it takes the lease)."""
+        watched = [(state.name, state.pending) for state in stream.channels
+                   if self.channels.get(state.name) is state]
+        self._stop(stream)
+        for name, pending in watched:
+            if pending or self._host.viewers(name):
+                remote = self.remote[name] = _Remote(name, pending)
+                self._look(remote)
+
+    def _subscribe_remote(self, conn: Subscriber, name: str, request: Subscribe, answer: Answer) -> None:
+        remote = self.remote.get(name)
+        if remote is None:
+            remote = self.remote[name] = _Remote(name)
+        if remote.state in (LIVE, ENDED):
+            self._admit(name, ENDED_ELSEWHERE if remote.state == ENDED else None, conn, request, answer)
+        else:
+            remote.pending[conn.client_id] = (conn, request, answer)
+            self._look(remote)
+
+    def _look(self, remote: _Remote) -> None:
+        if remote.task is None and not self._closing:
+            remote.task = self._spawn(self._take_or_wait(remote))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+        if self._closing:  # ``close`` releases the leases itself
+            work.close()
+            return None
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _take_or_wait(self, remote: _Remote) -> None:
+        """Take the channel's lease and follow it here, or admit the pending
+        subscribers once its holder has read the engine's backlog."""
+        name = remote.name
+        try:
+            while self.remote.get(name) is remote:
+                [lease] = await self.leases.hold([(name, STARTING, True)], self.lease_s)
+                if self.remote.get(name) is not remote:
+                    if lease.mine:
+                        self._give_up([name])
+                    return
+                if lease.mine:
+                    await self._take(remote)
+                    return
+                remote.state = lease.state
+                if lease.state in (LIVE, ENDED):
+                    pending, remote.pending = remote.pending, {}
+                    end = ENDED_ELSEWHERE if lease.state == ENDED else None
+                    for conn, request, answer in pending.values():
+                        self._admit(name, end, conn, request, answer)
+                    return
+                if not remote.pending:
+                    return
+                await asyncio.sleep(HOLDER_POLL_S)  # its holder is reading the backlog
+        except Unavailable as exc:
+            pending, remote.pending = remote.pending, {}
+            for _, request, answer in pending.values():
+                answer(Error(exc.code, exc.message, request.id))
+        finally:
+            remote.task = None
+
+    async def _take(self, remote: _Remote) -> None:
+        """Follow a channel whose lease this gateway now holds, from the last line its history has."""
+        name = remote.name
+        try:
+            page = await self._host.history(name, limit=LAST_LINES, reverse=True)
+        except BaseException:
+            self._give_up([name])
+            raise
+        if self.remote.get(name) is not remote:
+            self._give_up([name])
+            return
+        try:
+            self._check_room()
+        except WirehubError as exc:  # the next beat tries again, if anyone still watches
+            self._give_up([name])
+            pending, remote.pending = remote.pending, {}
+            for _, request, answer in pending.values():
+                answer(Error(exc.code, exc.message, request.id))
+            return
+        del self.remote[name]
+        after = next((ts_key(line) for line in (bytes(pub.data) for pub in page.publications)
+                      if line.startswith(LINE_START)), None)
+        state = self.channels[name] = self._start(name, after)
+        state.pending = remote.pending
+        if not state.pending and not self._host.viewers(name):
+            self._release(state)
+        logger.info("took the lease of %s", name)
+
+    def _announce(self, stream: _Stream) -> None:
+        """Tell the cluster what the stream's channels are now (``_LogChannel.word``)."""
+        if self.leases is None:
+            return
+        claims = [(state.name, state.word(), False) for state in stream.channels
+                  if self.channels.get(state.name) is state]
+        if claims:
+            self._spawn(self._hold_quietly(claims))
+
+    async def _hold_quietly(self, claims: list[tuple[str, str, bool]]) -> None:
+        try:
+            await self.leases.hold(claims, self.lease_s)
+        except Unavailable as exc:  # ``_keep`` tries again
+            logger.debug("lease update failed: %s", exc)
+
+    def _give_up(self, names: list[str]) -> None:
+        if self.leases is not None and names:
+            self._spawn(self._release_quietly(names))
+
+    async def _release_quietly(self, names: list[str]) -> None:
+        try:
+            await self.leases.release(names)
+        except Unavailable as exc:  # they expire by themselves
+            logger.debug("lease release failed: %s", exc)
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self._renew()
+            except Unavailable as exc:  # the broker's supervisor reports outages
+                logger.debug("lease renewal failed: %s", exc)
+            except Exception:  # a bug here must not stop the renewals
+                logger.exception("lease renewal failed")
+
+    async def _renew(self) -> None:
+        """Renew the leases held here, stop what nobody watches, and look for
+        channels watched here whose holder has gone."""
+        held = list(self.channels.values())
+        leases = await self.leases.hold([(state.name, state.word(), False) for state in held],
+                                         self.lease_s) if held else []
+        for state, lease in zip(held, leases, strict=True):
+            if self.channels.get(state.name) is not state:
+                continue
+            if not lease.mine:
+                logger.warning("%s is followed by gateway %s now", state.name, lease.holder)
+                self._hand_over(state.stream)
+                continue
+            state.wanted = lease.wanted
+            if state.stop_timer is None and not lease.wanted:
+                self._release(state)
+        for name, remote in list(self.remote.items()):
+            if remote.pending or self._host.viewers(name):
+                self._look(remote)
+            elif remote.task is None:
+                del self.remote[name]
 
     def metrics_lines(self) -> list[str]:
         s = self.stats
@@ -748,4 +1070,6 @@ class DockerLogsSource:
             f"wirehub_docker_log_streams_stopped_total {s.streams_stopped}",
             "# TYPE wirehub_docker_log_lines_total counter",
             f"wirehub_docker_log_lines_total {s.lines}",
+            "# TYPE wirehub_docker_log_channels_elsewhere gauge",
+            f"wirehub_docker_log_channels_elsewhere {len(self.remote)}",
         ]

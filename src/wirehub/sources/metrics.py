@@ -143,6 +143,9 @@ class MetricsSource:
     def owns(self, channel: str) -> bool:
         return channel.startswith(PREFIX)
 
+    def shares(self, channel: str) -> bool:
+        return False  # each gateway describes itself
+
     def bind(self, host: SourceHost) -> None:
         self._host = host
 
