@@ -25,6 +25,7 @@ from wirehub.client import Client, Gap
 from wirehub.config import ChannelOptions
 from wirehub.broker.base import HistoryOptions
 from wirehub.broker.memory import MemoryBroker, entry_bytes
+from wirehub.broker import redis as redis_module
 from wirehub.broker.redis import RedisBroker
 from wirehub.protocol.errors import Unavailable
 from wirehub.protocol.messages import Publication
@@ -305,7 +306,8 @@ async def test_redis_down_publishes_fail_fast_health_says_so_and_the_epoch_chang
                 notice = await reader.recv()
                 assert notice["type"] == "subscribed" and notice["recovered"] is False
                 assert notice["reason"] == "epoch_changed" and notice["position"]["epoch"] == published["epoch"]
-                assert (await reader.recv())["offset"] == 1
+                got = await reader.recv()
+                assert got.get("offset") == 1, got
                 assert "wirehub_broker_outages_total 1" in await _metrics(a)
     finally:
         server.stop()
@@ -375,6 +377,44 @@ async def test_a_redis_that_refuses_writes_answers_unavailable(tmp_path: Path):
                 assert 'wirehub_errors_total{code="unavailable"}' in await _metrics(gw)
     finally:
         server.stop()
+
+
+async def test_a_redis_that_stops_answering_fails_publishes_instead_of_hanging_them(redis_server, monkeypatch):
+    """Redis frozen (SIGSTOP) with a publish in flight: the publish is answered
+    ``unavailable`` once its reply is overdue, the broker reports the outage,
+    and once Redis runs again the node reconnects and publishes go on."""
+    monkeypatch.setattr(redis_module, "COMMAND_TIMEOUT_S", 0.5)
+    broker = RedisBroker(redis_server.url)
+    await broker.start()
+    try:
+        assert (await broker.publish("c", b"1")).offset == 1
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable, match="may or may not have been taken"):
+                await asyncio.wait_for(broker.publish("c", b"2"), 30)
+            assert broker.health() is not None and broker.outages_total == 1
+            with pytest.raises(Unavailable, match="unavailable"):
+                broker.publish("c", b"3")
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await until(lambda: broker.health() is None, timeout_s=30, what="the broker back")
+        assert (await broker.publish("c", b"4")).offset in (2, 3)  # "2" may have been taken
+    finally:
+        await broker.close()
+
+
+async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again(redis_server):
+    broker = RedisBroker(redis_server.url)
+    await broker.start()
+    try:
+        assert (await broker.publish("c", b"1")).offset == 1
+        redis_server.command("SCRIPT", "FLUSH")
+        with pytest.raises(Unavailable, match="lost wirehub's publish script"):
+            await broker.publish("c", b"2")
+        await until(lambda: broker.outages_total == 1 and broker.health() is None, what="a new connection")
+        assert (await broker.publish("c", b"3")).offset == 2
+    finally:
+        await broker.close()
 
 
 async def test_the_http_api_waits_for_redis(redis_server):

@@ -61,15 +61,23 @@ class NodeRegistry:
         self._presence = presence
         self._clock = clock
         self._unsent: dict[str, int] = {}  # counts a failed beat did not write
+        self.stopped = False
         self.nodes: dict[str, dict[str, Any]] = {}  # live nodes' figures, this one's included
 
     async def run(self) -> None:
-        while True:
+        """Beat until ``stop``. (Cancelling alone is not enough: an ``asyncio.timeout``
+        that expires as the task is cancelled turns the cancellation into a
+        ``TimeoutError``, which the loop would survive.)"""
+        while not self.stopped:
             try:
                 await self.beat()
             except (RedisError, OSError, TimeoutError) as exc:  # the broker's supervisor reports outages
                 logger.debug("node heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_S)
+            if not self.stopped:
+                await asyncio.sleep(HEARTBEAT_S)
+
+    def stop(self) -> None:
+        self.stopped = True
 
     async def beat(self) -> None:
         now_ms = int(self._clock() * 1000)

@@ -39,7 +39,6 @@ import asyncio
 import collections
 import hashlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -56,9 +55,9 @@ from .nodes import NodeRegistry, text
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import ConnectionError, RedisError
 
-    from .subscriber import SubscriptionConnection  # hiredis
+    from .connections import PipelineConnection, SubscriptionConnection, pack  # hiredis
 except ImportError:  # pragma: no cover - the extra is missing; ``check_url`` says so
     aioredis = None
 
@@ -285,14 +284,16 @@ class RedisBroker:
         self._subs: dict[str, _Sub] = {}
         self._patterns: dict[str, str] = {}  # wirehub pattern -> glob
         self._globs: collections.Counter[str] = collections.Counter()
-        self._queue: list[tuple[bytes, asyncio.Future[Any], bool]] = []  # (EVALSHA, answer, idempotent)
-        self._publish_connection: Any = None
-        self._publishing = False  # a batch is out on ``_publish_connection``
+        # Publishes to write at the end of this loop iteration: (EVALSHA, (answer, idempotent)).
+        self._queue: list[tuple[bytes, tuple[asyncio.Future[Any], bool]]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._publisher: PipelineConnection | None = None
+        self._overdue_timer: asyncio.TimerHandle | None = None
         self._publish_sha = _sha1(PUBLISH_SCRIPT)
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Pub/sub channels are not per database: the number keeps two
         # deployments on one Redis (db 0 and db 1) from hearing each other.
         self._topic_prefix = f"wh:{aioredis.connection.parse_url(url).get('db', 0)}:{{"
-        self._wake_publisher = asyncio.Event()
         self._redis: Any = None
         self._pubsub: SubscriptionConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -327,9 +328,11 @@ class RedisBroker:
             self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT_S, socket_connect_timeout=2.0,
             health_check_interval=0)
         self._redis = aioredis.Redis(connection_pool=pool)
+        self._loop = asyncio.get_running_loop()
         try:
             await self._redis.ping()
-        except (RedisError, OSError) as exc:
+            self._publisher = await self._open_publisher()
+        except (RedisError, OSError, TimeoutError) as exc:
             await self._redis.aclose()
             raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {exc}") from None
         self._ensure_script = self._redis.register_script(ENSURE_SCRIPT)
@@ -337,22 +340,26 @@ class RedisBroker:
         self.leases.connect(self._redis)
         self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
                                      presence=self._take_presence, clock=self._clock)
-        self._tasks = [asyncio.ensure_future(self._publisher()), asyncio.ensure_future(self._supervise()),
-                       asyncio.ensure_future(self.registry.run())]
+        self._tasks = [asyncio.ensure_future(self._supervise()), asyncio.ensure_future(self.registry.run())]
 
     async def close(self) -> None:
         self._closing = True
         # The reader first: its connection is closed under it (the read
         # fails), and the loop sees ``_closing``.
         self._drop_pubsub()
-        await self._drop_publish_connection()
+        if self.registry is not None:
+            self.registry.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for _, future, _ in self._queue:
-            if not future.done():
-                future.set_exception(Unavailable("the gateway is stopping"))
-        self._queue.clear()
+        for handle in (self._flush_handle, self._overdue_timer):
+            if handle is not None:
+                handle.cancel()
+        self._fail(self._queue, Unavailable("the gateway is stopping"))
+        self._queue = []
+        if self._publisher is not None:  # what it still waits for is answered ``unavailable``
+            self._publisher.abort()
+            self._publisher = None
         if self._redis is not None:
             await self._redis.aclose()
         self._handler = None
@@ -464,9 +471,10 @@ class RedisBroker:
         if self._down is not None:
             self.publish_errors_total += 1
             raise Unavailable(f"the broker is unavailable: {self._down}; nothing was published")
-        if len(self._queue) >= self._max_pending:
+        waiting = len(self._queue) + (len(self._publisher.waiting) if self._publisher is not None else 0)
+        if waiting >= self._max_pending:
             self.publish_errors_total += 1
-            raise Unavailable(f"{len(self._queue)} publishes are waiting for the broker; nothing was published")
+            raise Unavailable(f"{waiting} publishes are waiting for the broker; nothing was published")
         now = self._clock()
         header = _encode_header(_Header(binary, key, self.node_id, origin, now))
         size, ttl_ms, max_bytes = (history.size, int(history.ttl_s * 1000), history.max_bytes) \
@@ -475,74 +483,97 @@ class RedisBroker:
         command = _pack_publish(self._publish_sha, channel, self._topic(channel).encode(), memoryview(data), header,
                                 size, ttl_ms, max_bytes, int(now * 1000), self._idempotency_window_ms,
                                 idempotency_key)
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future, idempotency_key is not None))
-        self._wake_publisher.set()
+        future = self._loop.create_future()
+        self._queue.append((command, (future, idempotency_key is not None)))
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
         return future
 
-    async def _publisher(self) -> None:
-        """Send the queued publishes on a connection of their own: all that
-        queued during one round trip go out together, in order."""
-        while True:
-            await self._wake_publisher.wait()
-            self._wake_publisher.clear()
-            batch, self._queue = self._queue, []
-            if not batch:
-                continue
-            self._publishing = True
-            try:
-                results = await asyncio.wait_for(self._run_scripts(batch), COMMAND_TIMEOUT_S)
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                await self._drop_publish_connection()
-                self._fail(batch, exc)
-                self._lost(exc)
-                continue
-            finally:
-                self._publishing = False
-            for (_, future, once), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    self.publish_errors_total += 1
-                    future.set_exception(Unavailable(f"the broker refused the publish: {result}"))
-                    continue
-                position = StreamPosition(int(result[0]), text(result[1]))
-                future.set_result((position, bool(result[2])) if once else position)
+    def _flush(self) -> None:
+        """Write the publishes queued during this loop iteration, in one write,
+        without waiting for the replies to the ones before. (Holding a write
+        until the previous one's replies are in made larger writes, but cost
+        two workers 11 % of their deliveries per CPU-second: bench/redis_broker.py.)"""
+        self._flush_handle = None
+        batch, self._queue = self._queue, []
+        publisher = self._publisher
+        try:
+            if publisher is None:
+                raise ConnectionError("not connected")
+            publisher.send([command for command, _ in batch], [token for _, token in batch],
+                           self._loop.time() + COMMAND_TIMEOUT_S)
+        except ConnectionError as exc:
+            self._fail(batch, exc)
+            self._lost(exc)
+            return
+        if self._overdue_timer is None:
+            self._overdue_timer = self._loop.call_at(publisher.due, self._check_overdue)
 
-    async def _run_scripts(self, batch: list[Any]) -> list[Any]:
-        if self._publish_connection is None:
-            self._publish_connection = await self._redis.connection_pool.get_connection()
-        connection = self._publish_connection
-        for attempt in range(2):
-            await connection.send_packed_command([command for command, _, _ in batch], check_health=False)
-            results: list[Any] = []
-            for _ in batch:
-                try:
-                    # No timeout per reply: ``wait_for`` bounds the whole batch.
-                    results.append(await connection.read_response(timeout=math.inf,
-                                                                  disconnect_on_error=False))
-                except ResponseError as exc:  # this publish's answer; the next ones follow
-                    results.append(exc)
-            # A script is missing only after Redis restarted: then every call
-            # failed without running, and the batch is sent again once loaded.
-            if attempt == 0 and isinstance(results[0], NoScriptError):
-                await self._redis.script_load(PUBLISH_SCRIPT)
-                continue
-            break
-        return results
+    def _answer(self, token: tuple[asyncio.Future[Any], bool], reply: Any) -> None:
+        """Redis's reply to one publish (``PipelineConnection.on_reply``)."""
+        future, once = token
+        if future.done():
+            return
+        if type(reply) is list:
+            position = StreamPosition(reply[0], reply[1].decode())
+            future.set_result((position, bool(reply[2])) if once else position)
+            return
+        self.publish_errors_total += 1
+        if isinstance(reply, ConnectionError):
+            message = (f"the broker connection failed: {reply}; the publish may or may not have been taken "
+                       f"(retry with an idempotency_key)")
+        elif str(reply).startswith("NOSCRIPT"):
+            # Loaded on every connection: someone ran SCRIPT FLUSH. A new
+            # connection loads it again (the publishes after this one fail too).
+            message = "the broker lost wirehub's publish script (SCRIPT FLUSH?); nothing was published"
+            if self._publisher is not None:
+                self._publisher.abort()
+        else:
+            message = f"the broker refused the publish: {reply}"
+        future.set_exception(Unavailable(message))
 
-    async def _drop_publish_connection(self) -> None:
-        connection, self._publish_connection = self._publish_connection, None
-        if connection is not None:
-            await connection.disconnect()
-            await self._redis.connection_pool.release(connection)
+    def _check_overdue(self) -> None:
+        """Give up on a publish connection whose oldest reply is overdue: a
+        broker that stopped answering fails publishes, it does not hang them."""
+        self._overdue_timer = None
+        publisher = self._publisher
+        if publisher is None or publisher.due is None:
+            return
+        if publisher.due > self._loop.time():
+            self._overdue_timer = self._loop.call_at(publisher.due, self._check_overdue)
+            return
+        publisher.abort()  # its waiting publishes are answered ``unavailable``; ``_publisher_lost`` follows
 
-    def _fail(self, batch: list[Any], exc: BaseException) -> None:
-        for _, future, _ in batch:
+    async def _open_publisher(self) -> PipelineConnection:
+        """The publishes' connection, with the publish script loaded on it.
+
+        Raises:
+            RedisError, OSError, TimeoutError
+        """
+        connection = await PipelineConnection.open(self.url, COMMAND_TIMEOUT_S, self._answer, self._publisher_lost)
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                sha = await connection.request(pack(b"SCRIPT", b"LOAD", PUBLISH_SCRIPT.encode()))
+        except BaseException:
+            connection.abort()
+            raise
+        if sha != self._publish_sha:
+            connection.abort()
+            raise ConnectionError(f"the broker did not load the publish script: {sha!r}")
+        return connection
+
+    def _publisher_lost(self, exc: Exception) -> None:
+        if self._publisher is not None and self._publisher.closed:
+            self._publisher = None
+            self._lost(exc)  # the supervisor opens a new one once Redis answers
+
+    def _fail(self, batch: list[tuple[bytes, tuple[asyncio.Future[Any], bool]]], exc: BaseException) -> None:
+        for _, (future, _) in batch:
             if not future.done():
                 self.publish_errors_total += 1
-                future.set_exception(Unavailable(f"the broker connection failed: {exc}; the publish may "
-                                                  f"or may not have been taken (retry with an idempotency_key)"))
+                future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(
+                    f"the broker connection failed: {exc}; the publish may or may not have been taken "
+                    f"(retry with an idempotency_key)"))
 
     # -- receiving ----------------------------------------------------------------
 
@@ -592,14 +623,17 @@ class RedisBroker:
     async def _connect_pubsub(self) -> None:
         """Open the subscription connection and subscribe everything again."""
         await self._redis.ping()
-        if not self._publishing:
-            # Whatever cut the subscriptions off (a Redis restart, a proxy)
-            # most likely cut the publishes' connection too: start it afresh
-            # rather than fail the next batch on it.
-            await self._drop_publish_connection()
         self._pubsub = await SubscriptionConnection.open(self.url, self._on_push, COMMAND_TIMEOUT_S)
         self._pubsub.send(b"SUBSCRIBE", [self._topic(channel) for channel in self._subs])
         self._pubsub.send(b"PSUBSCRIBE", list(self._globs))
+        # Up again only once subscribed again: a publication made after
+        # ``/healthz`` says so reaches this node's subscribers.
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            await self._pubsub.barrier()
+        # Last, with no wait between it and being up: the publishes'
+        # connection may have ended while this one was made.
+        if self._publisher is None or self._publisher.closed:
+            self._publisher = await self._open_publisher()
         if self._down is not None:
             logger.warning("broker reachable again after %.1f s", self._clock() - self._down_since,
                            extra={"broker": redacted(self.url)})

@@ -1028,7 +1028,9 @@ class DockerLogsSource:
             logger.debug("lease release failed: %s", exc)
 
     async def _keep(self) -> None:
-        while True:
+        # Until ``close``, not only until cancelled: a lease call's timeout
+        # expiring as the task is cancelled would swallow the cancellation.
+        while not self._closing:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await self._renew()
