@@ -719,6 +719,25 @@ async def test_a_follower_without_viewers_keeps_the_stream_while_another_gateway
     await asyncio.to_thread(made.signal, cid, "end")
 
 
+async def test_a_viewer_on_another_gateway_of_an_ended_stream_gets_its_stream_end(docker_host, made, redis_server):
+    """The container has exited and A, which followed it, still has a viewer:
+    a viewer arriving on B gets the ``stream_end`` (the channel's last
+    publication), and B asks the engine for nothing."""
+    cid = made.create("seq 1 3; exit 7")
+    ch = f"logs:{cid}"
+    gw_a, _ = docker_gateway(docker_host, config={"broker": redis_server.url})
+    gw_b, sources_b = docker_gateway(docker_host, config={"broker": redis_server.url})
+    async with running_gateway(gateway=gw_a), running_gateway(gateway=gw_b):
+        async with json_client(gw_a) as a, json_client(gw_b) as b:
+            assert (await a.request(type="subscribe", channel=ch, tail=10, id=1))["type"] == "subscribed"
+            lines, end = await read_lines(a, ch)
+            assert numbers(lines) == [1, 2, 3] and end["data"]["exit_code"] == 7
+            await until(lambda: lease_of(redis_server, ch).endswith(" ended"), what="the lease saying ended")
+            assert (await b.request(type="subscribe", channel=ch, id=2))["type"] == "subscribed"
+            assert await b.recv() == end
+            assert sources_b.logs.stats.streams_started == 0
+
+
 async def test_lines_published_while_redis_was_down_are_read_again_from_the_engine(docker_host, made, tmp_path):
     """The follower's Redis is killed mid-stream and restarted (with AOF, so
     it loses nothing it acknowledged): publishing fails and the gateway stops
