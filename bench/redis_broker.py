@@ -11,7 +11,10 @@ publication of a channel it has subscribers to. Server variants:
   the reference of every ratio;
 * ``redis``: the same with ``--broker`` on a private ``redis-server``;
 * ``redis-2w``: the same with ``--workers 2`` (on ``window-1k`` and
-  ``channels-100`` only); compared with ``redis`` as well.
+  ``channels-100`` only); compared with ``redis`` as well;
+* ``redis-unix``, ``redis-unix-2w``: ``redis`` and ``redis-2w`` through
+  Redis's unix socket (``unix://...``; on ``channels-100`` only), compared
+  with ``redis`` and ``redis-unix``: what loopback TCP costs each side.
 
 Loads (``tools.loadgen fanout``, 64-byte publications):
 
@@ -85,9 +88,12 @@ VARIANTS: dict[str, tuple[list[str], int, tuple[str, ...] | None]] = {
     REFERENCE: ([], 1, None),
     "redis": (["--broker", "{redis}"], 1, None),
     "redis-2w": (["--broker", "{redis}", "--workers", "2"], 2, ("window-1k", "channels-100")),
+    # The same Redis through its unix socket: no loopback TCP on either side.
+    "redis-unix": (["--broker", "{redis_unix}"], 1, ("channels-100",)),
+    "redis-unix-2w": (["--broker", "{redis_unix}", "--workers", "2"], 2, ("channels-100",)),
 }
 # Variants also compared with another one, round by round.
-COMPARE = {"redis-2w": "redis"}
+COMPARE = {"redis-2w": "redis", "redis-unix": "redis", "redis-unix-2w": "redis-unix"}
 # Figures whose ratio to the reference is reported.
 RATIOS = ("deliveries_per_s", "gateway_cpu_percent", "deliveries_per_gateway_cpu_s",
           "deliveries_per_total_cpu_s", "p99_ms")
@@ -152,10 +158,11 @@ def run_loadgen(args: list[str], groups: dict[str, list[int]], cores: set[int] |
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-400:]}") from None
 
 
-def variants(redis_url: str) -> dict[str, tuple[list[str], int, tuple[str, ...] | None]]:
+def variants(redis: RedisServer) -> dict[str, tuple[list[str], int, tuple[str, ...] | None]]:
     """Gateway commands by name: the same ``serve`` options, broker and workers aside."""
     serve = next(s for s in servers(sys.executable) if s.name == "wirehub").commands["broadcast"]
-    return {name: (serve + [part.replace("{redis}", redis_url) for part in extra], workers, loads)
+    urls = {"{redis}": redis.url, "{redis_unix}": redis.unix_url}
+    return {name: (serve + [urls.get(part, part) for part in extra], workers, loads)
             for name, (extra, workers, loads) in VARIANTS.items()}
 
 
@@ -249,13 +256,15 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="wirehub-bench-redis-")
         try:
             self.running = Running([exe, "--port", "{port}", "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", self.dir], cores)
+                                    "--appendonly", "no", "--dir", self.dir,
+                                    "--unixsocket", f"{self.dir}/redis.sock", "--unixsocketperm", "700"], cores)
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         self.port = self.running.port
         self.pid = self.running.proc.pid
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.unix_url = f"unix://{self.dir}/redis.sock?db=0"
 
     def cli(self, *args: str) -> str:
         proc = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True,
@@ -350,7 +359,7 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
         print(f"redis-server {version} pid {redis.pid} port {redis.port}, gateway (all workers) and "
               f"redis on core(s) {sorted(cores[0] or [])}, loadgen on {sorted(cores[1] or [])}",
               file=sys.stderr, flush=True)
-        commands = {name: spec for name, spec in variants(redis.url).items()
+        commands = {name: spec for name, spec in variants(redis).items()
                     if name == REFERENCE or not opts.variant or name in opts.variant}
         runs: dict[str, dict[str, list[dict[str, float]]]] = {
             load: {name: [] for name, (_, _, only) in commands.items() if only is None or load in only}
