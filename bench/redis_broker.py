@@ -14,7 +14,10 @@ publication of a channel it has subscribers to. Server variants:
   ``channels-100`` only); compared with ``redis`` as well;
 * ``redis-unix``, ``redis-unix-2w``: ``redis`` and ``redis-2w`` through
   Redis's unix socket (``unix://...``; on ``channels-100`` only), compared
-  with ``redis`` and ``redis-unix``: what loopback TCP costs each side.
+  with ``redis`` and ``redis-unix``: what loopback TCP costs each side;
+* ``redis-2s``: ``redis`` with the channels spread over two redis-servers
+  (``--broker URL1,URL2``, broker/shards.py; on ``channels-100`` only),
+  compared with ``redis``: how the Redis work divides between shards.
 
 Loads (``tools.loadgen fanout``, 64-byte publications):
 
@@ -91,9 +94,11 @@ VARIANTS: dict[str, tuple[list[str], int, tuple[str, ...] | None]] = {
     # The same Redis through its unix socket: no loopback TCP on either side.
     "redis-unix": (["--broker", "{redis_unix}"], 1, ("channels-100",)),
     "redis-unix-2w": (["--broker", "{redis_unix}", "--workers", "2"], 2, ("channels-100",)),
+    # Two Redis servers, each channel on one of them.
+    "redis-2s": (["--broker", "{redis_shards}"], 1, ("channels-100",)),
 }
 # Variants also compared with another one, round by round.
-COMPARE = {"redis-2w": "redis", "redis-unix": "redis", "redis-unix-2w": "redis-unix"}
+COMPARE = {"redis-2w": "redis", "redis-unix": "redis", "redis-unix-2w": "redis-unix", "redis-2s": "redis"}
 # Figures whose ratio to the reference is reported.
 RATIOS = ("deliveries_per_s", "gateway_cpu_percent", "deliveries_per_gateway_cpu_s",
           "deliveries_per_total_cpu_s", "p99_ms")
@@ -158,10 +163,11 @@ def run_loadgen(args: list[str], groups: dict[str, list[int]], cores: set[int] |
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr.strip()[-400:]}") from None
 
 
-def variants(redis: RedisServer) -> dict[str, tuple[list[str], int, tuple[str, ...] | None]]:
+def variants(shards: list[RedisServer]) -> dict[str, tuple[list[str], int, tuple[str, ...] | None]]:
     """Gateway commands by name: the same ``serve`` options, broker and workers aside."""
     serve = next(s for s in servers(sys.executable) if s.name == "wirehub").commands["broadcast"]
-    urls = {"{redis}": redis.url, "{redis_unix}": redis.unix_url}
+    urls = {"{redis}": shards[0].url, "{redis_unix}": shards[0].unix_url,
+            "{redis_shards}": ",".join(shard.url for shard in shards)}
     return {name: (serve + [urls.get(part, part) for part in extra], workers, loads)
             for name, (extra, workers, loads) in VARIANTS.items()}
 
@@ -287,23 +293,25 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_once(command: list[str], workers: int, args: list[str], redis: RedisServer, uses_redis: bool,
+def run_once(command: list[str], workers: int, args: list[str], redis: list[RedisServer], uses_redis: bool,
              cores: tuple[set[int] | None, set[int] | None], opts: argparse.Namespace
              ) -> tuple[dict[str, float], dict[str, Any], str]:
-    """One loadgen run against a fresh gateway: its figures, the loadgen's result, the gateway's log."""
+    """One loadgen run against a fresh gateway: its figures, the loadgen's result, the
+    gateway's log. ``redis``: the redis-servers it uses (their CPU and counters summed)."""
     server_cores, client_cores = cores
-    redis.cli("FLUSHALL")
+    for shard in redis:
+        shard.cli("FLUSHALL")
     gateway = Gateway(command, workers, server_cores)
     try:
-        groups = {"gateway": gateway.pids, "redis": [redis.pid]}
+        groups = {"gateway": gateway.pids, "redis": [shard.pid for shard in redis]}
         if workers > 1:
             groups["supervisor"] = [gateway.proc.pid]
-        stats_before = redis.stats()
+        stats_before = [shard.stats() for shard in redis]
         result = run_loadgen(
             ["fanout", *args, "--url", f"ws://127.0.0.1:{gateway.port}/ws", "--json",
              "--no-progress", "--duration", str(opts.duration), "--warmup", "1"],
             groups, client_cores, timeout_s=600)
-        stats_after = redis.stats()
+        stats_after = [shard.stats() for shard in redis]
     finally:
         gateway.stop()
         log = gateway.tail()
@@ -318,7 +326,7 @@ def run_once(command: list[str], workers: int, args: list[str], redis: RedisServ
     gateway_cpu = cpu["gateway"]["cpu_percent"]
     redis_cpu = cpu["redis"]["cpu_percent"] if uses_redis else 0.0
     total_cpu = gateway_cpu + redis_cpu
-    stat = {k: stats_after.get(k, 0) - stats_before.get(k, 0)
+    stat = {k: sum(after.get(k, 0) - before.get(k, 0) for before, after in zip(stats_before, stats_after, strict=True))
             for k in ("total_net_input_bytes", "total_net_output_bytes", "total_commands_processed")}
     row = {
         "deliveries_per_s": delivered,
@@ -335,6 +343,9 @@ def run_once(command: list[str], workers: int, args: list[str], redis: RedisServ
         # The busiest worker's share of the gateway's CPU (0.5: even).
         "busiest_worker_share": (max(float(s) for s in (server["pids"][str(p)] for p in gateway.pids))
                                  / cpu["gateway"]["cpu_s"] if workers > 1 and cpu["gateway"]["cpu_s"] else 1.0),
+        # The busiest redis-server's share of Redis's CPU (with two shards, 0.5: even).
+        "busiest_redis_share": (max(float(server["pids"][str(shard.pid)]) for shard in redis)
+                                / cpu["redis"]["cpu_s"] if len(redis) > 1 and cpu["redis"]["cpu_s"] else 1.0),
         "redis_in_bytes_per_publication": stat["total_net_input_bytes"] / published if published else 0.0,
         "redis_out_bytes_per_publication": stat["total_net_output_bytes"] / published if published else 0.0,
         # (no latency at all when nothing was delivered)
@@ -353,13 +364,14 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
     cores = split_cores()
     loads = {name: LOADS[name] for name in opts.load or LOADS}
     problems: list[str] = []
-    redis = RedisServer(cores[0])
+    shards: list[RedisServer] = []
     try:
-        version = redis.cli("INFO", "server").split("redis_version:", 1)[1].split()[0]
-        print(f"redis-server {version} pid {redis.pid} port {redis.port}, gateway (all workers) and "
-              f"redis on core(s) {sorted(cores[0] or [])}, loadgen on {sorted(cores[1] or [])}",
-              file=sys.stderr, flush=True)
-        commands = {name: spec for name, spec in variants(redis).items()
+        shards += [RedisServer(cores[0]), RedisServer(cores[0])]  # the second for redis-2s only
+        version = shards[0].cli("INFO", "server").split("redis_version:", 1)[1].split()[0]
+        print(f"redis-server {version} pids {shards[0].pid}, {shards[1].pid} ports {shards[0].port}, "
+              f"{shards[1].port}, gateway (all workers) and redis on core(s) {sorted(cores[0] or [])}, "
+              f"loadgen on {sorted(cores[1] or [])}", file=sys.stderr, flush=True)
+        commands = {name: spec for name, spec in variants(shards).items()
                     if name == REFERENCE or not opts.variant or name in opts.variant}
         runs: dict[str, dict[str, list[dict[str, float]]]] = {
             load: {name: [] for name, (_, _, only) in commands.items() if only is None or load in only}
@@ -368,14 +380,17 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
             for load, args in loads.items():
                 for name in runs[load]:
                     command, workers, _ = commands[name]
-                    row, result, log = run_once(command, workers, args, redis, name != REFERENCE, cores, opts)
+                    used = shards if "{redis_shards}" in VARIANTS[name][0] else shards[:1]
+                    row, result, log = run_once(command, workers, args, used, name != REFERENCE, cores, opts)
                     runs[load][name].append(row)
                     print(f"round {r + 1}/{opts.repeat} {load} {name}: {row['deliveries_per_s']:,.0f}/s, "
                           f"gateway {row['gateway_cpu_percent']:.0f} %"
                           + (f" (busiest worker {100 * row['busiest_worker_share']:.0f} %, supervisor "
                              f"{row['supervisor_cpu_percent']:.1f} %)" if workers > 1 else "")
                           + f", redis {row['redis_cpu_percent']:.0f} % ({row['redis_cpu_us_per_publication']:.1f}"
-                          f" us/pub), p99 {row['p99_ms']:.2f} ms, loadgen {row['client_cpu_percent']:.0f} %, "
+                          f" us/pub" + (f", busiest shard {100 * row['busiest_redis_share']:.0f} %"
+                                        if len(used) > 1 else "")
+                          + f"), p99 {row['p99_ms']:.2f} ms, loadgen {row['client_cpu_percent']:.0f} %, "
                           f"lost {row['lost']:.0f}, errors {row['errors']:.0f}",
                           file=sys.stderr, flush=True)
                     if row["lost"] or row["errors"]:
@@ -388,7 +403,8 @@ def measure(opts: argparse.Namespace) -> tuple[dict[str, dict[str, dict[str, Any
                         problems.append(problem)
                         print(f"!!! LOST OR ERRORS: {problem}", file=sys.stderr, flush=True)
     finally:
-        redis.stop()
+        for shard in shards:
+            shard.stop()
     return summarize(runs), problems
 
 

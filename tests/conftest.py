@@ -66,3 +66,19 @@ def redis_server(tmp_path: Path) -> Iterator[Any]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_shards(tmp_path: Path) -> Iterator[list[Any]]:
+    """Two private ``redis-server`` processes, the shards of one sharded broker."""
+    from redis_server import RedisServer
+
+    servers = []
+    try:
+        for name in ("shard0", "shard1"):
+            (tmp_path / name).mkdir()
+            servers.append(RedisServer(tmp_path / name).start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

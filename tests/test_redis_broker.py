@@ -27,6 +27,7 @@ from wirehub.broker.base import HistoryOptions
 from wirehub.broker.memory import MemoryBroker, entry_bytes
 from wirehub.broker import redis as redis_module
 from wirehub.broker.redis import RedisBroker
+from wirehub.broker.shards import ShardedBroker
 from wirehub.protocol.errors import Unavailable
 from wirehub.protocol.messages import Publication
 
@@ -44,13 +45,16 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-shards"])
 def make_broker(request: pytest.FixtureRequest):
-    """Each broker, for the semantics both must share; ``await make(clock)``."""
+    """Each broker, for the semantics all must share; ``await make(clock)``."""
     async def make(clock: Clock) -> Any:
         if request.param == "memory":
             return MemoryBroker(clock=clock)
-        broker = RedisBroker(request.getfixturevalue("redis_server").url, clock=clock)
+        if request.param == "redis":
+            broker = RedisBroker(request.getfixturevalue("redis_server").url, clock=clock)
+        else:
+            broker = ShardedBroker([server.url for server in request.getfixturevalue("redis_shards")], clock=clock)
         await broker.start()
         return broker
     return make

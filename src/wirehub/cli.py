@@ -45,6 +45,7 @@ examples:
   wirehub serve --broker redis://127.0.0.1:6379/0 --port 8090   # channels, offsets and history
   WIREHUB_BROKER=redis://:$PASSWORD@redis:6379/0 wirehub serve   # (docs/scaling.md)
   wirehub serve --broker redis://127.0.0.1:6379/0 --workers 4     # 4 processes on port 8080
+  wirehub serve --broker redis://10.0.0.5:6379/0,redis://10.0.0.6:6379/0   # channels over 2 Redis
 
 precedence: defaults < --config file < WIREHUB_* environment < flags
 """

@@ -166,8 +166,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             except PatternError as exc:
                 raise ValueError(str(exc)) from None
         if self.broker is not None and self.broker != "memory":
-            from .broker.redis import check_url
-            check_url(self.broker)
+            from .broker.redis import check_urls
+            check_urls(self.broker)
         if self.workers > 1:
             if self.broker in (None, "memory"):
                 raise ValueError(f"workers = {self.workers} needs a shared broker (--broker redis://HOST:PORT/DB): "
@@ -250,7 +250,8 @@ HELP: dict[str, str] = {
                  "the first pattern that covers a channel wins (docs/delivery.md)"),
     "broker": ("where publications travel: unset or 'memory' for the embedded broker (one process), or "
                "redis://[:PASSWORD@]HOST:PORT/DB (also rediss://, unix://) to share channels, offsets and "
-               "history with every gateway on that Redis (docs/scaling.md)"),
+               "history with every gateway on that Redis; several such URLs separated by commas spread the "
+               "channels over those Redis servers, listed in the same order on every gateway (docs/scaling.md)"),
     "workers": ("gateway processes on the port (SO_REUSEPORT), started and restarted by 'wirehub serve'; "
                 "more than 1 needs a shared broker (docs/scaling.md)"),
     "reuse_port": ("listen with SO_REUSEPORT, so that several processes share the port "

@@ -168,8 +168,11 @@ class Gateway:
         # one per window size serves every connection (and every fan-out).
         self._shared_compressors: dict[int, Any] = {}
         if broker is None and cfg.broker not in (None, "memory"):
-            from .broker.redis import RedisBroker
-            broker = RedisBroker(cfg.broker, idempotency_window_s=cfg.idempotency_window_s)
+            from .broker.redis import RedisBroker, check_urls
+            from .broker.shards import ShardedBroker
+            urls = check_urls(cfg.broker)
+            broker = RedisBroker(urls[0], idempotency_window_s=cfg.idempotency_window_s) if len(urls) == 1 else \
+                ShardedBroker(urls, idempotency_window_s=cfg.idempotency_window_s)
 
         def memory_broker() -> MemoryBroker:
             return MemoryBroker(max_history_bytes=cfg.history_max_bytes, clock=self.clock.monotonic,

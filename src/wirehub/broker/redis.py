@@ -155,6 +155,8 @@ return {tonumber(redis.call('HGET', KEYS[1], 'offset') or '0'), epoch}
 # memory broker's idle channels do).
 IDLE_CHANNEL_TTL_S = 7 * 24 * 3600
 IDLE_CHANNEL_TTL_MS = b"%d" % (IDLE_CHANNEL_TTL_S * 1000)
+# Which shard of a sharded cluster a Redis is (``claim_shard``).
+SHARD_KEY = "wh:shard"
 # A command Redis has not answered by then fails (``unavailable``) rather than hangs.
 COMMAND_TIMEOUT_S = 5.0
 # Connections to Redis: the subscription's, the publisher's, the heartbeat's,
@@ -198,8 +200,23 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_urls(spec: str) -> list[str]:
+    """The Redis URLs in ``spec``: one, or several separated by commas (shards,
+    ``shards.py``), each checked by ``check_url`` and none twice.
+
+    Raises:
+        ValueError
+    """
+    urls = [check_url(part.strip()) for part in spec.split(",")]
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"broker URLs {redacted(spec)!r}: a Redis server is named twice")
+    return urls
+
+
 def redacted(url: str) -> str:
-    """``url`` without its password, for logs and messages."""
+    """``url`` (or a comma-separated list of them) without passwords, for logs and messages."""
+    if "," in url:
+        return ",".join(redacted(part.strip()) for part in url.split(","))
     parts = urlsplit(url)
     if parts.hostname is None:
         return f"{parts.scheme}://{parts.path}"
@@ -274,15 +291,19 @@ class RedisBroker:
         max_buffered_bytes: data held per channel while a gap is filled; past
             it the held publications are dropped and read from the stream instead.
         reconnect_max_s: the longest pause between two reconnection attempts.
+        node_id: this gateway's id in the cluster (shards of one gateway share it).
+        coordinator: keep the cluster's heartbeats, subscriber counts and
+            leases on this Redis (with shards, on the first one only).
     """
 
     shares_presence = True  # the hub reports count changes (``take_presence``)
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time, idempotency_window_s: float = 120.0,
                  max_pending_publishes: int = 10_000, max_buffered_bytes: int = 4 << 20,
-                 reconnect_max_s: float = 2.0) -> None:
+                 reconnect_max_s: float = 2.0, node_id: str | None = None, coordinator: bool = True) -> None:
         self.url = check_url(url)
-        self.node_id = secrets.token_hex(6)
+        self.node_id = node_id or secrets.token_hex(6)
+        self._coordinator = coordinator
         self._clock = clock
         self._idempotency_window_ms = max(1, int(idempotency_window_s * 1000))
         self._max_pending = max_pending_publishes
@@ -345,10 +366,26 @@ class RedisBroker:
             raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {exc}") from None
         self._ensure_script = self._redis.register_script(ENSURE_SCRIPT)
         self._down = None
-        self.leases.connect(self._redis)
-        self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
-                                     presence=self._take_presence, clock=self._clock)
-        self._tasks = [asyncio.ensure_future(self._supervise()), asyncio.ensure_future(self.registry.run())]
+        self._tasks = [asyncio.ensure_future(self._supervise())]
+        if self._coordinator:
+            self.leases.connect(self._redis)
+            self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
+                                         presence=self._take_presence, clock=self._clock)
+            self._tasks.append(asyncio.ensure_future(self.registry.run()))
+
+    async def claim_shard(self, index: int) -> int:
+        """Mark this Redis as shard ``index`` of a sharded cluster unless it is
+        marked already (``shards.py``); the index it holds.
+
+        Raises:
+            Unavailable
+        """
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                await self._redis.set(SHARD_KEY, index, nx=True)
+                return int(await self._redis.get(SHARD_KEY))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise Unavailable(f"the broker is unavailable: {exc}") from None
 
     async def close(self) -> None:
         self._closing = True
@@ -379,22 +416,20 @@ class RedisBroker:
         return f"broker {redacted(self.url)} unreachable for {self._clock() - self._down_since:.1f} s: {self._down}"
 
     def metric_lines(self) -> list[str]:
-        return ["# TYPE wirehub_broker_up gauge", f"wirehub_broker_up {int(self._down is None)}",
-                "# TYPE wirehub_broker_outages_total counter", f"wirehub_broker_outages_total {self.outages_total}",
-                "# TYPE wirehub_broker_resubscribes_total counter",
-                f"wirehub_broker_resubscribes_total {self.resubscribes_total}",
-                "# TYPE wirehub_broker_publish_errors_total counter",
-                f"wirehub_broker_publish_errors_total {self.publish_errors_total}",
-                "# TYPE wirehub_broker_pending_publishes gauge",
-                f"wirehub_broker_pending_publishes {len(self._queue)}",
-                "# TYPE wirehub_broker_gaps_filled_total counter",
-                f"wirehub_broker_gaps_filled_total {self.gaps_filled_total}",
-                "# TYPE wirehub_broker_offsets_lost_total counter",
-                f"wirehub_broker_offsets_lost_total {self.offsets_lost_total}",
-                "# TYPE wirehub_broker_epoch_changes_total counter",
-                f"wirehub_broker_epoch_changes_total {self.epoch_changes_total}",
-                "# TYPE wirehub_broker_channels gauge", f"wirehub_broker_channels {len(self._subs)}",
+        return [*render_samples([self.metric_samples()]),
                 *(self.registry.metric_lines() if self.registry is not None else ())]
+
+    def metric_samples(self) -> list[tuple[str, str, int]]:
+        """This broker's figures for /metrics: (name, Prometheus type, value)."""
+        return [("wirehub_broker_up", "gauge", int(self._down is None)),
+                ("wirehub_broker_outages_total", "counter", self.outages_total),
+                ("wirehub_broker_resubscribes_total", "counter", self.resubscribes_total),
+                ("wirehub_broker_publish_errors_total", "counter", self.publish_errors_total),
+                ("wirehub_broker_pending_publishes", "gauge", len(self._queue)),
+                ("wirehub_broker_gaps_filled_total", "counter", self.gaps_filled_total),
+                ("wirehub_broker_offsets_lost_total", "counter", self.offsets_lost_total),
+                ("wirehub_broker_epoch_changes_total", "counter", self.epoch_changes_total),
+                ("wirehub_broker_channels", "gauge", len(self._subs))]
 
     async def subscribers(self, channel: str) -> int:
         """Subscribers of ``channel`` on every gateway of the cluster (a beat behind for the others)."""
@@ -594,6 +629,10 @@ class RedisBroker:
             except (RedisError, OSError) as exc:
                 self._lost(exc)  # Redis itself does not answer
             else:
+                if self._closing:
+                    # ``close`` ran meanwhile, and its cancellation did not reach
+                    # here: redis-py's ping can absorb one and return.
+                    break
                 delay = 0.05
                 try:
                     await self._pubsub.wait_closed()
@@ -611,6 +650,7 @@ class RedisBroker:
             self._drop_pubsub()
             await asyncio.sleep(delay)
             delay = min(self._reconnect_max_s, delay * 2)
+        self._drop_pubsub()
 
     def _lost(self, exc: BaseException) -> None:
         if self._down is None and not self._closing:
@@ -630,7 +670,8 @@ class RedisBroker:
 
     async def _connect_pubsub(self) -> None:
         """Open the subscription connection and subscribe everything again."""
-        await self._redis.ping()
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):  # a Redis that accepts but does not answer
+            await self._redis.ping()
         self._pubsub = await SubscriptionConnection.open(self.url, self._on_push, COMMAND_TIMEOUT_S)
         self._pubsub.send(b"SUBSCRIBE", [self._topic(channel) for channel in self._subs])
         self._pubsub.send(b"PSUBSCRIBE", list(self._globs))
@@ -640,6 +681,8 @@ class RedisBroker:
             await self._pubsub.barrier()
         # Last, with no wait between it and being up: the publishes'
         # connection may have ended while this one was made.
+        if self._closing:
+            return
         if self._publisher is None or self._publisher.closed:
             self._publisher = await self._open_publisher()
         if self._down is not None:
@@ -840,6 +883,19 @@ class RedisBroker:
         kept = [pub for pub in kept if pub.offset >= first_offset]
         more = len(kept) > limit
         return HistoryPage(kept[:limit], position, first_offset, more)
+
+
+def render_samples(brokers: list[list[tuple[str, str, int]]]) -> list[str]:
+    """Prometheus lines for the ``metric_samples`` of one broker, or of
+    several (shards), each sample then labelled ``shard="<index>"``."""
+    lines: list[str] = []
+    for row, (name, kind, _) in enumerate(brokers[0]):
+        lines.append(f"# TYPE {name} {kind}")
+        if len(brokers) == 1:
+            lines.append(f"{name} {brokers[0][row][2]}")
+        else:
+            lines += [f'{name}{{shard="{index}"}} {samples[row][2]}' for index, samples in enumerate(brokers)]
+    return lines
 
 
 def _entry(channel: str, epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Publication:
