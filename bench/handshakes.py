@@ -91,20 +91,21 @@ def find_compiler() -> str | None:
     return None
 
 
-def build_client(out_dir: Path = BUILD_DIR) -> Path:
-    """Compile bench/handshakes.c (``cc -O2``) unless the binary is newer than it."""
-    binary = out_dir / "handshakes"
-    if binary.exists() and binary.stat().st_mtime >= SOURCE.stat().st_mtime:
+def build_client(out_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (bench/handshakes.c by default; ``cc -O2``) into
+    ``out_dir``/<its stem> unless the binary is newer than it."""
+    binary = out_dir / source.stem
+    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
         return binary
     cc = find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc, clang or $CC) found")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = binary.with_suffix(f".tmp{os.getpid()}")
-    proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(SOURCE)],
+    proc = subprocess.run([cc, "-O2", "-Wall", "-o", str(tmp), str(source)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cc} -O2 {SOURCE.name} failed: {proc.stderr.strip()[-800:]}")
+        raise RuntimeError(f"{cc} -O2 {source.name} failed: {proc.stderr.strip()[-800:]}")
     tmp.replace(binary)                  # atomic: a parallel build never sees half a file
     return binary
 
@@ -114,13 +115,19 @@ def run_client(binary: Path, port: int, path: str = "/", connections: int = 100,
                cores: set[int] | None = None, timeout_s: float = 300,
                busy_poll: bool = False) -> dict[str, Any]:
     """Run the C client once; its JSON result (exit status 1 only means errors were counted)."""
-    cmd = [str(binary), "--port", str(port), "--path", path, "--connections", str(connections),
-           "--concurrency", str(concurrency), "--close", close]
+    args = ["--port", str(port), "--path", path, "--connections", str(connections),
+            "--concurrency", str(concurrency), "--close", close]
     if server_pid:
-        cmd += ["--server-pid", str(server_pid)]
+        args += ["--server-pid", str(server_pid)]
     if busy_poll:
-        cmd.append("--busy-poll")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s,
+        args.append("--busy-poll")
+    return run_c(binary, args, cores, timeout_s)
+
+
+def run_c(binary: Path, args: list[str], cores: set[int] | None, timeout_s: float) -> dict[str, Any]:
+    """Run one of bench/'s C clients, pinned to ``cores``; its JSON result
+    (its exit status 1 only means it counted errors or losses)."""
+    proc = subprocess.run([str(binary), *args], capture_output=True, text=True, check=False, timeout=timeout_s,
                           preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"C client failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
