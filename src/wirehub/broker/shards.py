@@ -81,8 +81,7 @@ class ShardedBroker:
         first = RedisBroker(urls[0], **options)
         self.shards = [first] + [RedisBroker(url, node_id=first.node_id, coordinator=False, **options)
                                  for url in urls[1:]]
-        self.node_id = first.node_id
-        self.url = ",".join(urls)
+        self.node_id = first.node_id  # the gateway's id in the cluster, on every shard
 
     def _for(self, channel: str) -> RedisBroker:
         return self.shards[shard_of(channel, len(self.shards))]
@@ -100,10 +99,6 @@ class ShardedBroker:
     @property
     def leases(self) -> Leases:
         return self.shards[0].leases
-
-    @property
-    def registry(self) -> Any:
-        return self.shards[0].registry
 
     async def subscribers(self, channel: str) -> int:
         return await self.shards[0].subscribers(channel)
