@@ -443,6 +443,17 @@ def test_serve_exits_2_on_a_broker_it_cannot_use():
         assert done.returncode == 2 and said in done.stderr, done.stderr
 
 
+async def test_a_broker_closed_right_after_it_started_stops(redis_server):
+    """``close`` while the subscription connection is still being made: the
+    cancellation can be absorbed on the way (redis-py's ping returned instead),
+    and the supervisor must still see that it is closing, not wait on forever."""
+    for _ in range(3):
+        broker = RedisBroker(redis_server.url)
+        await broker.start()
+        await asyncio.wait_for(broker.close(), 10)
+    assert redis_server.command("CLIENT", "LIST").count(b"cmd=subscribe") == 0
+
+
 async def test_an_embedded_gateway_says_why_it_cannot_start(redis_server):
     redis_server.stop()
     gateway = Gateway(Config(port=0, broker=redis_server.url))
