@@ -33,6 +33,7 @@ from helpers import (connect_recording, json_client, no_position, running_gatewa
 from redis_server import RedisServer
 
 from wirehub import Config, Gateway
+from wirehub.broker.shards import shard_of
 from wirehub.sources.docker import DockerSources
 from wirehub.sources.docker_engine import Engine
 from wirehub.sources.docker_logs import DockerLogsSource, _clocks_agree, ts_ns
@@ -717,6 +718,32 @@ async def test_a_follower_without_viewers_keeps_the_stream_while_another_gateway
         await until(lambda: lease_of(redis_server, ch) == "", what="the lease given up")
         assert logs_b.stats.streams_started == 0
     await asyncio.to_thread(made.signal, cid, "end")
+
+
+async def test_on_redis_shards_a_cluster_still_follows_a_container_once(docker_host, made, redis_shards):
+    """With the channels spread over two Redis servers, the lease stays on the
+    first (``shards.py``) while the log channel lives on its own shard: one
+    engine stream in the cluster, every line on both gateways, in order."""
+    cid = made.create(f"{wait_for()}; for i in $(seq 1 50); do echo $i; done; sleep 30")
+    ch = f"logs:{cid}"
+    url = ",".join(server.url for server in redis_shards)
+    gw_a, sources_a = docker_gateway(docker_host, config={"broker": url})
+    gw_b, sources_b = docker_gateway(docker_host, config={"broker": url})
+    async with running_gateway(gateway=gw_a), running_gateway(gateway=gw_b):
+        async with json_client(gw_a) as a, json_client(gw_b) as b:
+            assert (await a.request(type="subscribe", channel=ch, id=1))["type"] == "subscribed"
+            assert (await b.request(type="subscribe", channel=ch, id=2))["type"] == "subscribed"
+            await asyncio.to_thread(made.signal, cid)
+            seen_a, _ = await read_lines(a, ch, count=50)
+            seen_b, _ = await read_lines(b, ch, count=50)
+            assert numbers(seen_a) == numbers(seen_b) == list(range(1, 51))
+            assert [m["offset"] for m in seen_a] == [m["offset"] for m in seen_b]
+            assert_consecutive_offsets(seen_b)
+            started = sources_a.logs.stats.streams_started + sources_b.logs.stats.streams_started
+            assert started == 1                                  # one engine stream in the cluster
+            assert lease_of(redis_shards[0], ch).endswith(" live") and lease_of(redis_shards[1], ch) == ""
+            home = redis_shards[shard_of(ch, 2)]
+            assert home.command("EXISTS", f"wh:{{{ch}}}:m").strip() == b"1"
 
 
 async def test_a_viewer_on_another_gateway_of_an_ended_stream_gets_its_stream_end(docker_host, made, redis_server):
