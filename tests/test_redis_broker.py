@@ -407,6 +407,18 @@ async def test_a_redis_that_stops_answering_fails_publishes_instead_of_hanging_t
         await broker.close()
 
 
+async def test_a_redis_that_accepts_but_never_answers_fails_the_start(redis_server, monkeypatch):
+    """Frozen (SIGSTOP) before the gateway starts: the kernel still accepts
+    the connection, so only a deadline turns the wait into an error."""
+    monkeypatch.setattr(redis_module, "COMMAND_TIMEOUT_S", 0.5)
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Unavailable, match="cannot reach the broker at .*: no answer"):
+            await asyncio.wait_for(RedisBroker(redis_server.url).start(), 30)
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+
+
 async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again(redis_server):
     broker = RedisBroker(redis_server.url)
     await broker.start()

@@ -139,11 +139,14 @@ async def test_the_cluster_figures_live_on_the_first_shard(redis_shards):
     assert redis_shards[1].command("EXISTS", "wh:nodes").strip() == b"0"
 
 
-async def test_a_gateway_that_lists_the_shards_in_another_order_does_not_start(redis_shards):
+async def test_a_gateway_that_lists_the_shards_otherwise_does_not_start(redis_shards):
     async with running_gateway(broker=broker_url(redis_shards)):
         swapped = Gateway(Config(port=0, broker=broker_url(redis_shards[::-1])))
         with pytest.raises(Unavailable, match="is shard 2 of this cluster, not 1: list the Redis servers"):
             await swapped.start()
+        alone = Gateway(Config(port=0, broker=redis_shards[1].url))
+        with pytest.raises(Unavailable, match="is shard 2 of a sharded cluster: give --broker every shard"):
+            await alone.start()
         async with running_gateway(broker=broker_url(redis_shards)):
             pass  # the same order again: fine
     assert redis_shards[1].command("GET", "wh:shard").strip() == b"1"

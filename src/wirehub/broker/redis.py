@@ -294,16 +294,20 @@ class RedisBroker:
         node_id: this gateway's id in the cluster (shards of one gateway share it).
         coordinator: keep the cluster's heartbeats, subscriber counts and
             leases on this Redis (with shards, on the first one only).
+        shard: this Redis's place in a sharded cluster's list (``shards.py``);
+            None for a gateway on one Redis.
     """
 
     shares_presence = True  # the hub reports count changes (``take_presence``)
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time, idempotency_window_s: float = 120.0,
                  max_pending_publishes: int = 10_000, max_buffered_bytes: int = 4 << 20,
-                 reconnect_max_s: float = 2.0, node_id: str | None = None, coordinator: bool = True) -> None:
+                 reconnect_max_s: float = 2.0, node_id: str | None = None, coordinator: bool = True,
+                 shard: int | None = None) -> None:
         self.url = check_url(url)
         self.node_id = node_id or secrets.token_hex(6)
         self._coordinator = coordinator
+        self._shard = shard
         self._clock = clock
         self._idempotency_window_ms = max(1, int(idempotency_window_s * 1000))
         self._max_pending = max_pending_publishes
@@ -359,11 +363,17 @@ class RedisBroker:
         self._redis = aioredis.Redis(connection_pool=pool)
         self._loop = asyncio.get_running_loop()
         try:
-            await self._redis.ping()
-            self._publisher = await self._open_publisher()
+            async with asyncio.timeout(COMMAND_TIMEOUT_S):
+                await self._redis.ping()
+                misplaced = await self._misplaced()
+                if misplaced is None:
+                    self._publisher = await self._open_publisher()
         except (RedisError, OSError, TimeoutError) as exc:
             await self._redis.aclose()
-            raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {exc}") from None
+            raise Unavailable(f"cannot reach the broker at {redacted(self.url)}: {str(exc) or 'no answer'}") from None
+        if misplaced is not None:
+            await self._redis.aclose()
+            raise Unavailable(misplaced)
         self._ensure_script = self._redis.register_script(ENSURE_SCRIPT)
         self._down = None
         self._tasks = [asyncio.ensure_future(self._supervise())]
@@ -373,19 +383,24 @@ class RedisBroker:
                                          presence=self._take_presence, clock=self._clock)
             self._tasks.append(asyncio.ensure_future(self.registry.run()))
 
-    async def claim_shard(self, index: int) -> int:
-        """Mark this Redis as shard ``index`` of a sharded cluster unless it is
-        marked already (``shards.py``); the index it holds.
+    async def _misplaced(self) -> str | None:
+        """Why this Redis is not where this gateway's list puts it, or None.
 
-        Raises:
-            Unavailable
+        The first gateway to list a Redis as a shard marks its place in the list
+        (``SHARD_KEY``). A gateway that lists it elsewhere, or alone when it is
+        not the first shard, would place channels otherwise than the others
+        and silently miss their publications: it does not start.
         """
-        try:
-            async with asyncio.timeout(COMMAND_TIMEOUT_S):
-                await self._redis.set(SHARD_KEY, index, nx=True)
-                return int(await self._redis.get(SHARD_KEY))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise Unavailable(f"the broker is unavailable: {exc}") from None
+        if self._shard is not None:
+            await self._redis.set(SHARD_KEY, self._shard, nx=True)
+        held = await self._redis.get(SHARD_KEY)
+        if held is None or int(held) == (self._shard or 0):
+            return None
+        if self._shard is None:
+            return (f"{redacted(self.url)} is shard {int(held) + 1} of a sharded cluster: give --broker every "
+                    f"shard, in the order the other gateways do")
+        return (f"{redacted(self.url)} is shard {int(held) + 1} of this cluster, not {self._shard + 1}: "
+                f"list the Redis servers in the same order on every gateway")
 
     async def close(self) -> None:
         self._closing = True

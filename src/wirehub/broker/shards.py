@@ -15,7 +15,8 @@ and adding an (N+1)th shard moves only about 1/(N+1) of the channels
 (their offsets then restart under a new epoch on the new shard, which
 clients are told, as after a lost stream). All gateways must list the
 shards in the same order: each Redis keeps its place in the list
-(``wh:shard``), and a gateway that lists them otherwise does not start.
+(``wh:shard``), and a gateway that lists them otherwise, or names a later
+shard alone, does not start.
 
 The first shard also keeps what belongs to the cluster rather than to a
 channel: the gateways' heartbeats and subscriber counts (``nodes.py``) and
@@ -36,11 +37,10 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol.errors import Unavailable
 from ..protocol.messages import PublicationData, StreamPosition
 from .base import BrokerEventHandler, HistoryOptions, HistoryPage
 from .leases import Leases
-from .redis import RedisBroker, redacted, render_samples
+from .redis import RedisBroker, render_samples
 
 _MULTIPLIER = 2862933555777941757
 _MASK64 = (1 << 64) - 1
@@ -78,9 +78,9 @@ class ShardedBroker:
     def __init__(self, urls: list[str], **options: Any) -> None:
         if len(urls) < 2:
             raise ValueError("a sharded broker needs at least two Redis URLs")
-        first = RedisBroker(urls[0], **options)
-        self.shards = [first] + [RedisBroker(url, node_id=first.node_id, coordinator=False, **options)
-                                 for url in urls[1:]]
+        first = RedisBroker(urls[0], shard=0, **options)
+        self.shards = [first] + [RedisBroker(url, node_id=first.node_id, coordinator=False, shard=index, **options)
+                                 for index, url in enumerate(urls[1:], 1)]
         self.node_id = first.node_id  # the gateway's id in the cluster, on every shard
 
     def _for(self, channel: str) -> RedisBroker:
@@ -109,13 +109,9 @@ class ShardedBroker:
         """Connect to every shard, or raise ``Unavailable`` (the CLI exits 2 on it)."""
         started: list[RedisBroker] = []
         try:
-            for index, shard in enumerate(self.shards):
+            for shard in self.shards:
                 await shard.start()
                 started.append(shard)
-                held = await shard.claim_shard(index)
-                if held != index:
-                    raise Unavailable(f"{redacted(shard.url)} is shard {held + 1} of this cluster, not "
-                                      f"{index + 1}: list the Redis servers in the same order on every gateway")
         except BaseException:
             await asyncio.gather(*(shard.close() for shard in started), return_exceptions=True)
             raise
