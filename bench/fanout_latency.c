@@ -38,7 +38,6 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -48,12 +47,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "bench_common.h"
 
 #define KEY "dGhlIHNhbXBsZSBub25jZQ=="
 #define READ_BUF (256 * 1024)   /* per connection: more than the server queues for one read */
@@ -74,37 +73,6 @@ static uint32_t hist[HIST_US];
 static long over_hist, samples;
 static int64_t max_latency_ns;
 static long missing, duplicates, out_of_order, server_closes, other_frames;
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static double process_cpu_s(int pid) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/task", pid);
-    DIR *dir = opendir(path);
-    if (!dir) return -1;
-    long long total_ns = 0;
-    for (struct dirent *d; (d = readdir(dir));) {
-        if (d->d_name[0] == '.') continue;
-        char file[320];
-        snprintf(file, sizeof file, "/proc/%d/task/%s/schedstat", pid, d->d_name);
-        FILE *f = fopen(file, "r");
-        long long ns;
-        if (f && fscanf(f, "%lld", &ns) == 1) total_ns += ns;
-        if (f) fclose(f);
-    }
-    closedir(dir);
-    return total_ns / 1e9;
-}
-
-static double own_cpu_s(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
-}
 
 static void usage(FILE *out, const char *prog) {
     fprintf(out,
@@ -288,20 +256,8 @@ int main(int argc, char **argv) {
         usage(stderr, argv[0]);
         return 2;
     }
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
-        fprintf(stderr, "--host: not an IPv4 address: %s\n", host);
-        return 2;
-    }
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && (rlim_t)(n_subs + 16) > rl.rlim_cur) {
-        fprintf(stderr, "needs %ld open files, the limit is %ld (ulimit -n)\n", n_subs + 16, (long)rl.rlim_cur);
-        return 2;
-    }
+    struct sockaddr_in addr;
+    if (server_address(host, port, &addr) < 0 || open_files(n_subs + 16) < 0) return 2;
 
     char request[1024], text[512];
     snprintf(request, sizeof request,

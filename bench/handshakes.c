@@ -52,7 +52,6 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -63,11 +62,11 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
-#include <sys/resource.h>
-#include <sys/time.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "bench_common.h"
 
 /* RFC 6455 section 1.3's sample key and the accept value it must produce. */
 #define KEY "dGhlIHNhbXBsZSBub25jZQ=="
@@ -111,40 +110,6 @@ static const char *errno_kind(int err) {
     case EMFILE: case ENFILE: return "no_file_descriptor";
     default: return "connect_error";
     }
-}
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-/* CPU seconds process `pid` has run so far, all threads (scheduler run time
- * from /proc/PID/task/TID/schedstat, as tools/loadgen/server_cpu.py reads it);
- * -1 when it cannot be read. */
-static double process_cpu_s(int pid) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/task", pid);
-    DIR *dir = opendir(path);
-    if (!dir) return -1;
-    long long total_ns = 0;
-    for (struct dirent *d; (d = readdir(dir));) {
-        if (d->d_name[0] == '.') continue;
-        char file[320];
-        snprintf(file, sizeof file, "/proc/%d/task/%s/schedstat", pid, d->d_name);
-        FILE *f = fopen(file, "r");
-        long long ns;
-        if (f && fscanf(f, "%lld", &ns) == 1) total_ns += ns;
-        if (f) fclose(f);
-    }
-    closedir(dir);
-    return total_ns / 1e9;
-}
-
-static double own_cpu_s(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 static void usage(FILE *out, const char *prog) {
@@ -267,24 +232,10 @@ int main(int argc, char **argv) {
     }
     if (concurrency > total) concurrency = total;
 
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
-        fprintf(stderr, "--host: not an IPv4 address: %s\n", host);
-        return 2;
-    }
-
+    struct sockaddr_in addr;
+    if (server_address(host, port, &addr) < 0) return 2;
     /* Held connections need a descriptor each. */
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-    long need = concurrency + (close_mode == CLOSE_HOLD ? total : 0) + 16;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && (rlim_t)need > rl.rlim_cur) {
-        fprintf(stderr, "needs %ld open files, the limit is %ld (ulimit -n)\n", need,
-                (long)rl.rlim_cur);
-        return 2;
-    }
+    if (open_files(concurrency + (close_mode == CLOSE_HOLD ? total : 0) + 16) < 0) return 2;
 
     char request[1024];
     int req_len = snprintf(request, sizeof request,

@@ -93,9 +93,10 @@ def find_compiler() -> str | None:
 
 def build_client(out_dir: Path = BUILD_DIR, source: Path = SOURCE) -> Path:
     """Compile ``source`` (bench/handshakes.c by default; ``cc -O2``) into
-    ``out_dir``/<its stem> unless the binary is newer than it."""
+    ``out_dir``/<its stem> unless the binary is newer than it and the headers beside it."""
     binary = out_dir / source.stem
-    if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
+    newest = max(path.stat().st_mtime for path in (source, *source.parent.glob("*.h")))
+    if binary.exists() and binary.stat().st_mtime >= newest:
         return binary
     cc = find_compiler()
     if cc is None:
