@@ -872,6 +872,14 @@ class RedisBroker:
 
     async def history(self, channel: str, *, since: int | None = None, limit: int = 100,
                       reverse: bool = False) -> HistoryPage:
+        """``channel``'s kept publications.
+
+        Raises:
+            Unavailable: Redis does not answer, or this node is not back from
+                an outage yet (a reader that went on to publish would fail).
+        """
+        if self._down is not None:
+            raise Unavailable(f"the broker is unavailable: {self._down}")
         meta, stream = _keys(channel)
         try:
             offset, epoch = await self._ensure(channel)
