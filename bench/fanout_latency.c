@@ -157,9 +157,10 @@ static void record(struct conn *c, const unsigned char *p, size_t n, int64_t t, 
     } else if (seq > c->next_seq) {
         missing += (long)(seq - c->next_seq);
         c->next_seq = seq + 1;
+    } else if (seq + 1 == c->next_seq) {
+        duplicates++;    /* the one just received, again */
     } else {
-        out_of_order++;  /* or a duplicate: either way, not the contract */
-        duplicates++;
+        out_of_order++;  /* an older one (late, or a duplicate of it) */
     }
     if (sent < from || sent >= to) return;
     int64_t latency = t - sent;

@@ -65,7 +65,7 @@ def run_client(binary: Path, port: int, subscribers: int, rate: float, duration_
 def run_once(binary: Path, server: str, instrument: str, redis: RedisServer, opts: argparse.Namespace,
              cores: tuple[set[int] | None, set[int] | None]) -> dict[str, float]:
     """One run against a fresh gateway: its figures."""
-    command, workers, _ = variants([redis, redis])[server]
+    command, workers, _ = variants([redis])[server]
     server_cores, client_cores = cores
     redis.cli("FLUSHALL")
     gateway = Gateway(command, workers, server_cores)

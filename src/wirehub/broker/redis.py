@@ -155,7 +155,7 @@ return {tonumber(redis.call('HGET', KEYS[1], 'offset') or '0'), epoch}
 # memory broker's idle channels do).
 IDLE_CHANNEL_TTL_S = 7 * 24 * 3600
 IDLE_CHANNEL_TTL_MS = b"%d" % (IDLE_CHANNEL_TTL_S * 1000)
-# Which shard of a sharded cluster a Redis is (``claim_shard``).
+# Which shard of a sharded cluster a Redis is (``RedisBroker._misplaced``).
 SHARD_KEY = "wh:shard"
 # A command Redis has not answered by then fails (``unavailable``) rather than hangs.
 COMMAND_TIMEOUT_S = 5.0
@@ -292,21 +292,18 @@ class RedisBroker:
             it the held publications are dropped and read from the stream instead.
         reconnect_max_s: the longest pause between two reconnection attempts.
         node_id: this gateway's id in the cluster (shards of one gateway share it).
-        coordinator: keep the cluster's heartbeats, subscriber counts and
-            leases on this Redis (with shards, on the first one only).
         shard: this Redis's place in a sharded cluster's list (``shards.py``);
-            None for a gateway on one Redis.
+            None for a gateway on one Redis. The cluster's heartbeats,
+            subscriber counts and leases are kept on the first (or only) one.
     """
 
     shares_presence = True  # the hub reports count changes (``take_presence``)
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time, idempotency_window_s: float = 120.0,
                  max_pending_publishes: int = 10_000, max_buffered_bytes: int = 4 << 20,
-                 reconnect_max_s: float = 2.0, node_id: str | None = None, coordinator: bool = True,
-                 shard: int | None = None) -> None:
+                 reconnect_max_s: float = 2.0, node_id: str | None = None, shard: int | None = None) -> None:
         self.url = check_url(url)
         self.node_id = node_id or secrets.token_hex(6)
-        self._coordinator = coordinator
         self._shard = shard
         self._clock = clock
         self._idempotency_window_ms = max(1, int(idempotency_window_s * 1000))
@@ -377,7 +374,7 @@ class RedisBroker:
         self._ensure_script = self._redis.register_script(ENSURE_SCRIPT)
         self._down = None
         self._tasks = [asyncio.ensure_future(self._supervise())]
-        if self._coordinator:
+        if not self._shard:  # one Redis, or the first shard: the cluster's own figures live here
             self.leases.connect(self._redis)
             self.registry = NodeRegistry(self._redis, self.node_id, figures=self.node_figures,
                                          presence=self._take_presence, clock=self._clock)

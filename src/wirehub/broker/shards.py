@@ -79,7 +79,7 @@ class ShardedBroker:
         if len(urls) < 2:
             raise ValueError("a sharded broker needs at least two Redis URLs")
         first = RedisBroker(urls[0], shard=0, **options)
-        self.shards = [first] + [RedisBroker(url, node_id=first.node_id, coordinator=False, shard=index, **options)
+        self.shards = [first] + [RedisBroker(url, node_id=first.node_id, shard=index, **options)
                                  for index, url in enumerate(urls[1:], 1)]
         self.node_id = first.node_id  # the gateway's id in the cluster, on every shard
 
